@@ -1,0 +1,165 @@
+"""Tiny real models and tokenizers for tests, built offline from configs.
+
+The tokenizers are real byte-level BPE tokenizers trained here on a small corpus, so they
+save, load and decode like hub tokenizers. Weights are random (seeded).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2Processor,
+    BlipImageProcessor,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    LlamaConfig,
+    OPTConfig,
+    PreTrainedTokenizerFast,
+)
+
+IMAGE_SIZE = 30
+CORPUS = [
+    "a photo of a red circle on a white background",
+    "a blue square and a green triangle",
+    "what colour is the shape? red. what shape is it? a circle.",
+    "question: is there a cat? short answer: yes",
+    "the quick brown fox jumps over the lazy dog",
+    "an astronaut, a rocket, a cup of coffee and a cat on a sofa",
+    "user: describe the image. assistant: a small yellow rectangle.",
+] * 20
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def make_tokenizer(style: str = "llama", chat: bool = False) -> PreTrainedTokenizerFast:
+    """A real BPE tokenizer: `opt` adds `</s>` as BOS (like OPT's), `llama` adds `<s>`."""
+    specials = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=320, special_tokens=specials, show_progress=False))
+    bos = "</s>" if style == "opt" else "<s>"
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=bos, eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    if chat:
+        fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def make_bert(tmp: Path) -> Path:
+    """A tiny BERT checkpoint (weights + WordPiece tokenizer) to initialise a Q-Former from."""
+    words = sorted({w for line in CORPUS for w in line.replace("?", " ").replace(".", " ").split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    (tmp / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(tmp / "vocab.txt")).save_pretrained(tmp)
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128
+    )
+    BertModel(cfg).save_pretrained(tmp)
+    return tmp
+
+
+def image_processor() -> BlipImageProcessor:
+    return BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+
+
+def vision_config(width: int = 32) -> dict:
+    return dict(
+        hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+        image_size=IMAGE_SIZE, patch_size=10,
+    )
+
+
+def qformer_config(width: int = 32) -> dict:
+    return dict(
+        hidden_size=width, num_hidden_layers=2, num_attention_heads=4, intermediate_size=2 * width,
+        cross_attention_frequency=1, vocab_size=200, max_position_embeddings=64,
+    )
+
+
+def text_config(kind: str, vocab_size: int, width: int = 32) -> dict:
+    common = dict(vocab_size=vocab_size, hidden_size=width, num_hidden_layers=2, num_attention_heads=4,
+                  pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    if kind == "opt":
+        cfg = OPTConfig(ffn_dim=2 * width, word_embed_proj_dim=width, max_position_embeddings=128, **common)
+        cfg.bos_token_id = 2  # OPT's BOS is </s>
+    else:
+        cfg = LlamaConfig(intermediate_size=2 * width, num_key_value_heads=2, max_position_embeddings=128, **common)
+    return cfg.to_dict()
+
+
+def save_official_blip2(path: Path, llm: str = "opt", num_query_tokens: int = 4, seed: int = 0) -> Path:
+    """A random-weight `Blip2ForConditionalGeneration` checkpoint in the official layout."""
+    tokenizer = make_tokenizer("opt" if llm == "opt" else "llama")
+    processor = Blip2Processor(image_processor(), tokenizer, num_query_tokens=num_query_tokens)
+    config = Blip2Config(
+        vision_config=vision_config(),
+        qformer_config=qformer_config(),
+        text_config=text_config(llm, len(tokenizer)),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = Blip2ForConditionalGeneration(config)
+    _randomize(model)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def save_official_instructblip(path: Path, num_query_tokens: int = 4, seed: int = 0) -> Path:
+    """A random-weight `InstructBlipForConditionalGeneration` checkpoint (Llama LLM)."""
+    tokenizer = make_tokenizer("llama")
+    bert_dir = path / "_bert"
+    bert_dir.mkdir(parents=True, exist_ok=True)
+    make_bert(bert_dir)
+    qformer_tokenizer = BertTokenizerFast.from_pretrained(bert_dir)
+    processor = InstructBlipProcessor(image_processor(), tokenizer, qformer_tokenizer, num_query_tokens=num_query_tokens)
+    qcfg = qformer_config()
+    qcfg["vocab_size"] = len(qformer_tokenizer)
+    config = InstructBlipConfig(
+        vision_config=vision_config(),
+        qformer_config=qcfg,
+        text_config=text_config("llama", len(tokenizer)),
+        num_query_tokens=num_query_tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(seed)
+    model = InstructBlipForConditionalGeneration(config)
+    _randomize(model)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+def _randomize(model: torch.nn.Module) -> None:
+    """Give every weight a visible random value (official inits zero the queries, etc.)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.3 if p.dim() > 1 else 0.05)
+
+
+def random_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))

@@ -1,0 +1,58 @@
+"""The `vlm` command: a thin dispatcher that imports a subcommand's module only when it runs."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import sys
+
+from .errors import VLMError
+
+# name -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
+SUBCOMMANDS = {
+    "chat": ("serve.chat", "web chat about images (Gradio)"),
+    "caption": ("serve.caption", "caption or ask questions about many images, to JSONL/CSV/txt"),
+    "train": ("train.cli", "fine-tune: bridge, LoRA, QLoRA or full"),
+    "eval": ("train.evaluate", "score a model on caption or VQA data"),
+    "export": ("train.export", "merge LoRA and write a standalone checkpoint"),
+    "build": ("vlm.build", "compose a new model from a vision tower, an LLM and a Q-Former init"),
+}
+
+USAGE = "usage: vlm [--debug] {" + ",".join(SUBCOMMANDS) + "} ...\n\n" + "\n".join(
+    f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()
+) + "\n\nRun `vlm COMMAND --help` for a command's options. --debug shows tracebacks."
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `vlm` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    if debug:
+        argv.remove("--debug")
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"vlm: unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    if not debug:
+        # Library chatter (load reports, deprecation notes) hides the one line that matters.
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except VLMError as e:
+        if debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

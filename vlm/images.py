@@ -1,0 +1,60 @@
+"""Opening user images safely: one clear error per bad file, RGB out, EXIF orientation applied."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import VLMError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Pillow's own bomb threshold is 89M pixels and only warns below 2x that; we refuse outright.
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """First frame, EXIF orientation applied, alpha composited on white, 8-bit RGB."""
+    try:
+        image.seek(0)
+    except EOFError:
+        pass
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping to white.
+        image = image.point(lambda v: v / 256).convert("L")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open `path` as an RGB image, or raise `VLMError` naming the file and the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise VLMError(f"{path}: no such file")
+    if path.is_dir():
+        raise VLMError(f"{path}: is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise VLMError(f"{path}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise VLMError(f"{path}: {width}x{height} pixels is over the {max_pixels:,} limit")
+                image.load()
+                return to_rgb(image)
+    except VLMError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise VLMError(f"{path}: refused as a decompression bomb") from None
+    except UnidentifiedImageError:
+        raise VLMError(f"{path}: not an image (cannot identify the format)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise VLMError(f"{path}: cannot decode image ({e})") from None

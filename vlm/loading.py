@@ -1,0 +1,209 @@
+"""`load_pretrained`: one entry point for every checkpoint kind `vlm` reads.
+
+- a `vlm` checkpoint folder (or hub id);
+- an official `Blip2ForConditionalGeneration` / `InstructBlipForConditionalGeneration`
+  folder or hub id: same weight names as ours, so only the config is translated;
+- a LoRA adapter folder written by `vlm train` (peft format; its base is found from
+  `adapter_config.json` or from a `config.json` beside it);
+- no name: the offline demo default (`vlm.demo`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BitsAndBytesConfig, PreTrainedConfig
+
+from .configuration import VLMConfig
+from .errors import VLMError
+from .modeling import VisionLanguageModel
+from .processing import QFORMER_TOKENIZER_DIR, VLMProcessor
+
+OFFICIAL_TYPES = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
+# Extra weights a trained adapter folder holds beside the peft adapter (Q-Former, queries, projection).
+BRIDGE_WEIGHTS = "bridge.safetensors"
+# Modules kept out of 4/8-bit: BLIP-2 quality depends on a full-precision vision tower and Q-Former.
+NOT_QUANTIZED = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantization_config(quantization: str | None, compute_dtype: torch.dtype) -> BitsAndBytesConfig | None:
+    """A `BitsAndBytesConfig` that quantizes the LLM only (NF4 for 4-bit)."""
+    if quantization in (None, "none"):
+        return None
+    if quantization == "4bit":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=compute_dtype,
+            bnb_4bit_use_double_quant=True,
+            llm_int8_skip_modules=NOT_QUANTIZED,
+        )
+    if quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
+    raise VLMError(f"--quantization must be one of 4bit, 8bit, none; got {quantization!r}")
+
+
+def read_config_dict(name_or_path: str) -> dict:
+    """config.json of a folder or hub id, with a one-line error when it cannot be had."""
+    if os.path.isdir(name_or_path):
+        path = Path(name_or_path) / "config.json"
+        if not path.is_file():
+            raise VLMError(f"{name_or_path}: folder has no config.json (not a model checkpoint)")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise VLMError(f"{path}: not valid JSON ({e})") from None
+    if os.path.exists(name_or_path):
+        raise VLMError(f"{name_or_path}: expected a checkpoint folder, got a file")
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise VLMError(f"{name_or_path}: no such folder")
+    try:
+        config_dict, _ = PreTrainedConfig.get_config_dict(name_or_path)
+    except OSError as e:
+        raise VLMError(
+            f"{name_or_path}: not a local folder, and the hub could not be reached or has no such model "
+            f"(nothing cached; set HF_HUB_OFFLINE=1 to use only the cache). {str(e).splitlines()[0]}"
+        ) from None
+    return config_dict
+
+
+def vlm_config_from_official(config_dict: dict) -> VLMConfig:
+    """Translate an official BLIP-2 / InstructBLIP config to a `VLMConfig` (weights map 1:1)."""
+    model_type = config_dict["model_type"]
+    vision = dict(config_dict.get("vision_config") or {})
+    qformer = dict(config_dict.get("qformer_config") or {})
+    vision.setdefault("model_type", "blip_2_vision_model" if model_type == "blip-2" else "instructblip_vision_model")
+    qformer.setdefault("model_type", "blip_2_qformer" if model_type == "blip-2" else "instructblip_qformer")
+    text = dict(config_dict["text_config"])
+    if text.get("is_encoder_decoder") or text.get("model_type") in ("t5", "mt5", "umt5"):
+        raise VLMError(
+            f"{config_dict.get('_name_or_path', 'checkpoint')}: encoder-decoder LLMs (FlanT5) are not supported; "
+            "use an OPT/Vicuna/Llama-based checkpoint"
+        )
+    return VLMConfig(
+        vision_config=vision,
+        qformer_config=qformer,
+        text_config=text,
+        num_query_tokens=config_dict.get("num_query_tokens", 32),
+        image_token_index=config_dict.get("image_token_index", config_dict.get("image_token_id")),
+    )
+
+
+def load_processor(name_or_path: str, config: VLMConfig, model_type: str) -> VLMProcessor:
+    """Our processor for a `vlm` folder, or built from an official checkpoint's parts."""
+    if model_type == VLMConfig.model_type:
+        return VLMProcessor.from_pretrained(name_or_path)
+    processor = VLMProcessor(
+        AutoImageProcessor.from_pretrained(name_or_path),
+        AutoTokenizer.from_pretrained(name_or_path),
+        num_query_tokens=config.num_query_tokens,
+    )
+    if config.qformer_reads_instruction:
+        processor.qformer_tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=QFORMER_TOKENIZER_DIR)
+    if processor.image_token_id != config.image_token_index:
+        raise VLMError(
+            f"{name_or_path}: tokenizer's {processor.image_token} id {processor.image_token_id} differs from "
+            f"config image_token_index {config.image_token_index}"
+        )
+    return processor
+
+
+def load_pretrained(
+    name_or_path: str | None = None,
+    quantization: str | None = None,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+) -> tuple[VisionLanguageModel, VLMProcessor]:
+    """Load `(model, processor)` from any checkpoint kind `vlm` reads (see module doc).
+
+    Args:
+        name_or_path: folder or hub id; `None` for the demo default.
+        quantization: `"4bit"` (NF4) or `"8bit"` quantizes the LLM only; `None` for none.
+        device: `"cuda"`, `"cuda:1"`, `"cpu"`...; defaults to CUDA when available.
+        dtype: defaults to bf16 on a GPU that supports it, fp32 on CPU. The Q-Former and
+            query tokens stay fp32 whatever is asked.
+    """
+    if name_or_path is None:
+        from .demo import demo_checkpoint  # the demo default is built on first use
+
+        name_or_path = str(demo_checkpoint())
+    name_or_path = str(name_or_path)
+    device = device or default_device()
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    dtype = dtype or default_dtype(device)
+
+    adapter_dir = None
+    if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+        adapter_dir, name_or_path = name_or_path, _adapter_base(name_or_path)
+
+    config_dict = read_config_dict(name_or_path)
+    model_type = config_dict.get("model_type")
+    if model_type == VLMConfig.model_type:
+        config = VLMConfig.from_pretrained(name_or_path)
+    elif model_type in OFFICIAL_TYPES:
+        config = vlm_config_from_official(config_dict)
+    else:
+        raise VLMError(
+            f"{name_or_path}: unsupported architecture {model_type!r} "
+            f"(vlm loads 'vlm', {', '.join(repr(t) for t in OFFICIAL_TYPES)} checkpoints and LoRA adapters)"
+        )
+    load_kwargs = {"config": config, "dtype": dtype}
+    qconfig = quantization_config(quantization, dtype)
+    if qconfig is not None:
+        load_kwargs["quantization_config"] = qconfig
+    if str(device).startswith("cuda") or qconfig is not None:
+        load_kwargs["device_map"] = {"": device}
+    try:
+        model = VisionLanguageModel.from_pretrained(name_or_path, **load_kwargs)
+    except OSError as e:
+        raise VLMError(f"{name_or_path}: cannot load weights ({str(e).splitlines()[0]})") from None
+    if "device_map" not in load_kwargs:
+        model.to(device)
+    processor = load_processor(name_or_path, config, model_type)
+    if adapter_dir is not None:
+        model = _apply_adapter(model, adapter_dir)
+        if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
+            processor = VLMProcessor.from_pretrained(adapter_dir)
+    model.eval()
+    return model, processor
+
+
+def _adapter_base(adapter_dir: str) -> str:
+    """The base checkpoint of an adapter folder: a config.json beside it wins over peft's record."""
+    if os.path.isfile(os.path.join(adapter_dir, "config.json")):
+        return adapter_dir
+    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
+        base = json.load(f).get("base_model_name_or_path")
+    if not base:
+        raise VLMError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path")
+    return base
+
+
+def _apply_adapter(model: VisionLanguageModel, adapter_dir: str):
+    """Load the trained bridge weights (if any) and the peft LoRA adapter onto `model`."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    bridge = os.path.join(adapter_dir, BRIDGE_WEIGHTS)
+    if os.path.isfile(bridge):
+        state = load_file(bridge, device=str(next(model.parameters()).device))
+        missing = set(state) - set(model.state_dict())
+        if missing:
+            raise VLMError(f"{bridge}: weights for unknown modules: {sorted(missing)[:3]}")
+        model.load_state_dict(state, strict=False)
+    return PeftModel.from_pretrained(model, adapter_dir)

@@ -1,0 +1,230 @@
+"""`VLMProcessor`: image processor + LLM tokenizer (+ Q-Former tokenizer for InstructBLIP)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.tokenization_utils_base import AddedToken
+
+IMAGE_TOKEN = "<image>"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
+# BLIP-2's VQA prompt; used for questions when the LLM has no chat template and none was saved.
+DEFAULT_QUESTION_TEMPLATE = "Question: {} Short answer:"
+
+
+class VLMProcessor(ProcessorMixin):
+    """Turns images and text into model inputs, and generated ids back into text.
+
+    Each `<image>` in a text marks where an image goes; it expands to `num_query_tokens`
+    image tokens that the model fills with that image's Q-Former output. A text with no
+    `<image>` but with images gets them in front of everything, before BOS, which is where
+    BLIP-2 and InstructBLIP were trained to see them. Batches are left-padded, so batched
+    generation gives the same text as one prompt at a time.
+
+    `question_template` / `caption_prompt` are the prompts a checkpoint was trained with; they
+    are saved in `processor_config.json` and are the CLI's defaults for that model.
+    """
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        num_query_tokens: int = 32,
+        question_template: str | None = None,
+        caption_prompt: str = "",
+        qformer_max_length: int = 128,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
+        if tokenizer is None or image_processor is None:
+            raise ValueError("VLMProcessor needs an image_processor and a tokenizer")
+        if getattr(tokenizer, "image_token", None) is None and IMAGE_TOKEN not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, normalized=False, special=True)], special_tokens=True)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        tokenizer.padding_side = "left"
+        self.image_token = getattr(tokenizer, "image_token", None) or IMAGE_TOKEN
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.num_query_tokens = num_query_tokens
+        self.question_template = question_template
+        self.caption_prompt = caption_prompt
+        self.qformer_max_length = qformer_max_length
+        # Optional, so not a ProcessorMixin attribute: saved/loaded in a subfolder by hand.
+        self.qformer_tokenizer = kwargs.pop("qformer_tokenizer", None)
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, save_directory, **kwargs):
+        qformer_tokenizer = self.__dict__.pop("qformer_tokenizer")
+        try:
+            files = super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.qformer_tokenizer = qformer_tokenizer
+        if qformer_tokenizer is not None:
+            qformer_tokenizer.save_pretrained(os.path.join(save_directory, QFORMER_TOKENIZER_DIR))
+        return files
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> VLMProcessor:
+        """Load from a `vlm` folder; see `vlm.loading.load_processor` for official BLIP-2 folders."""
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        qformer_dir = os.path.join(str(pretrained_model_name_or_path), QFORMER_TOKENIZER_DIR)
+        if os.path.isdir(qformer_dir):
+            processor.qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_dir)
+        return processor
+
+    @classmethod
+    def from_parts(
+        cls, image_processor_path: str, tokenizer_path: str, num_query_tokens: int, **kwargs
+    ) -> VLMProcessor:
+        """Build from an image processor folder/id and a tokenizer folder/id."""
+        return cls(
+            AutoImageProcessor.from_pretrained(image_processor_path),
+            AutoTokenizer.from_pretrained(tokenizer_path),
+            num_query_tokens=num_query_tokens,
+            **kwargs,
+        )
+
+    # -- prompts -------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
+
+    def format_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render a conversation to prompt text, an `<image>` marker where each image was sent.
+
+        `messages` are `{"role": ..., "content": str | [{"type": "image"}, {"type": "text",
+        "text": ...}]}`. Uses the LLM's chat template when it has one; otherwise a plain
+        `User:`/`Assistant:` transcript.
+        """
+        flat = [{"role": m["role"], "content": _content_to_text(m["content"], self.image_token)} for m in messages]
+        if self.has_chat_template:
+            template = self.chat_template or self.tokenizer.chat_template
+            return self.tokenizer.apply_chat_template(
+                flat, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in flat]
+        if add_generation_prompt:
+            lines.append("Assistant:")
+        return "\n".join(lines)
+
+    def format_question(self, question: str) -> str:
+        """The prompt for one question about one image (image in front, BLIP-2 style)."""
+        if self.question_template is not None:
+            return self.question_template.format(question)
+        if self.has_chat_template:
+            return self.format_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
+        return DEFAULT_QUESTION_TEMPLATE.format(question)
+
+    # -- encoding ------------------------------------------------------------------------------
+    def __call__(
+        self,
+        images=None,
+        text: str | list[str] | None = None,
+        qformer_text: str | list[str] | None = None,
+        return_tensors: str = "pt",
+        add_special_tokens: bool = True,
+        **kwargs,
+    ) -> BatchFeature:
+        """Encode a batch.
+
+        Args:
+            images: a PIL image, a flat list of images (in reading order over the batch), or one
+                list of images per text.
+            text: one prompt or a list; `<image>` marks where an image goes.
+            qformer_text: the instruction the Q-Former reads (InstructBLIP-style models), one per
+                image; defaults to each image's prompt text without markers.
+        """
+        texts = [""] if text is None else [text] if isinstance(text, str) else list(text)
+        per_sample = _images_per_sample(images, texts, self.image_token)
+        rows, row_images, instructions = [], [], []
+        for prompt, sample_images in zip(texts, per_sample):
+            rows.append(self._encode_text(prompt, len(sample_images), add_special_tokens))
+            row_images.extend(sample_images)
+            instructions.extend([prompt.replace(self.image_token, "").strip()] * len(sample_images))
+        encoding = self._left_pad(rows)
+        if row_images:
+            encoding["pixel_values"] = self.image_processor(row_images, return_tensors="pt")["pixel_values"]
+            if self.qformer_tokenizer is not None:
+                if qformer_text is not None:
+                    instructions = [qformer_text] if isinstance(qformer_text, str) else list(qformer_text)
+                if len(instructions) != len(row_images):
+                    raise ValueError(f"qformer_text has {len(instructions)} entries for {len(row_images)} images")
+                q = self.qformer_tokenizer(
+                    instructions, padding=True, truncation=True, max_length=self.qformer_max_length, return_tensors="pt"
+                )
+                encoding["qformer_input_ids"] = q["input_ids"]
+                encoding["qformer_attention_mask"] = q["attention_mask"]
+        return BatchFeature(encoding, tensor_type=None)
+
+    def _encode_text(self, prompt: str, num_images: int, add_special_tokens: bool) -> list[int]:
+        image_block = [self.image_token_id] * self.num_query_tokens
+        markers = prompt.count(self.image_token)
+        if markers == 0:
+            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+            return image_block * num_images + ids
+        expanded = prompt.replace(self.image_token, self.image_token * self.num_query_tokens)
+        return self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def _left_pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
+        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+    # -- decoding ------------------------------------------------------------------------------
+    def decode_generated(self, sequences: torch.Tensor, input_ids: torch.Tensor) -> list[str]:
+        """Text of the new tokens only, one string per row, stripped."""
+        new_tokens = sequences[:, input_ids.shape[1] :]
+        return [t.strip() for t in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def batch_decode(self, *args, **kwargs):
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        return self.tokenizer.decode(*args, **kwargs)
+
+
+def _content_to_text(content, image_token: str) -> str:
+    if isinstance(content, str):
+        return content
+    parts = []
+    for part in content:
+        kind = part.get("type")
+        if kind == "image":
+            parts.append(image_token)
+        elif kind == "text":
+            parts.append(part["text"])
+        else:
+            raise ValueError(f"unknown message content type {kind!r} (expected 'image' or 'text')")
+    return "\n".join(parts)
+
+
+def _images_per_sample(images, texts: list[str], image_token: str) -> list[list]:
+    """Split `images` into one list per text, by each text's `<image>` count."""
+    if images is None:
+        return [[] for _ in texts]
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if images and isinstance(images[0], (list, tuple)):
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} image lists for {len(texts)} texts")
+        return [list(x) for x in images]
+    counts = [t.count(image_token) for t in texts]
+    if sum(counts) == 0:
+        # No markers: one image per text, BLIP-2 style.
+        if len(images) != len(texts):
+            raise ValueError(f"got {len(images)} images for {len(texts)} texts and no {image_token} markers")
+        return [[im] for im in images]
+    if sum(counts) != len(images):
+        raise ValueError(f"the texts hold {sum(counts)} {image_token} markers but {len(images)} images were given")
+    out, start = [], 0
+    for c in counts:
+        out.append(list(images[start : start + c]))
+        start += c
+    return out
