@@ -163,3 +163,26 @@ def _randomize(model: torch.nn.Module) -> None:
 def random_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8))
+
+
+def save_tiny_vlm(
+    path: Path, llm: str = "llama", chat: bool = True, num_query_tokens: int = 4, width: int = 32, seed: int = 0
+) -> Path:
+    """A random-weight `vlm` checkpoint (BLIP-2 vision tower, Q-Former, tiny LLM) + processor."""
+    from vlm import VisionLanguageModel, VLMConfig, VLMProcessor
+
+    tokenizer = make_tokenizer("opt" if llm == "opt" else "llama", chat=chat)
+    processor = VLMProcessor(image_processor(), tokenizer, num_query_tokens=num_query_tokens)
+    config = VLMConfig(
+        vision_config={"model_type": "blip_2_vision_model", **vision_config()},
+        qformer_config={"model_type": "blip_2_qformer", **qformer_config()},
+        text_config=text_config(llm, len(tokenizer), width=width),
+        num_query_tokens=num_query_tokens,
+        image_token_index=processor.image_token_id,
+    )
+    torch.manual_seed(seed)
+    model = VisionLanguageModel(config)
+    _randomize(model)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
