@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,6 +26,9 @@ class Example:
     # chat task: [{"role": "user"|"assistant", "content": str}], "<image>" marks the image
     conversation: list[dict] | None = None
     source: str = ""  # "file.jsonl:12" for error messages
+    # Extra fields of the row kept for evaluation reports (question_id, question_type, answer_type,
+    # image_id...). Never used for training; an addition after the agreed fields, so defaults to {}.
+    meta: dict = field(default_factory=dict)
 
     @property
     def target(self) -> str:
