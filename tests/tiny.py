@@ -186,3 +186,48 @@ def save_tiny_vlm(
     model.save_pretrained(path)
     processor.save_pretrained(path)
     return path
+
+
+def save_vision_part(path: Path, kind: str, width: int = 32) -> Path:
+    """A tiny pretrained-style vision encoder folder (weights + image processor config)."""
+    from transformers import (
+        BitImageProcessor, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+        SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel,
+    )
+
+    common = dict(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=IMAGE_SIZE, patch_size=10)
+    size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    torch.manual_seed(1)
+    if kind == "clip":
+        model, proc = CLIPVisionModel(CLIPVisionConfig(**common)), CLIPImageProcessor(
+            size={"shortest_edge": IMAGE_SIZE}, crop_size=size)
+    elif kind == "siglip":
+        model, proc = SiglipVisionModel(SiglipVisionConfig(**common)), SiglipImageProcessor(size=size)
+    elif kind == "dinov2":
+        model = Dinov2Model(Dinov2Config(**common))
+        proc = BitImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=size, do_center_crop=True)
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(path)
+    proc.save_pretrained(path)
+    return path
+
+
+def save_llm_part(path: Path, kind: str, width: int = 32, chat: bool = False) -> Path:
+    """A tiny causal LM folder (weights + real BPE tokenizer): llama, qwen2 or opt."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    tokenizer = make_tokenizer("opt" if kind == "opt" else "llama", chat=chat)
+    vocab = len(tokenizer)
+    if kind == "qwen2":
+        cfg = Qwen2Config(vocab_size=vocab, hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                          pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    else:
+        from transformers import AutoConfig
+        cfg = AutoConfig.for_model(**text_config(kind, vocab, width))
+    torch.manual_seed(2)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -36,10 +36,14 @@ _QFORMER_CLASSES = {
 }
 
 
+def vision_tower_class(config) -> type[PreTrainedModel]:
+    """The transformers class of the vision encoder described by `config`."""
+    return _VISION_CLASSES.get(config.model_type) or AutoModel._model_mapping[type(config)]
+
+
 def build_vision_tower(config) -> PreTrainedModel:
     """An untrained vision encoder for `config` (weights come from `from_pretrained` later)."""
-    cls = _VISION_CLASSES.get(config.model_type)
-    return cls._from_config(config) if cls else AutoModel.from_config(config)
+    return vision_tower_class(config)._from_config(config)
 
 
 def build_qformer(config) -> PreTrainedModel:
