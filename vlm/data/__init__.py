@@ -1,17 +1,11 @@
 """Training/eval data: many file formats read into one `Example` record.
 
     from vlm.data import load_examples, open_example_image, Example
+
+See `load_examples` for the formats and the checks made before anything trains.
 """
 
+from .loader import FORMATS_HELP, load_examples, open_example_image
 from .records import TASKS, Example, ExampleList
 
-__all__ = ["TASKS", "Example", "ExampleList", "load_examples", "open_example_image"]
-
-
-def __getattr__(name):
-    # The loaders arrive in a later commit; importing them lazily keeps `Example` importable now.
-    if name in ("load_examples", "open_example_image"):
-        from . import loader
-
-        return getattr(loader, name)
-    raise AttributeError(name)
+__all__ = ["FORMATS_HELP", "TASKS", "Example", "ExampleList", "load_examples", "open_example_image"]

@@ -1,0 +1,163 @@
+"""`load_examples`: detect a data format, read it into `Example`s, and check every row first."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from ..errors import VLMError
+from ..images import load_image, to_rgb
+from .coco import is_coco_captions, is_karpathy, read_coco_captions, read_karpathy
+from .common import check_task, finish, read_json, resolve_image_path, row_error
+from .hf import imagefolder_metadata, is_saved_dataset, read_imagefolder, read_saved_dataset
+from .records import TASKS, Example, ExampleList
+from .rows import read_csv, read_jsonl, row_to_example
+from .vqav2 import is_vqav2_annotations, is_vqav2_questions, read_vqav2
+
+FORMATS_HELP = (
+    "COCO captions JSON, Karpathy-split JSON, VQAv2 questions(+annotations) JSON, LLaVA conversation JSON, "
+    "JSONL/CSV/TSV rows, a datasets save_to_disk folder, or an imagefolder with metadata.jsonl/csv"
+)
+
+
+def load_examples(
+    path_or_name: str,
+    task: str | None = None,
+    image_root: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    text_column: str = "text",
+    skip_bad_images: bool = False,
+) -> ExampleList:
+    """Read a dataset in any supported format into `Example`s, checking every row.
+
+    Formats (detected from the path and the content):
+    - COCO captions JSON (`images` + `annotations[].caption`), Karpathy-split JSON
+      (`images[].sentences`, filtered by `split`; "train" includes "restval");
+    - VQAv2: the questions JSON, with its annotations JSON found beside it, or both given as
+      `QUESTIONS.json,ANNOTATIONS.json`;
+    - LLaVA conversation JSON (a list of `{image, conversations}`), or such rows in JSONL;
+    - JSONL / CSV / TSV / JSON-array rows `{image, text}` or `{image, question, answer(s)}`;
+    - a folder written by `datasets`' `save_to_disk` (a `DatasetDict` gives `split`), or an
+      `imagefolder` folder with `metadata.jsonl`/`metadata.csv` (`file_name` column).
+
+    Relative image paths resolve against `image_root` (default: the data file's folder). `task`
+    (caption|vqa|chat) defaults to what the data holds. Raises `VLMError` naming the file, the
+    row (line number for JSONL/CSV, 1-based record number for JSON) and the field for a bad row,
+    a missing/broken image, an empty dataset or an unknown format. With `skip_bad_images=True`,
+    rows with a bad image are dropped instead; the result's `.skipped` counts them.
+    """
+    if task is not None and task not in TASKS:
+        raise VLMError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    root = Path(os.path.expanduser(image_root)).resolve() if image_root else None
+    if root is not None and not root.is_dir():
+        raise VLMError(f"image root {image_root}: no such folder")
+    if "," in path_or_name and not os.path.exists(path_or_name):
+        return _load_vqav2_pair(path_or_name, task, root, skip_bad_images)
+    path = Path(os.path.expanduser(path_or_name))
+    if not path.exists():
+        raise VLMError(f"{path_or_name}: no such file or folder (datasets are read from local files only)")
+    path = path.resolve()
+    if path.is_dir():
+        if is_saved_dataset(path):
+            return read_saved_dataset(path, task, root, split, image_column, text_column, skip_bad_images)
+        if imagefolder_metadata(path, split) is not None or any(path.glob("*/metadata.*")):
+            examples = read_imagefolder(path, task, root, split, image_column, text_column)
+            return finish(examples, path, skip_bad_images)
+        raise VLMError(f"{path}: cannot detect the data format of this folder (expected {FORMATS_HELP})")
+    root = root or path.parent
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise VLMError(f"{path}: empty file (no examples)")
+    if suffix == ".jsonl":
+        examples = _from_rows(read_jsonl(path), path, task, root, image_column, text_column)
+    elif suffix in (".csv", ".tsv"):
+        examples = _from_rows(read_csv(path), path, task, root, image_column, text_column)
+    elif suffix == ".json":
+        examples = _from_json(read_json(path), path, task, root, split, image_column, text_column)
+    else:
+        raise VLMError(f"{path}: cannot detect the data format from the extension {suffix or '(none)'!r} "
+                       f"(use .json, .jsonl, .csv or .tsv; supported: {FORMATS_HELP})")
+    return finish(examples, path, skip_bad_images)
+
+
+def open_example_image(example: Example) -> Image.Image:
+    """The example's image as RGB (decoded now; `VLMError` naming the file if it cannot be)."""
+    if isinstance(example.image, str):
+        return load_image(example.image)
+    if isinstance(example.image, Image.Image):
+        try:
+            return to_rgb(example.image)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise VLMError(f"{example.source}: cannot decode the embedded image ({e})") from None
+    raise VLMError(f"{example.source or 'example'}: has no image")
+
+
+def _from_rows(rows, path: Path, task, root: Path, image_column: str, text_column: str) -> list[Example]:
+    examples = []
+    for number, row in rows:
+        source = f"{path}:{number}"
+        if image_column not in row and task in (None, "chat") and any(f in row for f in ("conversations", "messages")):
+            examples.append(row_to_example(row, "chat", source, None, text_column, image_column))  # text-only chat
+            continue
+        if image_column not in row:
+            raise row_error(source, f"missing field {image_column!r} (the image path); fields present: {', '.join(sorted(row))}")
+        image = resolve_image_path(row[image_column], root, source, image_column)
+        examples.append(row_to_example(row, task, source, image, text_column, image_column))
+    return examples
+
+
+def _from_json(data, path: Path, task, root: Path, split: str, image_column: str, text_column: str) -> list[Example]:
+    if is_vqav2_questions(data):
+        return read_vqav2(data, path, None, task, root)
+    if is_vqav2_annotations(data):
+        raise VLMError(f"{path}: this is a VQAv2 annotations file; give the questions file (annotations are found "
+                       f"beside it) or QUESTIONS.json,ANNOTATIONS.json")
+    if is_coco_captions(data):
+        return read_coco_captions(data, path, task, root)
+    if is_karpathy(data):
+        return read_karpathy(data, path, task, root, split)
+    if isinstance(data, list):
+        if not data:
+            raise VLMError(f"{path}: no examples (the dataset is empty)")
+        rows = []
+        for i, row in enumerate(data, start=1):
+            if not isinstance(row, dict):
+                raise row_error(f"{path}:{i}", f"expected an object, got {type(row).__name__}")
+            rows.append((i, row))
+        if task is None and "conversations" in rows[0][1]:
+            task = "chat"  # LLaVA: rows without an image (text-only turns) are allowed
+        if task == "chat":
+            return _llava_rows(rows, path, root, image_column)
+        return _from_rows(rows, path, task, root, image_column, text_column)
+    keys = ", ".join(sorted(data)[:8]) if isinstance(data, dict) else type(data).__name__
+    raise VLMError(f"{path}: cannot detect the data format (top level: {keys}); expected {FORMATS_HELP}")
+
+
+def _llava_rows(rows, path: Path, root: Path, image_column: str) -> list[Example]:
+    examples = []
+    for number, row in rows:
+        source = f"{path}:{number}"
+        image = row.get(image_column)
+        image = resolve_image_path(image, root, source, image_column) if image is not None else None
+        examples.append(row_to_example(row, "chat", source, image, image_column=image_column))
+    return examples
+
+
+def _load_vqav2_pair(spec: str, task, root: Path | None, skip_bad_images: bool) -> ExampleList:
+    parts = [Path(os.path.expanduser(p.strip())) for p in spec.split(",")]
+    if len(parts) != 2:
+        raise VLMError(f"{spec}: expected QUESTIONS.json,ANNOTATIONS.json (two paths)")
+    for p in parts:
+        if not p.is_file():
+            raise VLMError(f"{p}: no such file")
+    questions_path, annotations_path = (p.resolve() for p in parts)
+    questions = read_json(questions_path)
+    if not is_vqav2_questions(questions):
+        raise VLMError(f"{questions_path}: not a VQAv2 questions file (no 'questions' list)")
+    check_task(task, ["vqa"], questions_path, "VQAv2")
+    examples = read_vqav2(questions, questions_path, annotations_path, task, root or questions_path.parent)
+    return finish(examples, questions_path, skip_bad_images)
