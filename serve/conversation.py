@@ -1,0 +1,179 @@
+"""Chat state: Gradio history -> model messages, image placement, trimming, image-feature cache.
+
+Gradio's history (messages format) is the source of truth for a conversation, so undo,
+regenerate, edit and clear on the page, and per-session state for API clients, need no
+bookkeeping here. What this module adds is what the model needs on top: where each image
+sits, which earlier turns still fit in the LLM's context, and a per-session cache so each
+image is encoded once per conversation instead of on every turn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Assistant replies that start with this are our own error notes, not model output: the turn
+# that produced one is left out of what the model sees next time.
+NOTICE_PREFIX = "⚠️ "
+
+
+@dataclass
+class Turn:
+    """One user message (text + images, in the order sent) and the assistant's reply, if any."""
+
+    images: list[str] = field(default_factory=list)  # file paths, in the order sent
+    parts: list[dict[str, Any]] = field(default_factory=list)  # [{"type": "image"} | {"type": "text", ...}]
+    reply: str | None = None
+
+    def user_message(self) -> dict[str, Any]:
+        return {"role": "user", "content": list(self.parts)}
+
+
+def _file_path(part: Any) -> str | None:
+    """The file path of a history content part, in any of the shapes Gradio uses."""
+    if isinstance(part, dict):
+        if part.get("type") == "file":
+            part = part.get("file") or {}
+        if isinstance(part, dict) and isinstance(part.get("path"), str):
+            return part["path"]
+    if isinstance(part, (tuple, list)) and part and isinstance(part[0], str):  # legacy (path, alt)
+        return part[0]
+    path = getattr(part, "path", None)
+    return path if isinstance(path, str) else None
+
+
+def _text(part: Any) -> str | None:
+    if isinstance(part, str):
+        return part
+    if isinstance(part, dict) and part.get("type") == "text":
+        return str(part.get("text", ""))
+    return None
+
+
+def history_to_turns(history: list[dict[str, Any]]) -> list[Turn]:
+    """Group a Gradio messages-format history into turns.
+
+    Consecutive user messages (Gradio stores each uploaded file as its own message) merge into
+    one turn; a turn whose reply is one of our error notices is dropped, so the model never sees
+    a failed upload or a failed generation as if it were conversation.
+    """
+    turns: list[Turn] = []
+    current: Turn | None = None
+    for message in history or []:
+        role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+        content = message.get("content") if isinstance(message, dict) else getattr(message, "content", None)
+        parts = content if isinstance(content, list) else [content]
+        if role == "user":
+            if current is None or current.reply is not None:
+                current = Turn()
+                turns.append(current)
+            for part in parts:
+                path = _file_path(part)
+                text = _text(part)
+                if path is not None:
+                    current.images.append(path)
+                    current.parts.append({"type": "image"})
+                elif text:
+                    current.parts.append({"type": "text", "text": text})
+        elif role == "assistant" and current is not None:
+            text = "".join(t for t in (_text(p) for p in parts) if t)
+            current.reply = (current.reply or "") + text
+    return [t for t in turns if t.parts and not (t.reply or "").startswith(NOTICE_PREFIX)]
+
+
+def new_turn(text: str, image_paths: list[str]) -> Turn:
+    """The turn being asked now: images first (in the order sent), then the text."""
+    turn = Turn(images=list(image_paths))
+    turn.parts = [{"type": "image"} for _ in image_paths]
+    if text:
+        turn.parts.append({"type": "text", "text": text})
+    return turn
+
+
+def turns_to_messages(turns: list[Turn], system_prompt: str | None = None) -> list[dict[str, Any]]:
+    """Chat-template messages for `turns`; the last turn is the one being answered."""
+    messages: list[dict[str, Any]] = []
+    if system_prompt and system_prompt.strip():
+        messages.append({"role": "system", "content": system_prompt.strip()})
+    for turn in turns:
+        messages.append(turn.user_message())
+        if turn.reply is not None:
+            messages.append({"role": "assistant", "content": turn.reply})
+    return messages
+
+
+def fit_to_context(
+    turns: list[Turn], count_tokens, budget: int, system_prompt: str | None = None
+) -> tuple[list[Turn], int]:
+    """Drop the oldest turns until the prompt fits in `budget` tokens.
+
+    `count_tokens(messages) -> int` measures a prompt exactly as it will be encoded (image
+    blocks included). Returns the kept turns and how many were dropped; the last turn is never
+    dropped (the caller reports a prompt that does not fit even alone).
+    """
+    dropped = 0
+    while len(turns) > 1 and count_tokens(turns_to_messages(turns, system_prompt)) > budget:
+        turns = turns[1:]
+        dropped += 1
+    return turns, dropped
+
+
+def file_digest(path: str | Path) -> str:
+    """Content hash of a file: the cache key, so a re-uploaded copy of an image is a hit."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class FeatureCache:
+    """Per-session LRU of encoded images: `session -> {image digest -> features}`.
+
+    Bounded both in sessions and in images per session, so API clients that never say goodbye
+    cannot grow server memory without limit. Thread-safe: Gradio runs handlers in threads.
+    """
+
+    def __init__(self, max_sessions: int = 64, max_images_per_session: int = 16):
+        self.max_sessions = max_sessions
+        self.max_images = max_images_per_session
+        self._sessions: OrderedDict[str, OrderedDict[str, torch.Tensor]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, session: str, digest: str) -> torch.Tensor | None:
+        with self._lock:
+            images = self._sessions.get(session)
+            if images is None or digest not in images:
+                self.misses += 1
+                return None
+            self._sessions.move_to_end(session)
+            images.move_to_end(digest)
+            self.hits += 1
+            return images[digest]
+
+    def put(self, session: str, digest: str, features: torch.Tensor) -> None:
+        with self._lock:
+            images = self._sessions.setdefault(session, OrderedDict())
+            self._sessions.move_to_end(session)
+            images[digest] = features
+            while len(images) > self.max_images:
+                images.popitem(last=False)
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+
+    def drop(self, session: str) -> None:
+        """Forget a session (its page was closed)."""
+        with self._lock:
+            self._sessions.pop(session, None)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return sum(len(v) for v in self._sessions.values())

@@ -1,0 +1,49 @@
+"""Checking chat uploads: size, decoded pixels, decompression bombs, non-images, truncation.
+
+Every refusal is a `VLMError` whose message names the file by its uploaded name (never the
+server's temp path) and says what to do, so the chat can show it as-is.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from PIL import Image
+
+from vlm.errors import VLMError
+from vlm.images import load_image
+
+MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+MAX_UPLOAD_PIXELS = 40_000_000  # e.g. 8000x5000; a bomb decodes to far more
+MAX_IMAGES_PER_MESSAGE = 8
+
+
+def display_name(path: str | os.PathLike) -> str:
+    """The name the user uploaded the file under (its basename)."""
+    return Path(path).name or "upload"
+
+
+def open_upload(
+    path: str | os.PathLike, max_bytes: int = MAX_UPLOAD_BYTES, max_pixels: int = MAX_UPLOAD_PIXELS
+) -> Image.Image:
+    """Open one uploaded file as an RGB image, or raise `VLMError` with a message for the user."""
+    name = display_name(path)
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        raise VLMError(f"{name}: the upload is gone from the server; please send it again") from None
+    if size > max_bytes:
+        raise VLMError(f"{name}: {size / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit")
+    try:
+        return load_image(path, max_pixels=max_pixels)
+    except VLMError as e:
+        # load_image names the full server path; users should see only their file's name.
+        reason = str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)
+        raise VLMError(f"{name}: {reason}") from None
+
+
+def check_count(paths: list[str], limit: int = MAX_IMAGES_PER_MESSAGE) -> None:
+    """Refuse a message with more images than the model can sensibly take at once."""
+    if len(paths) > limit:
+        raise VLMError(f"{len(paths)} images in one message; send at most {limit} at a time")
