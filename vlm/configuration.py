@@ -56,6 +56,10 @@ class VLMConfig(PreTrainedConfig):
     def validate_architecture(self):
         """Reject combinations the model cannot build, naming the offending sub-config."""
         super().validate_architecture()
+        for key, kind in (("num_query_tokens", int), ("image_token_index", (int, type(None)))):
+            value = getattr(self, key)
+            if not isinstance(value, kind) or isinstance(value, bool):
+                raise ValueError(f"{key} must be an integer, got {value!r}")
         if self.vision_config.model_type not in SUPPORTED_VISION_TYPES:
             raise ValueError(
                 f"vision_config.model_type={self.vision_config.model_type!r} is not supported; "

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoImageProcessor, AutoTokenizer, BitsAndBytesConfig, PreTrainedConfig
 
 from .configuration import VLMConfig
@@ -153,15 +154,19 @@ def load_pretrained(
 
     config_dict = read_config_dict(name_or_path)
     model_type = config_dict.get("model_type")
-    if model_type == VLMConfig.model_type:
-        config = VLMConfig.from_pretrained(name_or_path)
-    elif model_type in OFFICIAL_TYPES:
-        config = vlm_config_from_official(config_dict)
-    else:
+    if model_type not in (VLMConfig.model_type, *OFFICIAL_TYPES):
         raise VLMError(
             f"{name_or_path}: unsupported architecture {model_type!r} "
             f"(vlm loads 'vlm', {', '.join(repr(t) for t in OFFICIAL_TYPES)} checkpoints and LoRA adapters)"
         )
+    try:
+        if model_type == VLMConfig.model_type:
+            config = VLMConfig.from_pretrained(name_or_path)
+        else:
+            config = vlm_config_from_official(config_dict)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
+        reason = " ".join(str(e).split())
+        raise VLMError(f"{name_or_path}: bad config.json: {reason}") from None
     load_kwargs = {"config": config, "dtype": dtype}
     qconfig = quantization_config(quantization, dtype)
     if qconfig is not None:

@@ -1,0 +1,93 @@
+"""Bad input gives one clear line naming the thing, and a non-zero exit from the CLI."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import tiny
+from vlm import VLMError, load_pretrained
+from vlm.images import load_image
+
+
+def test_missing_folder():
+    with pytest.raises(VLMError, match=r"\./no/such/model: no such folder"):
+        load_pretrained("./no/such/model")
+
+
+def test_unreachable_hub_id_with_nothing_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(VLMError, match="Salesforce/blip2-not-there: not a local folder, and the hub could not be reached"):
+        load_pretrained("Salesforce/blip2-not-there")
+
+
+def test_unsupported_architecture(tmp_path):
+    tiny.save_llm_part(tmp_path, "llama")
+    with pytest.raises(VLMError, match=r"unsupported architecture 'llama'"):
+        load_pretrained(tmp_path)
+
+
+def test_folder_without_config(tmp_path):
+    with pytest.raises(VLMError, match="has no config.json"):
+        load_pretrained(tmp_path)
+
+
+def test_config_with_wrong_type(tiny_vlm_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_vlm_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["num_query_tokens"] = "four"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VLMError, match=r"bad config.json: .*num_query_tokens must be an integer, got 'four'"):
+        load_pretrained(bad)
+
+
+def test_config_with_unsupported_sub_config(tiny_vlm_dir, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_vlm_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    config["vision_config"]["model_type"] = "vit"
+    (bad / "config.json").write_text(json.dumps(config))
+    with pytest.raises(VLMError, match=r"vision_config.model_type='vit' is not supported"):
+        load_pretrained(bad)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [(b"", "empty file"), (b"this is not a png", "not an image"), (None, "no such file")],
+)
+def test_undecodable_images(tmp_path, content, message):
+    path = tmp_path / "photo.png"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(VLMError, match=message) as info:
+        load_image(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_image(tmp_path):
+    path = tmp_path / "cut.png"
+    tiny.random_image(0, (64, 64)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(VLMError, match="cut.png: cannot decode image"):
+        load_image(path)
+
+
+def test_cli_one_line_error_and_debug_traceback():
+    cmd = [sys.executable, "-m", "vlm.cli", "build", "--vision", "./nope", "--llm", "./nope", "--output-dir", "x"]
+    plain = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert plain.returncode == 1
+    assert plain.stderr.strip().startswith("error: --vision ./nope")
+    assert "Traceback" not in plain.stderr
+    debug = subprocess.run(cmd + ["--debug"], capture_output=True, text=True, timeout=120)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_cli_unknown_command_and_help():
+    r = subprocess.run([sys.executable, "-m", "vlm.cli", "fly"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown command 'fly'" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "vlm.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "caption" in r.stdout and "build" in r.stdout
