@@ -1,0 +1,137 @@
+"""`vlm train CONFIG.yaml [dotted.key=value ...] [--flags]`: fine-tune a vision-language model.
+
+Multi-process / multi-GPU runs go through accelerate::
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml -m vlm.cli train CONFIG.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from vlm.errors import VLMError
+
+from .config import RECIPES, TrainConfig, load_config
+
+EPILOG = """\
+examples:
+  vlm train configs/train/lora.yaml data.train=captions.jsonl output_dir=runs/lora
+  vlm train --recipe bridge --model ./my-vlm --train-data coco/captions_train2017.json \\
+            --image-root coco/train2017 --max-steps 2000 --batch-size 16
+  vlm train configs/train/qlora.yaml lora.r=8 prompt.question_template="Question: {} Answer:"
+  accelerate launch --config_file configs/accelerate/ddp.yaml -m vlm.cli train configs/train/lora.yaml
+
+recipes:
+  bridge  Q-Former, queries and projection train; vision tower and LLM frozen (BLIP-2 stage 2)
+  lora    LoRA on the LLM's attention+MLP projections, plus the bridge (lora.train_bridge)
+  qlora   the same on a 4-bit (NF4) LLM; needs bitsandbytes
+  full    train the parameters named by `unfreeze` (name prefixes)
+
+Order of precedence: flags > dotted overrides > CONFIG.yaml > defaults. A run whose output
+folder holds checkpoints continues from the newest one (resume=auto); --no-resume starts over.
+The output folder loads with vlm.load_pretrained(OUTPUT_DIR) and `vlm caption --model OUTPUT_DIR`.
+"""
+
+# flag -> dotted config key
+FLAG_KEYS = {
+    "recipe": "recipe",
+    "model": "model",
+    "train_data": "data.train",
+    "eval_data": "data.eval",
+    "image_root": "data.image_root",
+    "task": "data.task",
+    "output_dir": "output_dir",
+    "max_steps": "max_steps",
+    "epochs": "epochs",
+    "learning_rate": "learning_rate",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "precision": "precision",
+    "seed": "seed",
+    "save_steps": "save_steps",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlm train",
+        description="Fine-tune a BLIP-2-style model on captions, VQA or conversations.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
+                   help="a YAML recipe (e.g. configs/train/lora.yaml) and/or dotted overrides such as lora.r=8")
+    p.add_argument("--recipe", choices=RECIPES, help="what trains (see below)")
+    p.add_argument("--model", help="base model: vlm/BLIP-2/InstructBLIP folder or hub id (default: the demo model)")
+    p.add_argument("--train-data", help="COCO/Karpathy/VQAv2/LLaVA JSON, JSONL/CSV, HF dataset or imagefolder")
+    p.add_argument("--eval-data", help="held-out data for periodic eval loss")
+    p.add_argument("--image-root", help="folder that relative image paths are resolved against")
+    p.add_argument("--task", choices=["caption", "vqa", "chat"], help="default: detected from the data")
+    p.add_argument("--output-dir", help="checkpoints and the final model go here")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--learning-rate", "--lr", type=float)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--save-steps", type=int, help="checkpoint every N steps")
+    resume = p.add_mutually_exclusive_group()
+    resume.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
+                        help="resume from CHECKPOINT, or (no value) from the newest one in --output-dir")
+    resume.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    return p
+
+
+def parse_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
+    """The resolved `TrainConfig` for a command line."""
+    args = build_parser().parse_args(argv)
+    config_path = None
+    overrides = []
+    for item in args.args:
+        if "=" in item:
+            overrides.append(item)
+        elif config_path is None:
+            config_path = item
+        else:
+            raise VLMError(f"{item}: only one CONFIG.yaml may be given (overrides look like key=value)")
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={json.dumps(value)}")
+    if args.resume is not None:
+        overrides.append(f"resume={json.dumps(args.resume)}")
+    if args.no_resume:
+        overrides.append("resume=none")
+    return load_config(config_path, overrides), args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `vlm train`."""
+    config, args = parse_config(list(sys.argv[1:] if argv is None else argv))
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    if not config.data.train:
+        raise VLMError("no training data: give --train-data or data.train in the config")
+    from .run import train
+
+    out = train(config)
+    if out is not None:
+        print(f"saved the trained model to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    # `python -m train.cli` / `accelerate launch -m train.cli`: same error handling as `vlm train`.
+    from vlm.cli import main as vlm_main
+
+    logging.basicConfig(level=logging.WARNING)
+    sys.exit(vlm_main(["train", *sys.argv[1:]]))

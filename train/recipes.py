@@ -1,0 +1,145 @@
+"""Training recipes: which parts of the model train, and how.
+
+- `bridge`: BLIP-2 stage 2. Q-Former, query tokens and projection train; vision tower and LLM frozen.
+- `lora`: peft LoRA on the LLM's attention and MLP projections (only inside `language_model`),
+  plus the bridge unless `lora.train_bridge: false`.
+- `qlora`: the same on an NF4 4-bit LLM (bitsandbytes; vision tower and Q-Former stay full precision).
+- `full`: the parameters whose names start with one of `unfreeze` train.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import nn
+
+from vlm import load_pretrained
+from vlm.errors import VLMError
+
+from .config import BRIDGE_MODULES, TrainConfig
+
+LLM_PREFIX = "language_model"
+
+
+def prepare_model(config: TrainConfig, device: str | None = None):
+    """Load the model named by `config.model` and set it up for `config.recipe`.
+
+    Returns `(model, processor)`; the model is a `peft.PeftModel` for lora/qlora. The processor
+    carries the training prompts (`config.prompt`), which are saved with the output.
+    """
+    quantization = "4bit" if config.recipe == "qlora" else None
+    dtype = torch.float32  # master weights in fp32; mixed precision is autocast's job
+    if quantization and str(device or "").startswith("cuda"):
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model, processor = load_pretrained(config.model, quantization=quantization, device=device, dtype=dtype)
+    apply_prompts(processor, config)
+    model = apply_recipe(model, config)
+    return model, processor
+
+
+def apply_prompts(processor, config: TrainConfig) -> None:
+    """Set the processor's caption prompt / question template from the config (validated)."""
+    if config.prompt.caption_prompt is not None:
+        processor.caption_prompt = config.prompt.caption_prompt
+    template = config.prompt.question_template
+    if template is not None:
+        if template.count("{}") != 1:
+            raise VLMError(f"prompt.question_template must hold exactly one {{}} for the question, got {template!r}")
+        processor.question_template = template
+
+
+def apply_recipe(model, config: TrainConfig):
+    """Freeze/unfreeze (and wrap with LoRA) per `config.recipe`; returns the model to train."""
+    recipe = config.recipe
+    model.requires_grad_(False)
+    if recipe == "bridge":
+        _unfreeze(model, BRIDGE_MODULES, "bridge")
+    elif recipe == "full":
+        if not config.unfreeze:
+            raise VLMError("unfreeze: the full recipe needs at least one module prefix to train")
+        _unfreeze(model, config.unfreeze, "unfreeze")
+    elif recipe in ("lora", "qlora"):
+        if recipe == "qlora":
+            from peft import prepare_model_for_kbit_training
+
+            # Upcasts the non-quantized weights to fp32 and keeps layer norms stable.
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+            model.requires_grad_(False)
+        model = wrap_lora(model, config)
+        if config.lora.train_bridge:
+            _unfreeze(model.get_base_model(), BRIDGE_MODULES, "bridge")
+    else:
+        raise VLMError(f"recipe: unknown recipe {recipe!r} (expected bridge, lora, qlora or full)")
+    if config.gradient_checkpointing:
+        # Non-reentrant: works when the checkpointed block's inputs need no grad (frozen parts).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not any(p.requires_grad for p in model.parameters()):
+        raise VLMError(f"recipe {recipe}: nothing to train (every parameter is frozen)")
+    return model
+
+
+def lora_target_pattern(model, target_modules: list[str] | str) -> str:
+    """A peft `target_modules` regex matching only Linear layers inside the LLM.
+
+    "auto" picks every Linear leaf in the LLM's decoder layers (attention and MLP projections;
+    never the output head). Names that match nothing inside the LLM are a VLMError.
+    """
+    linear_names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if name.startswith(LLM_PREFIX + ".") and isinstance(module, nn.Linear) and _in_layer(name)
+    }
+    if target_modules == "auto":
+        chosen = sorted(linear_names)
+        if not chosen:
+            raise VLMError("lora.target_modules=auto: the LLM has no Linear layers inside its decoder layers")
+    else:
+        chosen = list(target_modules)
+        unknown = [t for t in chosen if t not in linear_names]
+        if unknown:
+            raise VLMError(
+                f"lora.target_modules: {', '.join(unknown)} match no Linear layer of the LLM "
+                f"(it has: {', '.join(sorted(linear_names)) or 'none'})"
+            )
+    return rf"{LLM_PREFIX}\..*\.(?:{'|'.join(re.escape(n) for n in chosen)})"
+
+
+def wrap_lora(model, config: TrainConfig):
+    """The model wrapped in a peft LoRA adapter on the LLM's projections."""
+    from peft import LoraConfig, get_peft_model
+
+    pattern = lora_target_pattern(model, config.lora.target_modules)
+    lora_config = LoraConfig(
+        r=config.lora.r,
+        lora_alpha=config.lora.alpha,
+        lora_dropout=config.lora.dropout,
+        target_modules=pattern,
+        bias="none",
+    )
+    return get_peft_model(model, lora_config)
+
+
+def trainable_parameter_count(model) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total
+
+
+def _in_layer(name: str) -> bool:
+    # Decoder blocks live under `.layers.N.` (Llama, Mistral, OPT) or `.h.N.` (GPT-2 style).
+    return re.search(r"\.(?:layers|h|blocks)\.\d+\.", name) is not None
+
+
+def _unfreeze(model, prefixes, key: str) -> None:
+    matched = set()
+    for name, param in model.named_parameters():
+        for prefix in prefixes:
+            if name == prefix or name.startswith(prefix + "."):
+                if param.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+                    param.requires_grad_(True)
+                matched.add(prefix)
+    missing = [p for p in prefixes if p not in matched]
+    if missing:
+        raise VLMError(f"{key}: {', '.join(missing)} name no parameters of the model")

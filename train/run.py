@@ -1,0 +1,91 @@
+"""One training run, start to finish: data, model, Trainer, resume, output folder."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlm.errors import VLMError
+
+from .collate import TrainDataset, make_collator
+from .config import TrainConfig, save_config
+from .recipes import prepare_model, trainable_parameter_count
+from .save import TRAIN_CONFIG, save_trained
+from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
+
+logger = logging.getLogger(__name__)
+
+
+def load_data(config: TrainConfig, path: str) -> Sequence:
+    """Examples from any format `vlm.data.load_examples` reads; empty data is an error."""
+    from vlm.data import load_examples
+
+    examples = load_examples(
+        path,
+        task=config.data.task,
+        image_root=config.data.image_root,
+        image_column=config.data.image_column,
+        text_column=config.data.text_column,
+        skip_bad_images=config.data.skip_bad_images,
+    )
+    if len(examples) == 0:
+        raise VLMError(f"{path}: no examples")
+    return examples
+
+
+def train(
+    config: TrainConfig,
+    train_examples: Sequence | None = None,
+    eval_examples: Sequence | None = None,
+) -> Path | None:
+    """Train per `config`; returns the output folder (None on non-main processes).
+
+    `train_examples` / `eval_examples` (lists of `vlm.data.Example`) replace `config.data.train`
+    / `config.data.eval` when given (library use without files).
+    """
+    args = training_arguments(config, has_eval=bool(eval_examples or config.data.eval))
+    # Everything that can be wrong with the input fails here, before the model loads.
+    if train_examples is None:
+        if not config.data.train:
+            raise VLMError("data.train: no training data given")
+        train_examples = load_data(config, config.data.train)
+    if eval_examples is None and config.data.eval:
+        eval_examples = load_data(config, config.data.eval)
+    resume_from = find_resume_checkpoint(config.output_dir, config.resume)
+
+    model, processor = prepare_model(config, device=str(args.device))
+    trainable, total = trainable_parameter_count(model)
+    if args.should_log:
+        print(
+            f"recipe {config.recipe}: training {trainable:,} of {total:,} parameters on {len(train_examples):,} "
+            f"examples" + (f"; resuming from {resume_from}" if resume_from else ""),
+            flush=True,
+        )
+    train_dataset = TrainDataset(train_examples, processor, config.data.max_length)
+    eval_dataset = TrainDataset(eval_examples, processor, config.data.max_length) if eval_examples else None
+    if args.should_save:
+        os.makedirs(config.output_dir, exist_ok=True)
+        clean_staging(config.output_dir)
+        save_config(config, Path(config.output_dir) / TRAIN_CONFIG)
+    trainer = VLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=make_collator(processor),
+    )
+    trainer.train(resume_from_checkpoint=resume_from)
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        if args.should_log:
+            print(f"eval loss {metrics.get('eval_loss', float('nan')):.4f}", flush=True)
+    skipped = getattr(train_examples, "skipped", 0)
+    if skipped and args.should_log:
+        print(f"skipped {skipped} rows with missing or broken images", flush=True)
+    trainer.accelerator.wait_for_everyone()
+    if not args.should_save:
+        return None
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return save_trained(model, processor, config.output_dir, config)

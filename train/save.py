@@ -1,0 +1,104 @@
+"""The training output folder, which `vlm.load_pretrained(output_dir)` opens as the fine-tuned model.
+
+- LoRA/QLoRA: the peft adapter (`adapter_config.json`, `adapter_model.safetensors`, base
+  recorded as `base_model_name_or_path`) plus `bridge.safetensors` (Q-Former, queries,
+  projection) when the bridge trained.
+- bridge/full: a complete `vlm` checkpoint (`config.json`, `model.safetensors`).
+- always: the processor, with the prompt template used in training, and `train_config.yaml`.
+
+Checkpoints for resuming are different and smaller: `trainable.safetensors` holds the
+parameters that train, next to the Trainer's optimizer/scheduler/RNG state.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vlm.errors import VLMError
+from vlm.loading import BRIDGE_WEIGHTS
+
+from .config import BRIDGE_MODULES, TrainConfig, save_config
+
+TRAINABLE_WEIGHTS = "trainable.safetensors"
+TRAIN_CONFIG = "train_config.yaml"
+
+
+def is_peft(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def trainable_state(model, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """The parameters that train, by name, as contiguous CPU tensors."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    source = state_dict if state_dict is not None else dict(model.named_parameters())
+    return {n: source[n].detach().to("cpu").contiguous() for n in names if n in source}
+
+
+def save_trainable(model, directory: str | os.PathLike, state_dict: dict | None = None) -> None:
+    """Write `trainable.safetensors` (the resumable weights) into `directory`."""
+    os.makedirs(directory, exist_ok=True)
+    save_file(trainable_state(model, state_dict), os.path.join(directory, TRAINABLE_WEIGHTS), metadata={"format": "pt"})
+
+
+def load_trainable(model, directory: str | os.PathLike) -> None:
+    """Load `trainable.safetensors` from a checkpoint into `model`; names must all match."""
+    path = os.path.join(directory, TRAINABLE_WEIGHTS)
+    if not os.path.isfile(path):
+        raise VLMError(f"{directory}: not a vlm training checkpoint (no {TRAINABLE_WEIGHTS})")
+    state = load_file(path)
+    params = dict(model.named_parameters())
+    unknown = sorted(set(state) - set(params))
+    if unknown:
+        raise VLMError(f"{path}: holds weights this model does not have ({unknown[0]}...); was the recipe changed?")
+    missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
+    if missing:
+        raise VLMError(f"{path}: lacks trained weights ({missing[0]}...); was the recipe changed?")
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+
+
+def bridge_state(model) -> dict[str, torch.Tensor]:
+    """Q-Former, query tokens and projection of a (peft-wrapped or plain) model, base names."""
+    base = model.get_base_model() if is_peft(model) else model
+    return {
+        name: tensor.detach().to("cpu").contiguous()
+        for name, tensor in base.state_dict().items()
+        if name.split(".", 1)[0] in BRIDGE_MODULES
+    }
+
+
+def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainConfig) -> Path:
+    """Write the loadable output folder (see module doc); returns its path."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_peft(model):
+        model.save_pretrained(out)
+        if config.lora.train_bridge:
+            save_file(bridge_state(model), out / BRIDGE_WEIGHTS, metadata={"format": "pt"})
+        _absolute_base_path(out)
+    else:
+        model.save_pretrained(out)
+    processor.save_pretrained(out)
+    save_config(config, out / TRAIN_CONFIG)
+    return out
+
+
+def _absolute_base_path(out: Path) -> None:
+    """Record the base as an absolute path when it is a local folder, so the output moves freely."""
+    import json
+
+    path = out / "adapter_config.json"
+    data = json.loads(path.read_text())
+    base = data.get("base_model_name_or_path")
+    if base and os.path.isdir(base):
+        data["base_model_name_or_path"] = os.path.abspath(base)
+        path.write_text(json.dumps(data, indent=2, sort_keys=True))

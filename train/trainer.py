@@ -1,0 +1,159 @@
+"""The training loop: transformers' `Trainer` with atomic checkpoints of the trainable weights.
+
+What `Trainer` gives as is: mixed precision, gradient accumulation, gradient checkpointing,
+warmup + cosine, TensorBoard, periodic evaluation, DDP/FSDP/DeepSpeed through accelerate,
+token-count-exact loss scaling across accumulation steps and processes (`num_items_in_batch`).
+
+What we add:
+- checkpoints hold `trainable.safetensors` (the bridge and/or LoRA weights; never the frozen
+  base), so resuming restores the bridge too, which peft's adapter file would not hold;
+- `Trainer` writes `checkpoint-N` in place, so a kill mid-save leaves a half-written folder that
+  `get_last_checkpoint` would pick. We write into `output_dir/.partial/` and `os.replace` the
+  finished folder into place: a `checkpoint-N` folder is always complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from vlm.errors import VLMError
+
+from .config import TrainConfig
+from .save import TRAINABLE_WEIGHTS, load_trainable, save_trainable
+
+logger = logging.getLogger(__name__)
+STAGING_DIR = ".partial"
+_CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
+
+class VLMTrainer(Trainer):
+    """`Trainer` whose checkpoints are the trainable weights, moved into place atomically."""
+
+    _staging = False
+
+    def _get_output_dir(self, trial) -> str:
+        run_dir = super()._get_output_dir(trial)
+        return os.path.join(run_dir, STAGING_DIR) if self._staging else run_dir
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = super()._get_output_dir(trial)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        self._staging = True
+        try:
+            super()._save_checkpoint(model, trial)  # every rank writes into .partial/checkpoint-N
+        finally:
+            self._staging = False
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            final = os.path.join(run_dir, name)
+            if os.path.isdir(final):  # the same step saved again (e.g. after a resume)
+                shutil.rmtree(final)
+            _fsync_tree(os.path.join(run_dir, STAGING_DIR, name))
+            os.replace(os.path.join(run_dir, STAGING_DIR, name), final)
+            rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
+        self.accelerator.wait_for_everyone()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:
+            return
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        save_trainable(model, output_dir or self.args.output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_trainable(model if model is not None else self.model, resume_from_checkpoint)
+
+
+def find_resume_checkpoint(output_dir: str, resume: str) -> str | None:
+    """The checkpoint to resume from: `resume` as a folder, the newest complete one for "auto", or None."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        if not os.path.isfile(os.path.join(resume, TRAINABLE_WEIGHTS)):
+            raise VLMError(f"resume: {resume} is not a vlm training checkpoint (no {TRAINABLE_WEIGHTS})")
+        return resume
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for entry in os.listdir(output_dir):
+        match = _CHECKPOINT_RE.match(entry)
+        path = os.path.join(output_dir, entry)
+        # Completeness check too, for folders that an older tool wrote in place.
+        if match and all(os.path.isfile(os.path.join(path, f)) for f in (TRAINABLE_WEIGHTS, "trainer_state.json")):
+            steps.append((int(match.group(1)), path))
+    return max(steps)[1] if steps else None
+
+
+def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
+    """`TrainingArguments` for `config` (precision resolved, TensorBoard when installed)."""
+    cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
+    precision = config.precision
+    if precision == "auto":
+        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise VLMError("precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return TrainingArguments(
+        output_dir=config.output_dir,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        num_train_epochs=config.epochs,
+        max_steps=config.max_steps,
+        lr_scheduler_type=config.lr_scheduler,
+        warmup_steps=config.warmup,
+        max_grad_norm=config.max_grad_norm,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        logging_steps=config.logging_steps,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=config.eval_steps if has_eval else None,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=_report_to(config.report_to),
+        dataloader_num_workers=config.data.num_workers,
+        dataloader_persistent_workers=config.data.num_workers > 0,
+        remove_unused_columns=False,
+        label_names=["labels"],
+        use_cpu=not cuda,
+        ddp_find_unused_parameters=False,
+    )
+
+
+def _report_to(report_to) -> list[str] | str:
+    if report_to == "none":
+        return "none"
+    if report_to == "auto":
+        from transformers.integrations import is_tensorboard_available
+
+        return ["tensorboard"] if is_tensorboard_available() else "none"
+    return list(report_to)
+
+
+def clean_staging(output_dir: str) -> None:
+    """Remove checkpoint folders a killed run left half-written."""
+    shutil.rmtree(os.path.join(output_dir, STAGING_DIR), ignore_errors=True)
+
+
+def _fsync_tree(path: str) -> None:
+    """Flush the files to disk before the rename makes them visible (power loss safety)."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
