@@ -1,0 +1,213 @@
+"""`vlm eval`: score a model on caption (CIDEr, BLEU-4) or VQA (VQAv2 accuracy) data.
+
+Generates in left-padded batches with the prompts saved with the checkpoint
+(`processor.caption_prompt` for captions, `processor.format_question` for questions), prints a
+JSON summary on stdout, and writes one JSON line per sample with `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+from vlm.errors import VLMError
+
+# BLIP-2's decoding for its paper tables (design.md section 4).
+DEFAULTS = {
+    "caption": {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8, "length_penalty": 1.0},
+    "vqa": {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 0, "length_penalty": -1.0},
+}
+# Per-group VQA reports, when the data has these fields (VQAv2 annotations do).
+GROUP_FIELDS = ("question_type", "answer_type")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlm eval",
+        description="Score a model on caption data (CIDEr-D, BLEU-1..4) or VQA data (VQAv2 accuracy: soft "
+        "score over 10 human answers, exact match when fewer). Scores are printed x100, as papers "
+        "print them. Data: any format `vlm train` reads (COCO/Karpathy captions, VQAv2 "
+        "questions[,annotations], JSONL/CSV rows, a datasets folder, an imagefolder).",
+    )
+    p.add_argument("--model", help="checkpoint folder or hub id (default: the demo model)")
+    p.add_argument("--data", required=True, help="data file or folder (for VQAv2: QUESTIONS.json[,ANNOTATIONS.json])")
+    p.add_argument("--task", required=True, choices=["caption", "vqa"], help="what to score")
+    p.add_argument("--out", help="write per-sample predictions and scores here (JSONL)")
+    p.add_argument("--split", default="test", help="split of a Karpathy JSON or datasets folder (default: test)")
+    p.add_argument("--image-root", help="folder relative image paths are under (default: the data file's folder)")
+    p.add_argument("--image-column", default="image", help="image column of row/datasets data (default: image)")
+    p.add_argument("--text-column", default="text", help="caption column of row/datasets data (default: text)")
+    p.add_argument("--skip-bad-images", action="store_true", help="skip rows whose image is missing/broken (counted)")
+    p.add_argument("--limit", type=int, help="score only the first N samples (images for captions, questions for VQA)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per generate call (default: 8)")
+    p.add_argument("--max-new-tokens", type=int, help="default: 30 for captions, 10 for VQA (BLIP-2's settings)")
+    p.add_argument("--min-new-tokens", type=int, help="default: 8 for captions, 0 for VQA")
+    p.add_argument("--num-beams", type=int, help="beam width (default: 5; 1 is greedy)")
+    p.add_argument("--length-penalty", type=float, help="beam length penalty (default: 1 for captions, -1 for VQA)")
+    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], help="load the LLM in 4/8-bit (needs a GPU or bnb CPU)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
+    return p
+
+
+def generation_kwargs(task: str, args: argparse.Namespace) -> dict:
+    """Decoding settings: the flags, else BLIP-2's paper defaults for the task."""
+    out = {}
+    for key in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty"):
+        value = getattr(args, key)
+        out[key] = DEFAULTS[task][key] if value is None else value
+    for key in ("num_beams", "max_new_tokens"):
+        if out[key] < 1:
+            raise VLMError(f"--{key.replace('_', '-')} must be at least 1, got {out[key]}")
+    # A minimum above the maximum only makes transformers warn and stop at the maximum; cap it.
+    out["min_new_tokens"] = min(out["min_new_tokens"], out["max_new_tokens"])
+    if out["num_beams"] == 1:
+        out.pop("length_penalty")  # only used by beam search; transformers warns otherwise
+    out["do_sample"] = False
+    return out
+
+
+def caption_items(examples: Sequence) -> list[tuple]:
+    """One (example, references) per image: COCO-style data has a row per caption of an image."""
+    groups: dict = {}
+    for e in examples:
+        key = e.image if isinstance(e.image, str) else id(e)
+        groups.setdefault(key, []).append(e)
+    items = []
+    for group in groups.values():
+        if all(e.answers == group[0].answers for e in group) and group[0].answers:
+            refs = list(group[0].answers)  # the reader already gathered every caption of the image
+        else:
+            refs = [c for e in group for c in (e.answers or [e.caption])]
+        items.append((group[0], refs))
+    return items
+
+
+def predict(model, processor, examples: Sequence, task: str, batch_size: int, gen_kwargs: dict) -> list[str]:
+    """Generated text for each example, in left-padded batches, with the checkpoint's prompts."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlm.data import open_example_image
+
+    device = model.get_input_embeddings().weight.device
+    predictions = []
+    with tqdm(total=len(examples), desc="generating", unit="sample", file=sys.stderr) as bar:
+        for start in range(0, len(examples), batch_size):
+            batch = examples[start : start + batch_size]
+            images = [open_example_image(e) for e in batch]
+            if task == "caption":
+                prompts = [processor.caption_prompt or "" for _ in batch]
+            else:
+                prompts = [processor.format_question(e.question) for e in batch]
+            inputs = processor(images=images, text=prompts).to(device)
+            with torch.inference_mode():
+                sequences = model.generate(**inputs, **gen_kwargs)
+            predictions += processor.decode_generated(sequences, inputs["input_ids"])
+            bar.update(len(batch))
+    return predictions
+
+
+def score(task: str, examples: Sequence, references: Sequence[list[str]], predictions: Sequence[str]) -> tuple[dict, list[dict]]:
+    """(summary metrics x100, per-sample records)."""
+    from vlm.metrics import caption_scores, vqa_accuracy
+
+    records = []
+    if task == "caption":
+        result = caption_scores(predictions, references)
+        metrics = {k: 100 * v for k, v in result.items() if k != "per_sample"}
+        for e, refs, pred, c, b in zip(examples, references, predictions, result["per_sample"]["CIDEr"], result["per_sample"]["BLEU-4"]):
+            records.append({"image": _image_name(e), "source": e.source, "prediction": pred, "references": refs,
+                            "CIDEr": 100 * c, "BLEU-4": 100 * b, **e.meta})
+        return metrics, records
+    result = vqa_accuracy(predictions, references)
+    metrics = {"accuracy": 100 * result["accuracy"]}
+    groups: dict = {f: defaultdict(list) for f in GROUP_FIELDS}
+    for e, answers, pred, s in zip(examples, references, predictions, result["per_sample"]):
+        records.append({"image": _image_name(e), "source": e.source, "question": e.question, "prediction": pred,
+                        "answers": answers, "accuracy": 100 * s, **e.meta})
+        for f in GROUP_FIELDS:
+            if f in e.meta:
+                groups[f][str(e.meta[f])].append(s)
+    for f, by_value in groups.items():
+        if by_value:
+            metrics[f"per_{f}"] = {
+                v: {"accuracy": 100 * sum(xs) / len(xs), "count": len(xs)} for v, xs in sorted(by_value.items())
+            }
+    return metrics, records
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `vlm eval`."""
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 1:
+        raise VLMError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.limit is not None and args.limit < 1:
+        raise VLMError(f"--limit must be at least 1, got {args.limit}")
+    gen_kwargs = generation_kwargs(args.task, args)
+    if args.out and os.path.isdir(args.out):
+        raise VLMError(f"--out {args.out}: is a folder; give a file name such as preds.jsonl")
+
+    from vlm.data import load_examples
+
+    # The data is read and checked before the (slow) model load: bad rows fail fast.
+    examples = load_examples(
+        args.data, task=args.task, image_root=args.image_root, split=args.split,
+        image_column=args.image_column, text_column=args.text_column, skip_bad_images=args.skip_bad_images,
+    )
+    if args.task == "caption":
+        items = caption_items(examples)
+        samples, references = [e for e, _ in items], [refs for _, refs in items]
+    else:
+        samples, references = list(examples), [list(e.answers) for e in examples]
+    if args.limit:
+        samples, references = samples[: args.limit], references[: args.limit]
+
+    from vlm import load_pretrained
+
+    started = time.perf_counter()
+    model, processor = load_pretrained(
+        args.model, quantization=None if args.quantization == "none" else args.quantization,
+        device=args.device, dtype=args.dtype,
+    )
+    predictions = predict(model, processor, samples, args.task, args.batch_size, gen_kwargs)
+    metrics, records = score(args.task, samples, references, predictions)
+    if args.out:
+        _write_jsonl(Path(args.out), records)
+    summary = {
+        "task": args.task,
+        "model": args.model or "demo",
+        "data": args.data,
+        "samples": len(samples),
+        "skipped_bad_images": examples.skipped,
+        "metrics": metrics,
+        "generation": gen_kwargs,
+        "predictions": args.out,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _image_name(example) -> str:
+    return example.image if isinstance(example.image, str) else example.source
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    """Write all lines to a temporary file, then rename: never a half-written predictions file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
