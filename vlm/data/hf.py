@@ -50,7 +50,7 @@ def read_imagefolder(
         source = f"{metadata}:{lineno}"
         column = image_column if image_column in row else "file_name"
         if column not in row:
-            raise row_error(source, f"missing field 'file_name' (the imagefolder image column)")
+            raise row_error(source, "missing field 'file_name' (the imagefolder image column)")
         image = resolve_image_path(row[column], root, source, column)
         examples.append(row_to_example(row, task, source, image, text_column, column))
     return examples

@@ -18,7 +18,7 @@ class Example:
 
     task: str  # "caption" | "vqa" | "chat"
     # Absolute path (decoded lazily, in DataLoader workers) or an in-memory image (HF datasets).
-    image: "str | PIL.Image.Image | None"
+    image: str | PIL.Image.Image | None
     caption: str | None = None  # caption task: the target caption
     question: str | None = None  # vqa task
     # vqa: all reference answers (VQAv2 has 10); caption: all reference captions (for eval)
