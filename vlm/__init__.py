@@ -4,21 +4,25 @@ Public API::
 
     from vlm import VisionLanguageModel, VLMConfig, VLMProcessor, load_pretrained
     model, processor = load_pretrained(name_or_path, quantization=None, device=None, dtype=None)
+
+Names are imported on first use, so `vlm --help` and the CLI start without loading torch.
+Importing the model or processor registers them with transformers' Auto classes.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText, AutoProcessor
-
-from .configuration import VLMConfig
-from .errors import VLMError
-from .loading import load_pretrained
-from .modeling import VisionLanguageModel
-from .processing import VLMProcessor
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["VLMConfig", "VLMError", "VLMProcessor", "VisionLanguageModel", "load_pretrained", "__version__"]
+_LAZY = {
+    "VLMConfig": "vlm.configuration",
+    "VisionLanguageModel": "vlm.modeling",
+    "VLMProcessor": "vlm.processing",
+    "load_pretrained": "vlm.loading",
+    "VLMError": "vlm.errors",
+}
+__all__ = [*_LAZY, "__version__"]
 
-# So AutoConfig / AutoModel / AutoModelForImageTextToText / AutoProcessor open `vlm` folders.
-AutoConfig.register(VLMConfig.model_type, VLMConfig, exist_ok=True)
-AutoModel.register(VLMConfig, VisionLanguageModel, exist_ok=True)
-AutoModelForImageTextToText.register(VLMConfig, VisionLanguageModel, exist_ok=True)
-AutoProcessor.register(VLMConfig, VLMProcessor, exist_ok=True)
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'vlm' has no attribute {name!r}")

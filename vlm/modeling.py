@@ -12,7 +12,9 @@ import copy
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModel,
+    AutoModelForImageTextToText,
     AutoModelForCausalLM,
     Blip2QFormerModel,
     Blip2VisionModel,
@@ -260,3 +262,9 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
             attention_mask=attention_mask.to(device),
             **generate_kwargs,
         )
+
+
+# So AutoConfig / AutoModel / AutoModelForImageTextToText open `vlm` folders.
+AutoConfig.register(VLMConfig.model_type, VLMConfig, exist_ok=True)
+AutoModel.register(VLMConfig, VisionLanguageModel, exist_ok=True)
+AutoModelForImageTextToText.register(VLMConfig, VisionLanguageModel, exist_ok=True)

@@ -7,8 +7,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
+
+from .configuration import VLMConfig
 
 IMAGE_TOKEN = "<image>"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
@@ -228,3 +230,6 @@ def _images_per_sample(images, texts: list[str], image_token: str) -> list[list]
         out.append(list(images[start : start + c]))
         start += c
     return out
+
+
+AutoProcessor.register(VLMConfig, VLMProcessor, exist_ok=True)
