@@ -1,0 +1,134 @@
+"""Streaming listing of `vlm caption` inputs: files, folders, globs and list files.
+
+Nothing here holds the whole listing in memory: folders are walked one directory at a time,
+list files are read line by line. The order is deterministic (sorted within each folder), so
+every process of a multi-process run sees the same sequence and can take its share of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from vlm.errors import VLMError
+from vlm.images import IMAGE_EXTENSIONS
+
+LIST_SUFFIXES = (".txt", ".csv", ".jsonl")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One unit of work: an image and, optionally, its own prompt or question.
+
+    `image` is the path as the user gave it (printed in the output row); `path` is where it is
+    read from (list entries are resolved against the list file's folder). `error` is set for a
+    list entry that could not be parsed: it becomes an error row.
+    """
+
+    image: str
+    path: str
+    prompt: str | None = None
+    question: str | None = None
+    error: str | None = None
+
+    @property
+    def key(self) -> tuple:
+        """Identity for resume and de-duplication: the same fields an output row carries."""
+        return (self.image, self.question, self.prompt)
+
+
+def row_key(row: dict) -> tuple:
+    """The `Item.key` of an output row (empty CSV cells count as absent)."""
+    return (row.get("image"), row.get("question") or None, row.get("prompt") or None)
+
+
+def is_image_name(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def check_inputs(inputs: Iterable[str]) -> None:
+    """Fail fast, before a model loads, on an INPUT that names nothing (globs are exempt)."""
+    for arg in inputs:
+        if not glob.has_magic(arg) and not os.path.exists(arg):
+            raise VLMError(f"{arg}: no such file or folder")
+
+
+def iter_items(inputs: Iterable[str]) -> Iterator[Item]:
+    """Every work item named by `inputs`, in a deterministic order, streamed.
+
+    - a folder: image files below it (recursive, by extension), sorted per directory;
+    - a glob (`photos/**/*.jpg`): matching image files, sorted;
+    - a `.txt` (one path a line), `.csv` or `.jsonl` list: its entries, with optional per-row
+      `prompt` / `question`; relative paths resolve against the list file's folder;
+    - any other file: an image, whatever its extension.
+    """
+    for arg in inputs:
+        if os.path.isdir(arg):
+            yield from _walk(arg)
+        elif os.path.isfile(arg) and arg.lower().endswith(LIST_SUFFIXES):
+            yield from iter_list_file(arg)
+        elif os.path.exists(arg) or not glob.has_magic(arg):
+            yield Item(arg, arg)
+        else:
+            # Sorted for a stable order across processes; a glob's matches are one list anyway.
+            for match in sorted(glob.iglob(arg, recursive=True)):
+                if os.path.isfile(match) and is_image_name(match):
+                    yield Item(match, match)
+
+
+def _walk(folder: str) -> Iterator[Item]:
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()  # os.walk descends in this order
+        for name in sorted(files):
+            if is_image_name(name):
+                path = os.path.join(root, name)
+                yield Item(path, path)
+
+
+def iter_list_file(list_path: str) -> Iterator[Item]:
+    """Items of a `.txt`, `.csv` or `.jsonl` list. A bad entry becomes an error item, not a stop."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    suffix = os.path.splitext(list_path)[1].lower()
+    try:
+        with open(list_path, encoding="utf-8", newline="") as f:
+            if suffix == ".txt":
+                for line in f:
+                    line = line.strip()
+                    if line and not line.startswith("#"):
+                        yield _item(line, base)
+            elif suffix == ".csv":
+                reader = csv.DictReader(f)
+                if not reader.fieldnames or "image" not in reader.fieldnames:
+                    raise VLMError(f"{list_path}: CSV list needs an 'image' column (got {reader.fieldnames})")
+                for row in reader:
+                    yield _item(row.get("image") or "", base, row.get("prompt"), row.get("question"),
+                                where=f"{list_path}:{reader.line_num}")
+            else:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    where = f"{list_path}:{number}"
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield Item(where, where, error=f"{where}: not valid JSON ({e.msg})")
+                        continue
+                    if not isinstance(row, dict):
+                        yield Item(where, where, error=f"{where}: expected a JSON object with an 'image' field")
+                        continue
+                    yield _item(row.get("image") or "", base, row.get("prompt"), row.get("question"), where=where)
+    except UnicodeDecodeError:
+        raise VLMError(f"{list_path}: list file is not UTF-8 text") from None
+
+
+def _item(image, base: str, prompt=None, question=None, where: str = "") -> Item:
+    if not isinstance(image, str) or not image:
+        return Item(where, where, error=f"{where}: entry has no 'image'")
+    if not isinstance(prompt, (str, type(None))) or not isinstance(question, (str, type(None))):
+        return Item(image, image, error=f"{where}: 'prompt'/'question' must be strings")
+    path = image if os.path.isabs(image) else os.path.join(base, image)
+    return Item(image, path, prompt or None, question or None)

@@ -1,0 +1,184 @@
+"""`vlm caption`: awkward files, resume after SIGKILL, multi-process, parity with transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+import tiny
+from caption_files import make_awkward_folder
+from serve.caption import main
+from serve.writers import iter_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = ["a photo of", "", "question: is there a cat? short answer:", "the quick brown fox"]
+
+
+def rows_of(path: Path) -> list[dict]:
+    return list(iter_rows(str(path), "csv" if path.suffix == ".csv" else "jsonl"))
+
+
+def images_folder(folder: Path, n: int, start: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        tiny.random_image(i, (24 + i % 5 * 7, 20 + i % 3 * 9)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def test_awkward_files_one_row_each(tmp_path, blip2_opt_dir, capsys):
+    expected = make_awkward_folder(tmp_path / "awkward")
+    out = tmp_path / "out.jsonl"
+    code = main([str(tmp_path / "awkward"), "--out", str(out), "--model", str(blip2_opt_dir),
+                 "--max-new-tokens", "4", "--batch-size", "4", "--num-workers", "1"])
+    assert code == 0
+    rows = rows_of(out)
+    by_name = {os.path.relpath(r["image"], tmp_path / "awkward"): r for r in rows}
+    assert len(rows) == len(by_name) == len(expected)
+    for name, ok in expected.items():
+        row = by_name[name]
+        assert ("caption" in row) == ok, row
+        assert ("error" in row) == (not ok), row
+        if not ok:
+            assert name in row["error"]  # the error names the file
+    summary = capsys.readouterr().err
+    assert f"captioned {sum(expected.values())}, errors {len(expected) - sum(expected.values())}" in summary
+
+    # Re-run: everything is already done, nothing is appended, exit 0.
+    assert main([str(tmp_path / "awkward"), "--out", str(out), "--model", str(blip2_opt_dir),
+                 "--num-workers", "0"]) == 0
+    assert len(rows_of(out)) == len(expected)
+    assert f"skipped {len(expected)}" in capsys.readouterr().err
+
+
+def test_sigkill_then_resume_every_image_once(tmp_path, blip2_opt_dir):
+    folder = images_folder(tmp_path / "imgs", 40)
+    out = tmp_path / "out.jsonl"
+    cmd = [sys.executable, "-m", "vlm.cli", "caption", str(folder), "--out", str(out), "--model", str(blip2_opt_dir),
+           "--max-new-tokens", "3", "--batch-size", "1", "--num-workers", "0", "--no-progress"]
+    proc = subprocess.Popen(cmd, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and out.read_text().count("\n") >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = rows_of(out)
+    assert 3 <= len(before) < 40
+    # What a kill in the middle of a write leaves: half a JSON line, no newline.
+    with open(out, "a") as f:
+        f.write('{"image": "' + str(folder / "img039.png")[:10])
+    assert main([str(folder), "--out", str(out), "--model", str(blip2_opt_dir), "--max-new-tokens", "3",
+                 "--num-workers", "0", "--no-progress"]) == 0
+    images = [r["image"] for r in rows_of(out)]
+    assert sorted(images) == sorted(str(p) for p in folder.iterdir())
+    assert all(line.startswith("{") and line.endswith("}") for line in out.read_text().splitlines())
+    assert [r for r in rows_of(out)][: len(before)] == before  # earlier rows untouched
+
+
+def test_two_processes_same_rows_as_one(tmp_path, blip2_opt_dir):
+    folder = images_folder(tmp_path / "imgs", 9)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    common = [str(folder), "--model", str(blip2_opt_dir), "--max-new-tokens", "4", "--batch-size", "2",
+              "--num-workers", "0", "--no-progress"]
+    one = tmp_path / "one.jsonl"
+    assert main([*common, "--out", str(one)]) == 0
+    two = tmp_path / "two.jsonl"
+    env = cli_env()
+    env.update(OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "vlm.cli", "caption", *common, "--out", str(two)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    key = lambda r: r["image"]  # noqa: E731
+    assert sorted(rows_of(two), key=key) == sorted(rows_of(one), key=key)
+    assert len(rows_of(two)) == 10
+    assert not list(tmp_path.glob("two.jsonl.part*"))  # parts merged and removed
+
+
+def reference_captions(model_dir: Path, images, prompts, max_new_tokens: int, batched: bool) -> list[str]:
+    """transformers' own pipeline: Blip2Processor (left padding) + Blip2ForConditionalGeneration."""
+    model = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = Blip2Processor.from_pretrained(model_dir)
+    processor.tokenizer.padding_side = "left"
+    groups = [(images, prompts)] if batched else [([im], [p]) for im, p in zip(images, prompts)]
+    texts = []
+    for ims, ps in groups:
+        enc = processor(images=ims, text=ps, padding=True, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+        texts += [t.strip() for t in processor.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    return texts
+
+
+@pytest.mark.parametrize("fixture", ["blip2_opt_dir", "blip2_llama_dir"])
+def test_cli_matches_transformers_blip2(tmp_path, fixture, request):
+    model_dir = request.getfixturevalue(fixture)
+    folder = images_folder(tmp_path / "imgs", 6)
+    names = sorted(p.name for p in folder.iterdir())
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(json.dumps({"image": f"imgs/{n}", "prompt": p}) + "\n" for n, p in zip(names, prompts)))
+    out = tmp_path / "out.jsonl"
+    assert main([str(listing), "--out", str(out), "--model", str(model_dir), "--max-new-tokens", "6",
+                 "--batch-size", "6", "--num-workers", "0", "--no-progress"]) == 0
+    rows = rows_of(out)
+    assert [r["image"] for r in rows] == [f"imgs/{n}" for n in names]  # as given, in order
+    from PIL import Image
+
+    images = [Image.open(folder / n).convert("RGB") for n in names]
+    single = reference_captions(model_dir, images, prompts, 6, batched=False)
+    batched = reference_captions(model_dir, images, prompts, 6, batched=True)
+    ours = [r["caption"] for r in rows]
+    assert ours == single
+    assert ours == batched
+    assert len(set(ours)) > 1  # the prompts and images really differ
+
+    # One image at a time through the CLI gives the same captions too.
+    out1 = tmp_path / "one.jsonl"
+    assert main([str(listing), "--out", str(out1), "--model", str(model_dir), "--max-new-tokens", "6",
+                 "--batch-size", "1", "--num-workers", "0", "--no-progress"]) == 0
+    assert [r["caption"] for r in rows_of(out1)] == single
+
+
+def test_exit_codes(tmp_path, blip2_opt_dir, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "a.jpg").write_bytes(b"")
+    (bad / "b.png").write_text("no")
+    out = tmp_path / "out.jsonl"
+    assert main([str(bad), "--out", str(out), "--model", str(blip2_opt_dir), "--num-workers", "0"]) == 1
+    assert len(rows_of(out)) == 2 and all("error" in r for r in rows_of(out))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty), "--out", str(tmp_path / "e.jsonl"), "--model", str(blip2_opt_dir)]) == 1
+    assert "no images found" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main([str(bad), "--out", str(out), "--batch-size", "0"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main([str(bad)])  # no --out
+    assert e.value.code == 2
+    # Through the real command: a missing input is one line, exit 1, before any model loads.
+    result = subprocess.run([sys.executable, "-m", "vlm.cli", "caption", str(tmp_path / "nope"), "--out", str(out)],
+                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such file or folder"
