@@ -155,6 +155,8 @@ def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = None)
     trained = has_trained_bridge(weights)
     if trained:
         model, processor = apply_demo_weights(model, processor, weights)
+    else:
+        logger.warning("no trained bridge in %s: the demo checkpoint's Q-Former and projection are untrained", weights)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     info = {
