@@ -34,9 +34,15 @@ OUTPUT (--out), one row per input image, with the image path as given:
   beside its image (photo.jpg -> photo.txt), never replacing one without --overwrite; --out
   is then optional and, if given, logs the rows as JSONL.
 
+RESUME: rows are appended and flushed after every batch. Re-running with the same --out skips
+every image that already has a row (error rows included: delete those lines to retry them);
+a half-written last line from a killed run is discarded. --overwrite starts afresh.
+
 Several GPUs or CPU processes: launch with accelerate (or torchrun); each process takes its
-share and the rows are merged into --out:
+share (OUT.part<rank>.jsonl) and the rows are merged into --out at the end:
   accelerate launch --num_processes 2 -m vlm.cli caption photos/ --out captions.jsonl
+  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+      --mixed_precision no --dynamo_backend no -m vlm.cli caption photos/ --out captions.jsonl
 
 Exit status: 0 when at least one image was captioned (errors, if any, are in the output and
 the summary) or when everything was already done; 1 when nothing could be captioned (no
