@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     model, processor, settings = load(args)
-    from .app import build_app
+    from .app import build_app, offline_theme
     from .engine import ChatEngine
 
     engine = ChatEngine(model, processor)
@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             allowed_paths=[],  # serve uploads and Gradio's own cache only
             show_error=True,
             ssr_mode=False,
+            theme=offline_theme(),
             quiet=True,
         )
     except OSError as e:
