@@ -261,3 +261,47 @@ def test_built_demo_loads_with_default_and_generates(demo_build, monkeypatch, ca
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     assert processor.decode_generated(out, inputs["input_ids"])[0].strip()
+
+
+# -- shipped weights -----------------------------------------------------------------------------
+def test_shipped_weights_load_and_change_the_fingerprint(tiny_vlm_dir, tmp_path):
+    """The weights-folder format (bridge + demo.json) on a tiny real model; bad files are named."""
+    import torch
+    from safetensors.torch import save_file
+
+    from vlm import load_pretrained
+    from vlm.demo import pipeline
+
+    model, processor = load_pretrained(str(tiny_vlm_dir), device="cpu")
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    before = pipeline.fingerprint(weights)
+    assert not pipeline.has_trained_bridge(weights)
+    bridge = {
+        "query_tokens": torch.full_like(model.query_tokens, 0.5).half(),
+        "language_projection.weight": torch.ones_like(model.language_projection.weight).half(),
+    }
+    save_file(bridge, str(weights / pipeline.BRIDGE_FILE))
+    (weights / pipeline.DEMO_META).write_text(json.dumps({"processor": {"caption_prompt": "a photo of"}}))
+    assert pipeline.has_trained_bridge(weights) and pipeline.fingerprint(weights) != before
+    model, processor = pipeline.apply_demo_weights(model, processor, weights)
+    assert model.query_tokens.dtype == torch.float32 and torch.all(model.query_tokens == 0.5)
+    assert torch.all(model.language_projection.weight == 1) and processor.caption_prompt == "a photo of"
+
+    save_file({"query_tokens": torch.zeros(1, 3, 5)}, str(weights / pipeline.BRIDGE_FILE))
+    with pytest.raises(VLMError, match=r"bridge\.safetensors: query_tokens has shape \(1, 3, 5\)"):
+        pipeline.apply_demo_weights(model, processor, weights)
+    save_file({"qformer.nope.weight": torch.zeros(2)}, str(weights / pipeline.BRIDGE_FILE))
+    with pytest.raises(VLMError, match=r"bridge\.safetensors: weights for modules the demo model lacks"):
+        pipeline.apply_demo_weights(model, processor, weights)
+
+
+@pytest.mark.slow
+def test_vlm_build_demo_cli_is_idempotent(demo_build):
+    """`vlm build --demo` on a built cache returns the same checkpoint without rebuilding."""
+    cache, checkpoint, _ = demo_build
+    proc = subprocess.run([sys.executable, "-m", "vlm.cli", "build", "--demo"], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(checkpoint)
+    assert "downloading" not in proc.stderr
