@@ -166,10 +166,12 @@ class ChatEngine:
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: threading.Event | None = None,
+        **extra_generate_kwargs,
     ) -> Iterator[str]:
         """Yield the reply so far after each new piece of text; stops early when `stop` is set.
 
         Closing the iterator (a cancelled request) also stops the generation thread.
+        `extra_generate_kwargs` (e.g. `min_new_tokens`) go to `generate` as they are.
         """
         stop = stop or threading.Event()
         streamer = TextIteratorStreamer(
@@ -182,6 +184,7 @@ class ChatEngine:
             streamer=streamer,
             stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop)]),
             **prepared.image_kwargs,
+            **extra_generate_kwargs,
         )
         failure: list[BaseException] = []
 
