@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     """The resolved `TrainConfig` for a command line."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     config_path = None
     overrides = []
     for item in args.args:

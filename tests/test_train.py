@@ -1,0 +1,264 @@
+"""`vlm train` / `vlm export`: each recipe overfits 4 image-caption pairs; LoRA reload/merge/export.
+
+The base is a tiny real model whose LLM first learned the four captions as plain text (like a
+pretrained LLM knows language): the bridge recipe then only has to learn which caption an image
+asks for, as BLIP-2 stage 2 does. Training runs through the real CLI on a real JSONL file.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import tiny
+from vlm import VisionLanguageModel, VLMProcessor, load_pretrained
+from vlm.cli import main as vlm_main
+
+CAPTIONS = ["red circle", "blue square", "green triangle", "a cat on a sofa"]
+STYLE = [("white", "red"), ("black", "blue"), ("yellow", "green"), ("gray", "orange")]
+RECIPE_ARGS = {
+    "bridge": ["--learning-rate", "1e-2"],
+    "lora": ["--learning-rate", "1e-2", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"],
+    "qlora": ["--learning-rate", "1e-2", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"],
+    "full": ["--learning-rate", "3e-3", "unfreeze=[language_model,language_projection]"],
+}
+
+
+def shape_image(i: int) -> Image.Image:
+    background, fill = STYLE[i]
+    image = Image.new("RGB", (40, 40), background)
+    ImageDraw.Draw(image).ellipse([8, 8, 32, 32], fill=fill)
+    return image
+
+
+def pretrain_llm_on_captions(model_dir: Path, captions: list[str], steps: int = 40) -> None:
+    """Teach the tiny LLM the captions as text, so it 'knows the language' before stage 2."""
+    model = VisionLanguageModel.from_pretrained(model_dir)
+    tok = VLMProcessor.from_pretrained(model_dir).tokenizer
+    rows = [tok(c)["input_ids"] + [tok.eos_token_id] for c in captions]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows])
+    mask = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    llm = model.language_model.requires_grad_(True)
+    optimizer = torch.optim.Adam(llm.parameters(), 1e-2)
+    torch.manual_seed(0)
+    for _ in range(steps):
+        loss = llm(input_ids=ids, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.5  # the first word is a 1-in-4 guess without the image: ln(4) / tokens
+    model.save_pretrained(model_dir)
+
+
+def write_caption_data(folder: Path, captions: list[str] = CAPTIONS) -> Path:
+    """4 PNGs and a captions.jsonl with relative image paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "captions.jsonl", "w") as f:
+        for i, caption in enumerate(captions):
+            shape_image(i).save(folder / f"img{i}.png")
+            f.write(json.dumps({"image": f"img{i}.png", "text": caption}) + "\n")
+    return folder / "captions.jsonl"
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    # Widths are multiples of 64 so that the 4-bit (QLoRA) CPU kernels accept the LLM layers.
+    path = tiny.save_tiny_vlm(tmp_path_factory.mktemp("train-base"), width=64, num_query_tokens=4)
+    pretrain_llm_on_captions(path, CAPTIONS)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return write_caption_data(tmp_path_factory.mktemp("train-data"))
+
+
+@pytest.fixture(scope="module")
+def runs(base_dir, data_file, tmp_path_factory):
+    """recipe -> output folder, each trained once per module through `vlm train`."""
+    done: dict[str, Path] = {}
+
+    def run(recipe: str) -> Path:
+        if recipe not in done:
+            out = tmp_path_factory.mktemp(f"run-{recipe}")
+            argv = [
+                "train", "--recipe", recipe, "--model", str(base_dir), "--train-data", str(data_file),
+                "--output-dir", str(out), "--max-steps", "40", "--batch-size", "4",
+                "warmup=0", "lr_scheduler=constant", "logging_steps=100", "save_steps=1000",
+                "report_to=none", "data.num_workers=0", *RECIPE_ARGS[recipe],
+            ]
+            assert vlm_main(argv) == 0
+            done[recipe] = out
+        return done[recipe]
+
+    return run
+
+
+def greedy_captions(model, processor, n: int = 4) -> list[str]:
+    images = [shape_image(i) for i in range(n)]
+    enc = processor(images=images, text=[processor.caption_prompt] * n)
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    return processor.decode_generated(out, enc["input_ids"])
+
+
+@pytest.mark.parametrize("recipe", ["bridge", "lora", "qlora", "full"])
+def test_recipe_overfits_four_pairs(recipe, runs, base_dir):
+    base, processor = load_pretrained(str(base_dir), device="cpu")
+    assert greedy_captions(base, processor) != CAPTIONS  # the images are not told apart before training
+    out = runs(recipe)
+    model, processor = load_pretrained(str(out), device="cpu")
+    assert greedy_captions(model, processor) == CAPTIONS
+    if recipe in ("lora", "qlora"):
+        assert (out / "adapter_config.json").is_file() and (out / "bridge.safetensors").is_file()
+        assert not (out / "config.json").exists()  # the base is referenced, not copied
+    else:
+        assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "train_config.yaml").is_file()
+
+
+def test_qlora_trains_a_4bit_llm(runs, base_dir):
+    """The qlora recipe really quantizes the LLM (and only it) and the result decodes in 4-bit too."""
+    import bitsandbytes as bnb
+
+    from train.config import from_dict
+    from train.recipes import prepare_model
+
+    model, _ = prepare_model(from_dict({"recipe": "qlora", "model": str(base_dir)}), device="cpu")
+    quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert quantized and all(".language_model." in n for n in quantized)
+    lora = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" in n]
+    assert lora and all(".language_model." in n for n in lora)
+    model4, processor = load_pretrained(str(runs("qlora")), device="cpu", quantization="4bit")
+    assert greedy_captions(model4, processor) == CAPTIONS
+
+
+def test_lora_save_reload_merge_export_same_outputs(runs, tmp_path):
+    out = runs("lora")
+    model, processor = load_pretrained(str(out), device="cpu")
+    enc = processor(images=[shape_image(i) for i in range(4)], text=[""] * 4)
+    with torch.no_grad():
+        adapter_logits = model(**enc).logits
+        merged = model.merge_and_unload()
+        merged_logits = merged(**enc).logits
+    torch.testing.assert_close(merged_logits, adapter_logits, atol=1e-4, rtol=1e-4)
+
+    exported = tmp_path / "exported"
+    assert vlm_main(["export", str(out), "--merge-lora", "--output-dir", str(exported)]) == 0
+    standalone, processor2 = load_pretrained(str(exported), device="cpu")
+    assert type(standalone) is VisionLanguageModel  # no peft wrapper left
+    with torch.no_grad():
+        torch.testing.assert_close(standalone(**enc).logits, adapter_logits, atol=1e-4, rtol=1e-4)
+    assert greedy_captions(standalone, processor2) == CAPTIONS
+
+
+def test_export_without_merge_flag_is_an_error(runs, tmp_path, capsys):
+    assert vlm_main(["export", str(runs("lora")), "--output-dir", str(tmp_path / "x")]) == 1
+    assert "--merge-lora" in capsys.readouterr().err
+
+
+def test_export_blip2_loads_in_plain_transformers(runs, tmp_path):
+    from transformers import Blip2ForConditionalGeneration, Blip2Processor
+
+    out = tmp_path / "blip2"
+    assert vlm_main(["export", str(runs("lora")), "--merge-lora", "--format", "blip2", "--output-dir", str(out)]) == 0
+    assert json.loads((out / "config.json").read_text())["model_type"] == "blip-2"
+    model = Blip2ForConditionalGeneration.from_pretrained(out).eval()
+    processor = Blip2Processor.from_pretrained(out)
+    enc = processor(images=[shape_image(i) for i in range(4)], text=[""] * 4, return_tensors="pt", padding=True)
+    generated = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    texts = [t.strip() for t in processor.batch_decode(generated[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+    assert texts == CAPTIONS
+
+
+def test_prompt_template_saved_with_the_output(base_dir, data_file, tmp_path):
+    """A VQA-style template set in the config is what the output's processor uses."""
+    out = tmp_path / "out"
+    argv = [
+        "train", "--recipe", "bridge", "--model", str(base_dir), "--train-data", str(data_file),
+        "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "report_to=none",
+        "data.num_workers=0", "prompt.caption_prompt=a picture of", "prompt.question_template=Q: {} A:",
+    ]
+    assert vlm_main(argv) == 0
+    processor = VLMProcessor.from_pretrained(out)
+    assert processor.caption_prompt == "a picture of"
+    assert processor.format_question("why?") == "Q: why? A:"
+
+
+def test_lora_targets_only_the_llm(base_dir):
+    from train.config import from_dict
+    from train.recipes import prepare_model
+
+    model, _ = prepare_model(from_dict({"recipe": "lora", "model": str(base_dir),
+                                        "lora": {"target_modules": ["q_proj", "down_proj"]}}), device="cpu")
+    wrapped = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n}
+    assert wrapped and all(".language_model." in n for n in wrapped)
+    assert {n.rsplit(".", 1)[-1] for n in wrapped} == {"q_proj", "down_proj"}
+    trainable = {n.split(".")[2] for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"query_tokens", "qformer", "language_projection"}
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["lora.target_modules=[qkv_proj]"], "lora.target_modules: qkv_proj match no Linear layer"),
+        (["lora.rank=8"], "unknown config key lora.'rank' (did you mean lora.r?)"),
+        (["lora.r=eight"], "lora.r must be an integer, got 'eight'"),
+        (["precision=fp8"], "precision must be one of"),
+        (["unfreeze=[vision]", "--recipe", "full"], "unfreeze: vision name no parameters"),
+        (["prompt.question_template=no slot"], "prompt.question_template must hold exactly one {}"),
+        (["nonsense"], "nonsense: no such config file"),
+    ],
+)
+def test_bad_config_gives_one_line_error(extra, message, base_dir, data_file, tmp_path, capsys):
+    argv = ["train", "--recipe", "lora", "--model", str(base_dir), "--train-data", str(data_file),
+            "--output-dir", str(tmp_path / "o"), "--max-steps", "1", "report_to=none", *extra]
+    assert vlm_main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+    assert not (tmp_path / "o" / "checkpoint-1").exists()
+
+
+def test_bad_yaml_key_names_the_file(tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("recipe: lora\ndata:\n  trian: x.jsonl\n")
+    assert vlm_main(["train", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert str(cfg) in err and "data.'trian'" in err and "did you mean data.train" in err
+
+
+def test_missing_image_in_data_fails_before_training(base_dir, tmp_path, capsys):
+    data = write_caption_data(tmp_path / "d")
+    (tmp_path / "d" / "img2.png").unlink()
+    argv = ["train", "--model", str(base_dir), "--train-data", str(data), "--output-dir", str(tmp_path / "o"),
+            "report_to=none"]
+    assert vlm_main(argv) == 1
+    err = capsys.readouterr().err
+    assert "img2.png" in err and "captions.jsonl" in err
+
+
+def test_recipe_configs_parse():
+    from train.config import load_config
+
+    root = Path(__file__).parent.parent / "configs" / "train"
+    for recipe in ("bridge", "lora", "qlora", "full"):
+        assert load_config(str(root / f"{recipe}.yaml")).recipe == recipe
+
+
+def test_train_help_explains(capsys):
+    with pytest.raises(SystemExit) as e:
+        vlm_main(["train", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("--recipe", "qlora", "accelerate launch", "--resume", "key=value"):
+        assert word in out
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
