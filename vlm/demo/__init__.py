@@ -42,4 +42,5 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
     with fetch.build_lock(root):
         folder = fetch.fetch(fetch.EASY_VQA, root, progress)
         out = _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(folder, tmp))
-    return {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in ("vqa", "captions")}
+    kinds = ("vqa", "captions")
+    return {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in kinds}

