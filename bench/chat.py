@@ -41,15 +41,35 @@ def build_checkpoint(folder: Path, args) -> Path:
     processor = Blip2Processor(image_processor(), tokenizer, num_query_tokens=args.queries)
     w = args.llm_width
     text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=w, intermediate_size=int(w * 2.6875) // 64 * 64,
-        num_hidden_layers=args.llm_layers, num_attention_heads=max(1, w // 64), num_key_value_heads=max(1, w // 64),
-        max_position_embeddings=2048, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        vocab_size=len(tokenizer),
+        hidden_size=w,
+        intermediate_size=int(w * 2.6875) // 64 * 64,
+        num_hidden_layers=args.llm_layers,
+        num_attention_heads=max(1, w // 64),
+        num_key_value_heads=max(1, w // 64),
+        max_position_embeddings=2048,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
     config = Blip2Config(
-        vision_config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=30, patch_size=10),
-        qformer_config=dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                            cross_attention_frequency=1, vocab_size=200, max_position_embeddings=64),
+        vision_config={
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "image_size": 30,
+            "patch_size": 10,
+        },
+        qformer_config={
+            "hidden_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "intermediate_size": 256,
+            "cross_attention_frequency": 1,
+            "vocab_size": 200,
+            "max_position_embeddings": 64,
+        },
         text_config=text.to_dict(),
         num_query_tokens=args.queries,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
@@ -126,20 +146,20 @@ def main(argv: list[str] | None = None) -> int:
         random_image(0, (320, 240)).save(image_path)
         question = "what shape is in the picture?"
 
-        model, processor = load_pretrained(str(folder), quantization=args.quantization, device=args.device,
-                                           dtype=dtype)
+        model, processor = load_pretrained(str(folder), quantization=args.quantization, device=args.device, dtype=dtype)
         engine = ChatEngine(model, processor)
         hf_kwargs = {"dtype": dtype}
         if args.quantization:
-            hf_kwargs.update(quantization_config=quantization_config(args.quantization, dtype),
-                             device_map={"": args.device})
+            hf_kwargs.update(
+                quantization_config=quantization_config(args.quantization, dtype), device_map={"": args.device}
+            )
         hf_model = Blip2ForConditionalGeneration.from_pretrained(folder, **hf_kwargs).eval()
         if not args.quantization:
             hf_model.to(args.device)
         hf_processor = Blip2Processor.from_pretrained(folder)
         prompt = processor.format_chat([{"role": "user", "content": question}])
         n = args.new_tokens
-        gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        gen = {"max_new_tokens": n, "min_new_tokens": n, "do_sample": False}
 
         def hf_run(streamer):
             from PIL import Image
@@ -156,11 +176,17 @@ def main(argv: list[str] | None = None) -> int:
                 turn = new_turn(question, [str(image_path)])
                 prepared = engine.prepare(session, [turn], max_new_tokens=n)
                 kwargs = engine.generation_kwargs(0.0, 1.0, n)
-                kwargs.update(input_ids=prepared.input_ids, attention_mask=prepared.attention_mask,
-                              streamer=streamer, min_new_tokens=n, **prepared.image_kwargs)
+                kwargs.update(
+                    input_ids=prepared.input_ids,
+                    attention_mask=prepared.attention_mask,
+                    streamer=streamer,
+                    min_new_tokens=n,
+                    **prepared.image_kwargs,
+                )
                 kwargs["eos_token_id"] = None  # same stopping as the transformers side: exactly n tokens
                 out = model.generate(**kwargs)
                 return out.shape[1] - prepared.input_ids.shape[1]
+
             return run
 
         rows = {"transformers": [], "vlm (new image)": [], "vlm (cached image)": []}
@@ -175,17 +201,21 @@ def main(argv: list[str] | None = None) -> int:
                     rows[k].append(v)
 
     llm_params = sum(p.numel() for p in model.language_model.parameters()) / 1e6
-    print(f"device {args.device}, dtype {str(dtype).replace('torch.', '')}, quantization {args.quantization}, "
-          f"LLM {llm_params:.0f}M params ({args.llm_width} wide x {args.llm_layers}), {args.queries} queries, "
-          f"{n} new tokens, median of {args.repeats}, torch threads {torch.get_num_threads()}")
+    print(
+        f"device {args.device}, dtype {str(dtype).replace('torch.', '')}, quantization {args.quantization}, "
+        f"LLM {llm_params:.0f}M params ({args.llm_width} wide x {args.llm_layers}), {args.queries} queries, "
+        f"{n} new tokens, median of {args.repeats}, torch threads {torch.get_num_threads()}"
+    )
     med = {k: (statistics.median(x[0] for x in v), statistics.median(x[1] for x in v)) for k, v in rows.items()}
     for k, (ttft, tps) in med.items():
         print(f"  {k:<20} TTFT {ttft * 1000:8.1f} ms   decode {tps:8.1f} tokens/s   (tokens {rows[k][0][2]})")
     hf_ttft, hf_tps = med["transformers"]
     for k in ("vlm (new image)", "vlm (cached image)"):
         ttft, tps = med[k]
-        print(f"  ratio {k:<20} TTFT x{hf_ttft / ttft:.2f} (transformers/vlm)   "
-              f"decode x{tps / hf_tps:.2f} (vlm/transformers)")
+        print(
+            f"  ratio {k:<20} TTFT x{hf_ttft / ttft:.2f} (transformers/vlm)   "
+            f"decode x{tps / hf_tps:.2f} (vlm/transformers)"
+        )
     return 0
 
 

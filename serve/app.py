@@ -126,9 +126,7 @@ def header(settings: ChatSettings) -> str:
 def offline_theme() -> gr.themes.Base:
     """Gradio's default look with system fonts: the stock theme fetches Google Fonts, which
     stalls page loads on machines without internet access and leaks visits to a third party."""
-    return gr.themes.Default(
-        font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
-    )
+    return gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
 
 
 def build_app(engine: ChatEngine, settings: ChatSettings) -> gr.Blocks:
@@ -150,19 +148,29 @@ def build_app(engine: ChatEngine, settings: ChatSettings) -> gr.Blocks:
             textbox=gr.MultimodalTextbox(
                 # No file_types filter: Gradio would refuse a non-image with an API error before our
                 # code runs; we answer every bad upload with a readable message in the chat instead.
-                file_count="multiple", placeholder="Ask about an image…",
-                sources=["upload"], stop_btn=True, elem_id="vlm-input",
+                file_count="multiple",
+                placeholder="Ask about an image…",
+                sources=["upload"],
+                stop_btn=True,
+                elem_id="vlm-input",
             ),
             chatbot=gr.Chatbot(height=460, label="Conversation", elem_id="vlm-chatbot"),
             # render=False: inside our Blocks they would otherwise render above the chat, not in
             # the (closed) settings accordion.
             additional_inputs=[
                 gr.Textbox(settings.system_prompt, label="System prompt", lines=2, render=False),
-                gr.Slider(0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature (0 = greedy)",
-                          render=False),
+                gr.Slider(
+                    0.0, 2.0, value=settings.temperature, step=0.05, label="Temperature (0 = greedy)", render=False
+                ),
                 gr.Slider(0.05, 1.0, value=settings.top_p, step=0.05, label="Top-p", render=False),
-                gr.Slider(1, max_tokens, value=min(settings.max_new_tokens, max_tokens), step=1,
-                          label="Max new tokens", render=False),
+                gr.Slider(
+                    1,
+                    max_tokens,
+                    value=min(settings.max_new_tokens, max_tokens),
+                    step=1,
+                    label="Max new tokens",
+                    render=False,
+                ),
             ],
             additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
             # One-element rows: the examples fill the message only and keep the current settings.

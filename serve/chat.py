@@ -36,20 +36,36 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default=None, help="checkpoint folder or hub id (vlm, BLIP-2, InstructBLIP or a "
-                   "LoRA adapter folder); default: the offline demo model")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint folder or hub id (vlm, BLIP-2, InstructBLIP or a "
+        "LoRA adapter folder); default: the offline demo model",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], default=None,
-                   help="quantize the LLM with bitsandbytes (default: 4bit NF4 on CUDA, none on CPU)")
+    p.add_argument(
+        "--quantization",
+        choices=["4bit", "8bit", "none"],
+        default=None,
+        help="quantize the LLM with bitsandbytes (default: 4bit NF4 on CUDA, none on CPU)",
+    )
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: CUDA when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bf16 on GPUs that support it, fp32 on CPU)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="weights dtype (default: bf16 on GPUs that support it, fp32 on CPU)",
+    )
     p.add_argument("--share", action="store_true", help="also publish a public *.gradio.live link (opt-in)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login on the page and API")
     p.add_argument("--concurrency", type=int, default=2, help="replies generated at the same time (default 2)")
-    p.add_argument("--max-queue", type=int, default=32,
-                   help="requests allowed to wait; beyond that users are told the server is busy (default 32)")
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=32,
+        help="requests allowed to wait; beyond that users are told the server is busy (default 32)",
+    )
     p.add_argument("--max-file-size", type=int, default=20, metavar="MB", help="upload size limit (default 20)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="default answer length limit (default 256)")
     p.add_argument("--temperature", type=float, default=0.0, help="default temperature; 0 is greedy (default 0)")

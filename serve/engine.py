@@ -129,7 +129,10 @@ class ChatEngine:
         if not self.reads_instruction:
             return {"image_features": stacked}
         q = self.processor.qformer_tokenizer(
-            instructions, padding=True, truncation=True, max_length=self.processor.qformer_max_length,
+            instructions,
+            padding=True,
+            truncation=True,
+            max_length=self.processor.qformer_max_length,
             return_tensors="pt",
         )
         return {
@@ -191,7 +194,7 @@ class ChatEngine:
         def run() -> None:
             try:
                 self.model.generate(**kwargs)
-            except BaseException as e:  # reported to the caller below, not lost in the thread
+            except BaseException as e:  # noqa: BLE001 -- re-raised in the caller's thread below
                 failure.append(e)
                 streamer.end()
 

@@ -21,8 +21,9 @@ USERS, TURNS = 16, 3
 
 @pytest.fixture(scope="module")
 def server(tiny_vlm_dir, tmp_path_factory):
-    srv = ChatServer(tiny_vlm_dir, tmp_path_factory.mktemp("chat-load") / "server.log",
-                     "--concurrency", "4", "--max-queue", "64")
+    srv = ChatServer(
+        tiny_vlm_dir, tmp_path_factory.mktemp("chat-load") / "server.log", "--concurrency", "4", "--max-queue", "64"
+    )
     yield srv
     srv.stop()
 
@@ -37,8 +38,13 @@ def one_user(url: str, image_path: str, user: int) -> list[str]:
     try:
         for turn in range(TURNS):
             files = [handle_file(image_path)] if turn == 0 else []
-            replies.append(client.predict(message={"text": f"user {user} question {turn}", "files": files},
-                                          max_new_tokens=12, api_name="/chat"))
+            replies.append(
+                client.predict(
+                    message={"text": f"user {user} question {turn}", "files": files},
+                    max_new_tokens=12,
+                    api_name="/chat",
+                )
+            )
     finally:
         client.close()
     return replies

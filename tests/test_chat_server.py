@@ -8,6 +8,7 @@ lives in test_chat_load.py with its own server.
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -49,10 +50,12 @@ class ChatServer:
         vlm_script = Path(sys.executable).with_name("vlm")
         command = [str(vlm_script)] if vlm_script.exists() else [sys.executable, "-m", "vlm.cli"]
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
-        self._log = open(log_path, "w")
+        self._log = open(log_path, "w")  # noqa: SIM115 -- open for the server's whole life
         self.proc = subprocess.Popen(
             [*command, "chat", "--model", str(model_dir), "--port", str(self.port), *extra],
-            stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         self.pid = self.proc.pid
         deadline = time.monotonic() + timeout
@@ -96,8 +99,16 @@ def client_for(server: ChatServer) -> Client:
 # -- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(tiny_vlm_dir, tmp_path_factory):
-    srv = ChatServer(tiny_vlm_dir, tmp_path_factory.mktemp("chat-log") / "server.log",
-                     "--concurrency", "1", "--max-queue", "3", "--max-file-size", "1")
+    srv = ChatServer(
+        tiny_vlm_dir,
+        tmp_path_factory.mktemp("chat-log") / "server.log",
+        "--concurrency",
+        "1",
+        "--max-queue",
+        "3",
+        "--max-file-size",
+        "1",
+    )
     yield srv
     srv.stop()
 
@@ -123,8 +134,13 @@ def direct_greedy(reference, messages, images, max_new_tokens) -> str:
     prompt = processor.format_chat(messages)
     enc = processor(images=[Image.open(p).convert("RGB") for p in images] or None, text=prompt)
     tok = processor.tokenizer
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                         eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")])
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")],
+    )
     return processor.decode_generated(out, enc["input_ids"])[0]
 
 
@@ -152,12 +168,15 @@ def test_second_turn_sees_first_turns_image(server, reference, pictures):
 
 def test_streaming_through_submit(server, pictures):
     client = client_for(server)
-    job = client.submit(message={"text": "what shape is it?", "files": [handle_file(str(pictures[1]))]},
-                        max_new_tokens=24, api_name="/chat")
+    job = client.submit(
+        message={"text": "what shape is it?", "files": [handle_file(str(pictures[1]))]},
+        max_new_tokens=24,
+        api_name="/chat",
+    )
     partials = list(job)
     final = job.result()
     assert len(partials) >= 3, f"expected several streamed updates, got {partials}"
-    for before, after in zip(partials, partials[1:]):
+    for before, after in itertools.pairwise(partials):
         assert after.startswith(before)
     assert partials[-1] == final and final.strip()
 
@@ -173,8 +192,12 @@ def test_bad_uploads_and_empty_message_get_readable_replies(server, pictures, tm
     Image.new("1", (9000, 9000)).save(bomb)
     notes = tmp_path / "notes.txt"
     notes.write_text("hello")
-    cases = {fake: "holiday.png: not an image", cut: "cut.png: cannot decode", bomb: "bomb.png: 9000x9000 pixels",
-             notes: "notes.txt: not an image"}
+    cases = {
+        fake: "holiday.png: not an image",
+        cut: "cut.png: cannot decode",
+        bomb: "bomb.png: 9000x9000 pixels",
+        notes: "notes.txt: not an image",
+    }
     for path, expected in cases.items():
         reply = ask(client, "what is this?", [path], max_new_tokens=4)
         assert reply.startswith(NOTICE) and expected in reply, reply
@@ -192,20 +215,26 @@ def test_bad_uploads_and_empty_message_get_readable_replies(server, pictures, tm
 
 
 def test_no_path_outside_the_upload_area_is_served(server, tiny_vlm_dir, pictures):
-    uploaded = httpx.post(server.url + "gradio_api/upload", files={"files": open(pictures[0], "rb")}).json()[0]
+    with open(pictures[0], "rb") as f:
+        uploaded = httpx.post(server.url + "gradio_api/upload", files={"files": f}).json()[0]
     assert httpx.get(server.url + f"gradio_api/file={uploaded}").status_code == 200  # uploads do work
-    for path in ("/etc/passwd", str(tiny_vlm_dir / "config.json"), str(pictures[1]),
-                 str(Path(uploaded).parent / ".." / ".." / "etc" / "passwd")):
+    for path in (
+        "/etc/passwd",
+        str(tiny_vlm_dir / "config.json"),
+        str(pictures[1]),
+        str(Path(uploaded).parent / ".." / ".." / "etc" / "passwd"),
+    ):
         response = httpx.get(server.url + f"gradio_api/file={path}")
         assert response.status_code in (403, 404), (path, response.status_code)
 
 
 def test_full_queue_says_busy_and_server_recovers(server, pictures):
     """12 long requests at once against --concurrency 1 --max-queue 3: the overflow is told to retry."""
+
     def one(i):
         try:
             return ask(client_for(server), f"question {i}", [pictures[i % 2]], max_new_tokens=60)
-        except Exception as e:  # gradio_client raises QueueError for a full queue
+        except Exception as e:  # noqa: BLE001 -- QueueError (full queue) is what we are counting
             return e
 
     with ThreadPoolExecutor(12) as pool:
@@ -225,8 +254,14 @@ def test_browser_upload_ask_and_see_an_answer(server, pictures):
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path=CHROMIUM,
-            args=["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
+            args=[
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
         )
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})

@@ -45,8 +45,9 @@ def direct_greedy(model, processor, messages, images, max_new_tokens):
     enc = processor(images=[Image.open(p).convert("RGB") for p in images] or None, text=prompt)
     tok = processor.tokenizer
     eos = [tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")]
-    out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos,
-                         pad_token_id=tok.pad_token_id)
+    out = model.generate(
+        **enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=tok.pad_token_id
+    )
     return processor.decode_generated(out, enc["input_ids"])[0]
 
 
@@ -199,8 +200,12 @@ def test_cli_flags_and_exposure_warnings(capsys):
     assert exposure_warnings("0.0.0.0", False, ("a", "b")) == []
     assert "--share" in exposure_warnings("127.0.0.1", True, None)[0]
     assert parse_auth("alice:s3:cret") == ("alice", "s3:cret")
-    for argv, match in ((["--auth", "alice"], "--auth must be USER:PASS"), (["--port", "0"], "--port"),
-                        (["--top-p", "0"], "--top-p"), (["--max-queue", "0"], "--max-queue")):
+    for argv, match in (
+        (["--auth", "alice"], "--auth must be USER:PASS"),
+        (["--port", "0"], "--port"),
+        (["--top-p", "0"], "--top-p"),
+        (["--max-queue", "0"], "--max-queue"),
+    ):
         with pytest.raises(VLMError, match=match):
             main(argv)
     with pytest.raises(SystemExit) as e:
