@@ -124,3 +124,9 @@ def test_vlm_build_cli_errors(parts, tmp_path):
     r = run("--vision", str(parts["clip"]), "--llm", str(parts["llama"]), "--qformer-init", str(parts["clip"]),
             "--output-dir", str(tmp_path / "x"))
     assert r.returncode != 0 and "expected a BERT-family checkpoint" in r.stderr
+
+
+def test_loaded_model_keeps_vision_and_llm_frozen(tiny_vlm_dir):
+    model, _ = load_pretrained(tiny_vlm_dir)
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"query_tokens", "qformer", "language_projection"}

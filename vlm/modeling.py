@@ -97,6 +97,16 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
         if module is self:
             nn.init.normal_(self.query_tokens, mean=0.0, std=self.config.initializer_range)
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> VisionLanguageModel:
+        """`PreTrainedModel.from_pretrained`, then the BLIP-2 default freezing.
+
+        Loading materialises fresh parameters (all trainable), so the freeze is applied again.
+        """
+        model = super().from_pretrained(*args, **kwargs)
+        model.freeze_frozen_parts()
+        return model
+
     def freeze_frozen_parts(self) -> None:
         """BLIP-2 default: vision tower and LLM frozen; queries, Q-Former and projection train."""
         self.vision_model.requires_grad_(False)
