@@ -156,7 +156,7 @@ def _build(cls, raw: Any, where: str, prefix: str):
         if key not in fields:
             near = difflib.get_close_matches(str(key), fields, n=1)
             hint = f" (did you mean {prefix}{near[0]}?)" if near else f"; known keys: {', '.join(fields)}"
-            raise VLMError(f"{where}: unknown config key {prefix}{key!r}{hint}")
+            raise VLMError(f"{where}: unknown config key '{prefix}{key}'{hint}")
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             kwargs[key] = _build(kind, value or {}, where, f"{prefix}{key}.")
