@@ -7,6 +7,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from transformers import set_seed
+
 from vlm.errors import VLMError
 
 from .collate import TrainDataset, make_collator
@@ -55,6 +57,7 @@ def train(
         eval_examples = load_data(config, config.data.eval)
     resume_from = find_resume_checkpoint(config.output_dir, config.resume)
 
+    set_seed(config.seed)  # LoRA init draws from the RNG: same seed, same starting weights
     model, processor = prepare_model(config, device=str(args.device))
     trainable, total = trainable_parameter_count(model)
     if args.should_log:

@@ -122,7 +122,9 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         data_seed=config.seed,
         report_to=_report_to(config.report_to),
         dataloader_num_workers=config.data.num_workers,
-        dataloader_persistent_workers=config.data.num_workers > 0,
+        # Not persistent: a resumed run then draws worker seeds from the RNG at the same points
+        # as an uninterrupted one, so dropout masks and final weights match exactly.
+        dataloader_persistent_workers=False,
         remove_unused_columns=False,
         label_names=["labels"],
         use_cpu=not cuda,
