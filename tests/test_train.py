@@ -271,3 +271,65 @@ def test_train_help_explains(capsys):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# -- collation: prompts as inference renders them, loss only on targets ---------------------------
+def _loss_text(processor, sample) -> str:
+    ids = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != -100]
+    assert ids == [label for label in sample["labels"] if label != -100]  # labels are the tokens themselves
+    return processor.tokenizer.decode(ids)
+
+
+def test_collate_caption_vqa_chat_labels(tiny_vlm_dir):
+    from train.collate import encode_example, make_collator
+    from vlm.data import Example
+
+    processor = VLMProcessor.from_pretrained(tiny_vlm_dir)
+    processor.caption_prompt = "a photo of"
+    processor.question_template = "Question: {} Short answer:"
+    image = shape_image(0)
+    eos = processor.tokenizer.eos_token
+
+    cap = encode_example(Example(task="caption", image=None, caption="a red circle"), processor, image, 512)
+    prompt_ids = processor(images=[image], text="a photo of")["input_ids"][0].tolist()
+    assert cap["input_ids"][: len(prompt_ids)] == prompt_ids  # the prompt exactly as inference encodes it
+    assert set(cap["labels"][: len(prompt_ids)]) == {-100}
+    assert _loss_text(processor, cap) == f" a red circle{eos}"
+
+    vqa = encode_example(Example(task="vqa", image=None, question="what colour?", answers=["red", "red", "blue"]),
+                         processor, image, 512)
+    assert _loss_text(processor, vqa) == f" red{eos}"
+
+    conversation = [
+        {"role": "user", "content": "<image>\ndescribe the image."},
+        {"role": "assistant", "content": "a small yellow rectangle."},
+        {"role": "user", "content": "what colour is the shape?"},
+        {"role": "assistant", "content": "red."},
+    ]
+    chat = encode_example(Example(task="chat", image=None, conversation=conversation), processor, image, 512)
+    loss_text = _loss_text(processor, chat)
+    assert "a small yellow rectangle.<|im_end|>" in loss_text and "red.<|im_end|>" in loss_text
+    assert "describe" not in loss_text and "what colour" not in loss_text and "user" not in loss_text
+    assert chat["input_ids"].count(processor.image_token_id) == processor.num_query_tokens
+
+    batch = make_collator(processor)([cap, vqa])
+    n_cap, n_vqa = len(cap["input_ids"]), len(vqa["input_ids"])
+    assert batch["input_ids"].shape == (2, max(n_cap, n_vqa)) and batch["pixel_values"].shape[0] == 2
+    short = 0 if n_cap < n_vqa else 1
+    n_short = min(n_cap, n_vqa)
+    # Right padding: real tokens keep positions 0..n-1; pads are masked and carry no loss.
+    assert batch["attention_mask"][short, :n_short].all() and not batch["attention_mask"][short, n_short:].any()
+    assert (batch["labels"][short, n_short:] == -100).all()
+
+
+def test_collate_truncation_keeps_image_tokens_or_fails(tiny_vlm_dir):
+    from train.collate import encode_example
+    from vlm.data import Example
+    from vlm.errors import VLMError
+
+    processor = VLMProcessor.from_pretrained(tiny_vlm_dir)
+    example = Example(task="caption", image=None, caption="the quick brown fox jumps over the lazy dog", source="d.jsonl:3")
+    sample = encode_example(example, processor, shape_image(0), 8)
+    assert len(sample["input_ids"]) == 8
+    with pytest.raises(VLMError, match=r"d.jsonl:3: .*data.max_length=3"):
+        encode_example(example, processor, shape_image(0), 3)

@@ -2,7 +2,7 @@
 
 - a run killed with SIGKILL mid-training resumes (automatically, from the newest complete
   checkpoint) to the same final weights as an uninterrupted run with the same seed;
-- a 2-process CPU run under `accelerate launch` (gloo) gives the same weights as a 1-process
+- a 2-process CPU run under `accelerate launch` (gloo, ~12 s) gives the same weights as a 1-process
   run on the same global batch.
 """
 
@@ -136,7 +136,6 @@ def test_resume_from_a_named_checkpoint_and_no_resume(base_dir, data_file, tmp_p
     assert "not a vlm training checkpoint" in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_two_processes_match_one_process(no_dropout_base, data_file, tmp_path):
     """accelerate launch, 2 CPU processes (gloo), batch 2 each == 1 process, batch 4."""
     common = ["--max-steps", "4", "--save-steps", "100", "data.num_workers=0", "lora.dropout=0.0"]
@@ -155,4 +154,7 @@ def test_two_processes_match_one_process(no_dropout_base, data_file, tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("recipe lora: training") == 1  # only the main process reports
-    assert_same_weights(final_weights(double), final_weights(single), atol=1e-5)
+    # Adam turns float noise in near-zero gradients (e.g. attention key biases, which softmax
+    # ignores) into full-size steps, so allow 2e-4; each step moves weights by ~lr = 5e-3, so a
+    # wrong split of the global batch or loss scaling shows up as ~1e-2.
+    assert_same_weights(final_weights(double), final_weights(single), atol=2e-4)
