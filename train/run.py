@@ -79,7 +79,9 @@ def train(
         eval_dataset=eval_dataset,
         data_collator=make_collator(processor),
     )
-    trainer.train(resume_from_checkpoint=resume_from)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    if args.should_save:
+        trainer.save_metrics("train", result.metrics)  # train_results.json: runtime, samples/s, loss
     if eval_dataset is not None:
         metrics = trainer.evaluate()
         if args.should_log:
