@@ -22,6 +22,20 @@ FORMATS_HELP = (
 )
 
 
+# `easyvqa:SPLIT` names the demo's easy-vqa data (fetched from PyPI into the cache on first use).
+EASYVQA_PREFIX = "easyvqa:"
+
+
+def _easyvqa_file(name: str) -> Path:
+    from ..demo import easyvqa_data
+
+    files = easyvqa_data()
+    key = name[len(EASYVQA_PREFIX):]
+    if key not in files:
+        raise VLMError(f"{name}: unknown easy-vqa split; use one of {', '.join(EASYVQA_PREFIX + k for k in files)}")
+    return files[key]
+
+
 def load_examples(
     path_or_name: str,
     task: str | None = None,
@@ -51,6 +65,8 @@ def load_examples(
     """
     if task is not None and task not in TASKS:
         raise VLMError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
+    if path_or_name.startswith(EASYVQA_PREFIX):
+        path_or_name = str(_easyvqa_file(path_or_name))
     root = Path(os.path.expanduser(image_root)).resolve() if image_root else None
     if root is not None and not root.is_dir():
         raise VLMError(f"image root {image_root}: no such folder")

@@ -32,7 +32,8 @@ __all__ = [
 def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
     """easy-vqa as JSONL, fetched and written on first use (only the 3 MB easy-vqa wheel).
 
-    Returns paths keyed `train_vqa`, `train_captions`, `test_vqa`, `test_captions`; VQA rows are
+    Returns paths keyed `train_vqa`, `train_captions`, `test_vqa`, `test_captions`, and `train` /
+    `test` (VQA and caption rows together); VQA rows are
     `{image, question, answer, question_type, image_id}`, caption rows `{image, text, image_id}`.
     """
     from . import easyvqa, fetch
@@ -43,4 +44,12 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
         folder = fetch.fetch(fetch.EASY_VQA, root, progress)
         out = _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(folder, tmp))
     kinds = ("vqa", "captions")
-    return {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in kinds}
+    files = {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in kinds}
+    for split in easyvqa.SPLITS:  # both kinds in one file: what the demo bridge trains on
+        both = out / f"{split}_all.jsonl"
+        if not both.is_file():
+            tmp = both.with_suffix(".tmp")
+            tmp.write_text("".join(files[f"{split}_{k}"].read_text() for k in kinds))
+            os.replace(tmp, both)
+        files[split] = both
+    return files
