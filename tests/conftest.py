@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch a model hub
@@ -35,3 +36,12 @@ def instructblip_dir(tmp_path_factory) -> Path:
 def tiny_vlm_dir(tmp_path_factory) -> Path:
     """A `vlm` checkpoint with a chat-template Llama LLM."""
     return tiny.save_tiny_vlm(tmp_path_factory.mktemp("tiny-vlm"))
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core box they lose 5x to contention."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -67,13 +67,7 @@ def write_caption_data(folder: Path, captions: list[str] = CAPTIONS) -> Path:
     return folder / "captions.jsonl"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a shared 2-core box they lose 5x to contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -27,12 +27,7 @@ REPO = Path(__file__).parent.parent
 WORDS = ["red", "blue", "green", "cat", "dog", "sofa", "coffee", "rocket"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -101,14 +101,21 @@ def predict(model, processor, examples: Sequence, task: str, batch_size: int, ge
     with tqdm(total=len(examples), desc="generating", unit="sample", file=sys.stderr) as bar:
         for start in range(0, len(examples), batch_size):
             batch = examples[start : start + batch_size]
-            images = [open_example_image(e) for e in batch]
+            # VQA data asks several questions per image: run the vision tower once per image.
+            keys = [e.image if isinstance(e.image, str) else id(e.image) for e in batch]
+            distinct = list(dict.fromkeys(keys))
+            opened = {k: open_example_image(batch[keys.index(k)]) for k in distinct}
             if task == "caption":
                 prompts = [processor.caption_prompt or "" for _ in batch]
             else:
                 prompts = [processor.format_question(e.question) for e in batch]
-            inputs = processor(images=images, text=prompts).to(device)
+            inputs = processor(images=[opened[k] for k in keys], text=prompts).to(device)
+            inputs.pop("pixel_values")
+            pixel_values = processor.image_processor([opened[k] for k in distinct], return_tensors="pt")["pixel_values"]
             with torch.inference_mode():
-                sequences = model.generate(**inputs, **gen_kwargs)
+                vision = model.get_vision_features(pixel_values.to(device))
+                index = torch.tensor([distinct.index(k) for k in keys], device=vision.device)
+                sequences = model.generate(**inputs, vision_features=vision[index], **gen_kwargs)
             predictions += processor.decode_generated(sequences, inputs["input_ids"])
             bar.update(len(batch))
     return predictions
