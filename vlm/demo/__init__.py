@@ -40,16 +40,16 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
     from .pipeline import _stage
 
     root = demo_root(cache_dir)
+    kinds = ("vqa", "captions")
     with fetch.build_lock(root):
         folder = fetch.fetch(fetch.EASY_VQA, root, progress)
         out = _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(folder, tmp))
-    kinds = ("vqa", "captions")
-    files = {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in kinds}
-    for split in easyvqa.SPLITS:  # both kinds in one file: what the demo bridge trains on
-        both = out / f"{split}_all.jsonl"
-        if not both.is_file():
-            tmp = both.with_suffix(".tmp")
-            tmp.write_text("".join(files[f"{split}_{k}"].read_text() for k in kinds))
-            os.replace(tmp, both)
-        files[split] = both
+        files = {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in kinds}
+        for split in easyvqa.SPLITS:  # both kinds in one file: what the demo bridge trains on
+            both = out / f"{split}_all.jsonl"
+            if not both.is_file():
+                tmp = both.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text("".join(files[f"{split}_{k}"].read_text() for k in kinds))
+                os.replace(tmp, both)
+            files[split] = both
     return files

@@ -257,16 +257,20 @@ def build_demo(
         if e.name not in ("onnx", "gguf"):
             raise
         raise VLMError(
-            f"building the demo needs the demo extras ({e.name} is missing): pip install 'vlm[demo]'"
+            f"building the demo needs {e.name}, a dependency of vlm: pip install {e.name}"
         ) from None
     return final
 
 
 def _cleanup(root: Path, final: Path, keep_intermediate: bool) -> None:
-    """Drop older demo checkpoints, and (unless kept) the converted parts and big extracted files."""
-    for old in root.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    """Drop (unless kept) the converted parts and big extracted files.
+
+    Older demo checkpoints stay: LoRA runs trained on one record its path as their base.
+    """
+    older = [old for old in root.glob("checkpoint-*") if old != final]
+    if older:
+        logger.info("older demo checkpoints kept (delete them if no fine-tuned run uses them): %s",
+                    ", ".join(str(o) for o in older))
     if keep_intermediate:
         return
     shutil.rmtree(root / "parts", ignore_errors=True)

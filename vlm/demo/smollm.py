@@ -24,7 +24,7 @@ def load_gguf(gguf_path: str | os.PathLike):
     try:
         import gguf  # noqa: F401  (transformers needs it; say so in one line rather than a traceback)
     except ImportError:
-        raise VLMError("reading the demo LLM needs the `gguf` package: pip install 'vlm[demo]'") from None
+        raise VLMError("reading the demo LLM needs the `gguf` package, a dependency of vlm: pip install gguf") from None
     kwargs = {"gguf_file": gguf_path.name}
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
