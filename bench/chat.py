@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         question = "what shape is in the picture?"
 
         model, processor = load_pretrained(str(folder), quantization=args.quantization, device=args.device, dtype=dtype)
-        engine = ChatEngine(model, processor)
+        engine = ChatEngine(model, processor, upload_dirs=[tmp])  # the image lives here, not in an upload
         hf_kwargs = {"dtype": dtype}
         if args.quantization:
             hf_kwargs.update(

@@ -21,7 +21,7 @@ from vlm.errors import VLMError
 
 from .conversation import NOTICE_PREFIX, history_to_turns, new_turn
 from .engine import ChatEngine
-from .uploads import check_count, open_upload
+from .uploads import check_count
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def make_respond(engine: ChatEngine):
         try:
             check_count(paths)
             for path in paths:
-                open_upload(path)  # refuse bad uploads now, with the user's file name
+                engine.open_upload(path)  # refuse bad uploads now, with the user's file name
             turns = history_to_turns(history) + [new_turn(text, paths)]
             prepared = engine.prepare(session, turns, system_prompt, int(max_new_tokens))
         except VLMError as e:
@@ -133,7 +133,10 @@ def build_app(engine: ChatEngine, settings: ChatSettings) -> gr.Blocks:
     """The chat page and its `/chat` API endpoint (call `.queue(...)` and `.launch(...)` on it)."""
     examples = None
     if settings.examples:
-        circle, square = example_images(Path(tempfile.gettempdir()) / "vlm-chat-examples")
+        folder = Path(tempfile.gettempdir()) / "vlm-chat-examples"
+        circle, square = example_images(folder)
+        if str(folder) not in engine.upload_dirs:  # our own example pictures may be read too
+            engine.upload_dirs.append(str(folder))
         examples = [
             {"text": "What shape is in this picture?", "files": [str(circle)]},
             {"text": "Describe the image in one sentence.", "files": [str(square)]},

@@ -148,6 +148,13 @@ def load(args: argparse.Namespace):
     return model, processor, settings
 
 
+def make_engine(model, processor, args: argparse.Namespace):
+    """The `ChatEngine` for `args`: `--max-file-size` is its upload limit (the page's and the engine's)."""
+    from .engine import ChatEngine
+
+    return ChatEngine(model, processor, max_upload_bytes=args.max_file_size * 1024 * 1024)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlm chat`."""
     args = build_parser().parse_args(argv)
@@ -161,9 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
     model, processor, settings = load(args)
     from .app import build_app, offline_theme
-    from .engine import ChatEngine
 
-    engine = ChatEngine(model, processor)
+    engine = make_engine(model, processor, args)
     demo = build_app(engine, settings)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     print(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -108,17 +109,45 @@ def turns_to_messages(turns: list[Turn], system_prompt: str | None = None) -> li
     return messages
 
 
-def fit_to_context(
-    turns: list[Turn], count_tokens, budget: int, system_prompt: str | None = None
-) -> tuple[list[Turn], int]:
+def plain_prompt(
+    turns: list[Turn],
+    format_question: Callable[[str], str],
+    caption_prompt: str = "",
+    image_token: str = "<image>",
+    system_prompt: str | None = None,
+) -> str:
+    """Prompt text for an LLM without a chat template, in the prompts BLIP-2-style models are
+    trained with: each turn is `format_question(text)` (an image alone: `caption_prompt`), then
+    its reply, e.g. "Question: q1 Short answer: a1 Question: q2 Short answer:".
+
+    One image with one question renders exactly `format_question(question)`; otherwise image
+    markers are left out, so every image of the conversation goes in front, as BLIP-2 saw them.
+    """
+    pieces = []
+    for turn in turns:
+        text = " ".join(p["text"] for p in turn.parts if p.get("type") == "text").strip()
+        piece = format_question(text) if text else caption_prompt
+        if turn.reply is not None:
+            piece = f"{piece} {turn.reply.strip()}".strip()
+        pieces.append(piece)
+    prompt = " ".join(p for p in pieces if p)
+    single = len(turns) == 1 and len(turns[0].images) == 1
+    if not single:
+        prompt = prompt.replace(image_token, "")
+    if system_prompt and system_prompt.strip():
+        prompt = f"{system_prompt.strip()}\n{prompt}"
+    return prompt
+
+
+def fit_to_context(turns: list[Turn], count_tokens: Callable[[list[Turn]], int], budget: int) -> tuple[list[Turn], int]:
     """Drop the oldest turns until the prompt fits in `budget` tokens.
 
-    `count_tokens(messages) -> int` measures a prompt exactly as it will be encoded (image
-    blocks included). Returns the kept turns and how many were dropped; the last turn is never
-    dropped (the caller reports a prompt that does not fit even alone).
+    `count_tokens(turns) -> int` measures the prompt for `turns` exactly as it will be encoded
+    (image blocks included). Returns the kept turns and how many were dropped; the last turn is
+    never dropped (the caller reports a prompt that does not fit even alone).
     """
     dropped = 0
-    while len(turns) > 1 and count_tokens(turns_to_messages(turns, system_prompt)) > budget:
+    while len(turns) > 1 and count_tokens(turns) > budget:
         turns = turns[1:]
         dropped += 1
     return turns, dropped

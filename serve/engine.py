@@ -19,8 +19,8 @@ from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStr
 
 from vlm.errors import VLMError
 
-from .conversation import FeatureCache, Turn, file_digest, fit_to_context, turns_to_messages
-from .uploads import open_upload
+from .conversation import FeatureCache, Turn, file_digest, fit_to_context, plain_prompt, turns_to_messages
+from .uploads import MAX_UPLOAD_BYTES, check_upload_file, open_upload
 
 log = logging.getLogger(__name__)
 # End-of-turn tokens of common chat templates: generation stops at them as well as at EOS.
@@ -50,9 +50,25 @@ class _StopOnEvent(StoppingCriteria):
 class ChatEngine:
     """Answers conversations with one loaded `(model, processor)`; safe to call from threads."""
 
-    def __init__(self, model, processor, cache: FeatureCache | None = None, stream_timeout: float = 300.0):
+    def __init__(
+        self,
+        model,
+        processor,
+        cache: FeatureCache | None = None,
+        stream_timeout: float = 300.0,
+        max_upload_bytes: int = MAX_UPLOAD_BYTES,
+        upload_dirs: list[str] | None = None,
+    ):
+        """`upload_dirs`: the only folders images may be read from (default: Gradio's upload
+        folder, `gradio.utils.get_upload_folder()`); `max_upload_bytes`: the upload size limit."""
         self.model = model
         self.processor = processor
+        self.max_upload_bytes = int(max_upload_bytes)
+        if upload_dirs is None:
+            from gradio.utils import get_upload_folder  # where Gradio stores uploads and its file cache
+
+            upload_dirs = [get_upload_folder()]
+        self.upload_dirs = [str(d) for d in upload_dirs]
         self.tokenizer = processor.tokenizer
         self.cache = cache or FeatureCache()
         self.stream_timeout = stream_timeout
@@ -77,11 +93,37 @@ class ChatEngine:
 
     # -- prompt --------------------------------------------------------------------------------
     def prompt_text(self, turns: list[Turn], system_prompt: str | None = None) -> str:
-        """The exact prompt text the model reads for `turns` (chat template applied)."""
-        return self.processor.format_chat(turns_to_messages(turns, system_prompt))
+        """The exact prompt text the model reads for `turns`.
 
-    def _count_tokens(self, messages) -> int:
-        return int(self.processor(text=self.processor.format_chat(messages))["input_ids"].shape[1])
+        With a chat template: the template, an `<image>` marker where each image was sent.
+        Without one (official BLIP-2/InstructBLIP LLMs): the prompts the model was trained with
+        (`processor.format_question`, `processor.caption_prompt`), no markers, so the processor
+        puts the images in front, before BOS, as BLIP-2 saw them.
+        """
+        if self.processor.has_chat_template:
+            return self.processor.format_chat(turns_to_messages(turns, system_prompt))
+        return plain_prompt(
+            turns,
+            self.processor.format_question,
+            self.processor.caption_prompt or "",
+            self.processor.image_token,
+            system_prompt,
+        )
+
+    def encode_prompt(self, prompt: str, num_images: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids, attention_mask` for `prompt` with `num_images` image blocks, laid out as
+        `processor(images, text=prompt)` lays them out (at the markers, or in front without any)."""
+        encoding = self.processor(text=prompt)
+        input_ids, mask = encoding["input_ids"], encoding["attention_mask"]
+        if num_images and self.processor.image_token not in prompt:
+            block = torch.full((1, num_images * self.processor.num_query_tokens), self.processor.image_token_id)
+            input_ids = torch.cat([block.to(input_ids.dtype), input_ids], dim=1)
+            mask = torch.cat([torch.ones_like(block, dtype=mask.dtype), mask], dim=1)
+        return input_ids, mask
+
+    def _count_tokens(self, turns: list[Turn], system_prompt: str | None) -> int:
+        n_images = sum(len(t.images) for t in turns)
+        return int(self.encode_prompt(self.prompt_text(turns, system_prompt), n_images)[0].shape[1])
 
     def prepare(
         self, session: str, turns: list[Turn], system_prompt: str | None = None, max_new_tokens: int = 256
@@ -93,10 +135,11 @@ class ChatEngine:
         """
         max_new_tokens = max(1, min(int(max_new_tokens), self.context_length // 2))
         budget = self.context_length - max_new_tokens
-        turns, dropped = fit_to_context(turns, self._count_tokens, budget, system_prompt)
+        turns, dropped = fit_to_context(turns, lambda kept: self._count_tokens(kept, system_prompt), budget)
+        paths = [p for turn in turns for p in turn.images]
         prompt = self.prompt_text(turns, system_prompt)
-        encoding = self.processor(text=prompt)
-        length = encoding["input_ids"].shape[1]
+        input_ids, attention_mask = self.encode_prompt(prompt, len(paths))
+        length = input_ids.shape[1]
         if length > budget:
             raise VLMError(
                 f"this message needs {length} tokens (images included) but the model reads at most {budget} "
@@ -104,10 +147,11 @@ class ChatEngine:
             )
         if dropped:
             log.info("session %s: left out the %d oldest turn(s) to fit %d tokens", session[:8], dropped, budget)
-        paths = [p for turn in turns for p in turn.images]
-        instructions = [_instruction(turn) for turn in turns for _ in turn.images]
+        # The Q-Former reads what the processor gives it for this prompt by default (as in
+        # training, captioning and eval): the whole rendered prompt without image markers.
+        instructions = [self.processor.qformer_instruction(prompt)] * len(paths)
         image_kwargs = self.encode_images(session, paths, instructions) if paths else {}
-        return Prepared(encoding["input_ids"], encoding["attention_mask"], image_kwargs, dropped, max_new_tokens)
+        return Prepared(input_ids, attention_mask, image_kwargs, dropped, max_new_tokens)
 
     # -- images --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +163,8 @@ class ChatEngine:
         """
         features = []
         for path in paths:
+            # Paths can come from a client-sent history: check them before reading a byte.
+            check_upload_file(path, self.upload_dirs, self.max_upload_bytes)
             digest = file_digest(path)
             cached = self.cache.get(session, digest)
             if cached is None:
@@ -141,8 +187,13 @@ class ChatEngine:
             "qformer_attention_mask": q["attention_mask"],
         }
 
+    def open_upload(self, path: str):
+        """Open an upload as an RGB image after the folder and size checks; `VLMError` otherwise."""
+        check_upload_file(path, self.upload_dirs, self.max_upload_bytes)
+        return open_upload(path, max_bytes=self.max_upload_bytes)
+
     def _encode_one(self, path: str) -> torch.Tensor:
-        image = open_upload(path)
+        image = self.open_upload(path)
         pixel_values = self.processor.image_processor([image], return_tensors="pt")["pixel_values"]
         vision = self.model.get_vision_features(pixel_values)
         if self.reads_instruction:
@@ -220,7 +271,3 @@ class ChatEngine:
         for text in self.stream(prepared, **gen):
             pass
         return text.strip()
-
-
-def _instruction(turn: Turn) -> str:
-    return " ".join(p["text"] for p in turn.parts if p.get("type") == "text").strip()

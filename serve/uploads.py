@@ -7,6 +7,8 @@ server's temp path) and says what to do, so the chat can show it as-is.
 from __future__ import annotations
 
 import os
+import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from PIL import Image
@@ -41,6 +43,36 @@ def open_upload(
         # load_image names the full server path; users should see only their file's name.
         reason = str(e).split(": ", 1)[-1] if str(e).startswith(str(path)) else str(e)
         raise VLMError(f"{name}: {reason}") from None
+
+
+def check_upload_file(
+    path: str | os.PathLike, upload_dirs: Iterable[str | os.PathLike], max_bytes: int = MAX_UPLOAD_BYTES
+) -> None:
+    """Refuse anything but a regular file inside one of `upload_dirs`, within `max_bytes`.
+
+    Run before the file is read at all: a chat history can come from the client, so a path in
+    it may name `/dev/zero` (reading it never ends) or any image the server can read.
+    """
+    name = display_name(path)
+    real = os.path.realpath(path)  # resolves symlinks and "..", so neither can leave the folder
+    inside = False
+    for folder in upload_dirs:
+        root = os.path.realpath(folder)
+        try:
+            inside = inside or os.path.commonpath([real, root]) == root
+        except ValueError:  # different drives (Windows)
+            continue
+    not_upload = f"{name}: that file is not an upload to this chat; please attach the image again"
+    if not inside:
+        raise VLMError(not_upload)
+    try:
+        info = os.stat(real)
+    except OSError:
+        raise VLMError(f"{name}: the upload is gone from the server; please send it again") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise VLMError(not_upload)
+    if info.st_size > max_bytes:
+        raise VLMError(f"{name}: {info.st_size / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit")
 
 
 def check_count(paths: list[str], limit: int = MAX_IMAGES_PER_MESSAGE) -> None:

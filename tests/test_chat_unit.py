@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from tiny import random_image
 
 from serve.app import make_respond
-from serve.chat import exposure_warnings, is_loopback, main, parse_auth
+from serve.chat import build_parser, exposure_warnings, is_loopback, main, make_engine, parse_auth
 from serve.conversation import NOTICE_PREFIX, FeatureCache, history_to_turns, new_turn
 from serve.engine import ChatEngine
 from serve.uploads import open_upload
@@ -24,9 +25,9 @@ def loaded(tiny_vlm_dir):
 
 
 @pytest.fixture()
-def engine(loaded):
+def engine(loaded, tmp_path):
     model, processor = loaded
-    return ChatEngine(model, processor)
+    return ChatEngine(model, processor, upload_dirs=[str(tmp_path)])  # the test images stand in for uploads
 
 
 @pytest.fixture()
@@ -161,6 +162,61 @@ def test_respond_turns_errors_into_readable_messages(engine, images, tmp_path):
 
 
 # -- uploads ----------------------------------------------------------------------------------------
+def test_max_file_size_flag_is_the_limit_of_the_page_and_the_engine(loaded, tmp_path, monkeypatch):
+    uploads = tmp_path / "gradio"
+    uploads.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))  # gradio.utils.get_upload_folder() reads it
+    big = uploads / "big.bmp"
+    Image.new("RGB", (3000, 2500), "red").save(big)  # 22.5 MB: over the old fixed 20 MB limit
+    assert big.stat().st_size > 21 * 2**20
+    message = {"text": "what is this?", "files": [str(big)]}
+    model, processor = loaded
+    default = make_engine(model, processor, build_parser().parse_args([]))
+    refused = list(make_respond(default)(message, [], "", 0.0, 1.0, 2, None))
+    assert refused == [NOTICE_PREFIX + "big.bmp: 21.5 MB is over the 20 MB upload limit"]
+    raised = make_engine(model, processor, build_parser().parse_args(["--max-file-size", "30"]))
+    assert raised.max_upload_bytes == 30 * 2**20
+    # The app's check and the engine's (the history image is encoded on every turn) both pass.
+    history = [
+        {"role": "user", "content": [{"path": str(big)}, "what is this?"]},
+        {"role": "assistant", "content": "x"},
+    ]
+    reply = list(make_respond(raised)(message, history, "", 0.0, 1.0, 2, None))
+    assert reply and not reply[-1].startswith(NOTICE_PREFIX), reply
+
+
+def test_history_paths_outside_the_upload_folder_are_never_read(loaded, tmp_path, monkeypatch):
+    """A client can send its own history: `/dev/zero` must not hang the server, and a server
+    image outside Gradio's upload folder must not be described."""
+    uploads = tmp_path / "gradio"
+    uploads.mkdir()
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(uploads))
+    secret = tmp_path / "private.png"
+    random_image(5).save(secret)
+    (uploads / "link.png").symlink_to(secret)  # a link in the folder still points outside it
+    engine = ChatEngine(*loaded)
+    assert engine.upload_dirs == [str(uploads)]
+    respond = make_respond(engine)
+    for path in ("/dev/zero", str(secret), str(uploads / "link.png"), str(uploads / ".." / "private.png")):
+        history = [{"role": "user", "content": [{"path": path}, "what?"]}, {"role": "assistant", "content": "x"}]
+        out: list = []
+        worker = threading.Thread(
+            target=lambda h=history: out.extend(respond({"text": "and now?", "files": []}, h, "", 0.0, 1.0, 2, None)),
+            daemon=True,
+        )
+        worker.start()
+        worker.join(timeout=30)
+        assert not worker.is_alive(), f"{path}: the server is still reading it"
+        name = path.rsplit("/", 1)[-1]
+        assert out == [
+            NOTICE_PREFIX + f"{name}: that file is not an upload to this chat; please attach the image again"
+        ]
+    fifo = uploads / "pipe.png"
+    os.mkfifo(fifo)  # inside the folder but not a regular file: opening it would block
+    with pytest.raises(VLMError, match="pipe.png: that file is not an upload"):
+        engine.encode_images("s", [str(fifo)])
+
+
 def test_upload_checks(tmp_path):
     bomb = tmp_path / "bomb.png"
     Image.new("1", (9000, 9000)).save(bomb)  # ~10 KB on disk, 81M pixels decoded

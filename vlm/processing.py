@@ -122,6 +122,11 @@ class VLMProcessor(ProcessorMixin):
             return self.format_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
         return DEFAULT_QUESTION_TEMPLATE.format(question)
 
+    def qformer_instruction(self, prompt: str) -> str:
+        """What the Q-Former reads by default for `prompt` (InstructBLIP-style models): the
+        rendered prompt without its image markers. One rule for training, captioning and chat."""
+        return prompt.replace(self.image_token, "").strip()
+
     # -- encoding ------------------------------------------------------------------------------
     def __call__(
         self,
@@ -147,7 +152,7 @@ class VLMProcessor(ProcessorMixin):
         for prompt, sample_images in zip(texts, per_sample):
             rows.append(self._encode_text(prompt, len(sample_images), add_special_tokens))
             row_images.extend(sample_images)
-            instructions.extend([prompt.replace(self.image_token, "").strip()] * len(sample_images))
+            instructions.extend([self.qformer_instruction(prompt)] * len(sample_images))
         encoding = self._left_pad(rows)
         if row_images:
             encoding["pixel_values"] = self.image_processor(row_images, return_tensors="pt")["pixel_values"]
