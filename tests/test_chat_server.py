@@ -243,7 +243,8 @@ def test_full_queue_says_busy_and_server_recovers(server, pictures):
     answers = [r for r in results if isinstance(r, str)]
     assert errors and all("try again" in str(e).lower() for e in errors), errors
     assert answers and all(not a.startswith(NOTICE) for a in answers)
-    assert ask(client_for(server), "still there?", max_new_tokens=3) is not None
+    recovered = ask(client_for(server), "still there?", max_new_tokens=3)
+    assert isinstance(recovered, str) and recovered.strip() and not recovered.startswith(NOTICE), recovered
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")

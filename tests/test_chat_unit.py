@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -135,6 +136,59 @@ def test_long_conversation_is_trimmed_oldest_first_not_crashing(engine, images):
         engine.prepare("long", [new_turn("fox " * 300, [])], max_new_tokens=16)
 
 
+def _reference(model, processor, engine, prompt, image_paths, max_new_tokens):
+    """Direct `generate` on `processor(images, text=prompt)`: no chat code involved."""
+    enc = processor(images=[Image.open(p).convert("RGB") for p in image_paths], text=prompt)
+    out = model.generate(
+        **enc,
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        eos_token_id=engine.eos_token_ids,
+        pad_token_id=processor.tokenizer.pad_token_id,
+    )
+    return enc, processor.decode_generated(out, enc["input_ids"])[0]
+
+
+def test_blip2_without_chat_template_is_asked_in_its_trained_prompt(blip2_opt_dir, images):
+    model, processor = load_pretrained(str(blip2_opt_dir), device="cpu")
+    assert not processor.has_chat_template
+    engine = ChatEngine(model, processor, upload_dirs=[str(Path(images[0]).parent)])
+    question, n = "what colour is the shape?", processor.num_query_tokens
+    # BLIP-2's own VQA prompt, then a template saved by `vlm train`.
+    for template in (None, "Question: {} Answer:"):
+        processor.question_template = template
+        turn = new_turn(question, [images[0]])
+        assert engine.prompt_text([turn]) == processor.format_question(question)
+        prepared = engine.prepare(f"blip2-{template}", [turn], max_new_tokens=8)
+        enc, expected = _reference(model, processor, engine, processor.format_question(question), images[:1], 8)
+        assert torch.equal(prepared.input_ids, enc["input_ids"])
+        ids = prepared.input_ids[0].tolist()  # image in front, then BOS, as BLIP-2 was trained
+        assert ids[:n] == [processor.image_token_id] * n and ids[n] == processor.tokenizer.bos_token_id
+        answer = engine.reply(f"blip2-{template}", [turn], max_new_tokens=8)
+        assert answer and answer == expected
+        # Later turns: every image of the conversation in front, no marker anywhere after BOS.
+        turn.reply = answer
+        later = engine.prepare(f"blip2-{template}", [turn, new_turn("and this one?", [images[1]])], max_new_tokens=8)
+        ids = later.input_ids[0].tolist()
+        assert ids[: 2 * n] == [processor.image_token_id] * (2 * n) and processor.image_token_id not in ids[2 * n :]
+        assert ids[2 * n] == processor.tokenizer.bos_token_id
+
+
+def test_instructblip_qformer_reads_what_the_processor_gives_it(instructblip_dir, images):
+    model, processor = load_pretrained(str(instructblip_dir), device="cpu")
+    engine = ChatEngine(model, processor, upload_dirs=[str(Path(images[0]).parent)])
+    assert engine.reads_instruction
+    question = "what colour is the shape?"
+    turn = new_turn(question, [images[0]])
+    prompt = engine.prompt_text([turn])
+    assert processor.qformer_instruction(prompt) != question  # the full prompt, not the bare question
+    prepared = engine.prepare("ib", [turn], max_new_tokens=8)
+    enc, expected = _reference(model, processor, engine, prompt, images[:1], 8)
+    assert torch.equal(prepared.image_kwargs["qformer_input_ids"], enc["qformer_input_ids"])
+    answer = engine.reply("ib", [turn], max_new_tokens=8)
+    assert answer and answer == expected
+
+
 def test_stop_event_ends_generation_early(engine, images):
     prepared = engine.prepare("stop", [new_turn("describe", [images[0]])], max_new_tokens=60)
     stop = threading.Event()
@@ -201,7 +255,9 @@ def test_history_paths_outside_the_upload_folder_are_never_read(loaded, tmp_path
         history = [{"role": "user", "content": [{"path": path}, "what?"]}, {"role": "assistant", "content": "x"}]
         out: list = []
         worker = threading.Thread(
-            target=lambda h=history: out.extend(respond({"text": "and now?", "files": []}, h, "", 0.0, 1.0, 2, None)),
+            target=lambda h=history, out=out: out.extend(
+                respond({"text": "and now?", "files": []}, h, "", 0.0, 1.0, 2, None)
+            ),
             daemon=True,
         )
         worker.start()
