@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm.demo import fetch
+from vlm.demo import fetch, pipeline
 from vlm.errors import VLMError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -248,7 +248,8 @@ def test_built_demo_loads_with_default_and_generates(demo_build, monkeypatch, ca
         model, processor = load_pretrained(None, device="cpu")
     if not info["trained_bridge"]:
         assert "untrained" in caplog.text
-    assert model.config.vision_config.model_type == "dinov2" and model.config.num_query_tokens == 32
+    assert model.config.vision_config.model_type == "dinov2"
+    assert model.config.num_query_tokens == pipeline.NUM_QUERY_TOKENS
     # Text only: the LLM's own knowledge survives composition.
     prompt = processor.format_chat([{"role": "user", "content": "What is the capital of France?"}])
     inputs = processor(text=prompt)
