@@ -30,13 +30,16 @@ OUTPUT (--out), one row per input image, with the image path as given:
   {"image": ..., "caption": ...}                       (plus "prompt" when the row had its own)
   {"image": ..., "question": ..., "answer": ...}       with --question or a per-row question
   {"image": ..., "error": ...}                         the file could not be read or captioned
+                                                       (plus the row's "question" or "prompt")
+  A list entry with a relative path also gets "path", the absolute file it resolved to.
   --format csv writes the same fields as columns. --format txt writes each caption to a .txt
   beside its image (photo.jpg -> photo.txt), never replacing one without --overwrite; --out
   is then optional and, if given, logs the rows as JSONL.
 
 RESUME: rows are appended and flushed after every batch. Re-running with the same --out skips
-every image that already has a row (error rows included: delete those lines to retry them);
-a half-written last line from a killed run is discarded. --overwrite starts afresh.
+every image (file + question, or file + per-row prompt) that already has a row (error rows
+included: delete those lines to retry them); a half-written last line from a killed run is
+discarded. --overwrite starts afresh. The same file named twice is captioned once.
 
 Several GPUs or CPU processes: launch with accelerate (or torchrun); each process takes its
 share (OUT.part<rank>.jsonl) and the rows are merged into --out at the end:
@@ -168,8 +171,8 @@ def run(args: argparse.Namespace, fmt: str) -> Summary:
     model, processor = load_pretrained(args.model, quantization=quantization, device=device)
     builder = BatchBuilder(processor, prompt=args.prompt, question=args.question, allow_questions=fmt != "txt")
     skip = (lambda item: writer.exists(item.path)) if fmt == "txt" else None
-    pending = PendingBatches(args.inputs, done, args.batch_size, rank, world, skip)
-    total = count_pending(args.inputs, done, world) if not args.no_progress else None
+    pending = PendingBatches(args.inputs, done, args.batch_size, builder.key, rank, world, skip)
+    total = count_pending(args.inputs, done, builder.key, world) if not args.no_progress else None
     workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     captioner = Captioner(model, processor, {
         "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": False,

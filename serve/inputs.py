@@ -35,15 +35,32 @@ class Item:
     question: str | None = None
     error: str | None = None
 
-    @property
-    def key(self) -> tuple:
-        """Identity for resume and de-duplication: the same fields an output row carries."""
-        return (self.image, self.question, self.prompt)
+    def fields(self, question: str | None = None) -> dict:
+        """The identifying fields of this item's output row, given its effective question.
+
+        `path` (absolute) is added when `image` alone does not locate the file: a list entry
+        relative to its list's folder. The row's `row_key` is the item's identity for resume and
+        de-duplication, so it must be computed from exactly what is written.
+        """
+        row = {"image": self.image}
+        if self.path != self.image:
+            row["path"] = os.path.abspath(self.path)
+        if question is not None:
+            row["question"] = question
+        elif self.prompt is not None:
+            row["prompt"] = self.prompt
+        return row
 
 
 def row_key(row: dict) -> tuple:
-    """The `Item.key` of an output row (empty CSV cells count as absent)."""
-    return (row.get("image"), row.get("question") or None, row.get("prompt") or None)
+    """Identity of an output row: (resolved image file, question, prompt).
+
+    The file is the row's `path`, else its `image` (relative to the current folder), made
+    absolute: two list files may both name `a.png` for different files, and two inputs that
+    name the same file are true duplicates. Empty CSV cells count as absent.
+    """
+    where = row.get("path") or row.get("image") or ""
+    return (os.path.abspath(where), row.get("question") or None, row.get("prompt") or None)
 
 
 def is_image_name(name: str) -> bool:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from vlm.errors import VLMError
 from vlm.images import load_image
 
-from .inputs import Item, iter_items
+from .inputs import Item, iter_items, row_key
 from .preprocess import make_preprocess
 
 
@@ -46,7 +46,8 @@ class Batch:
 class PendingBatches:
     """Iterable of lists of `Item`s still to do, for process `rank` of `world`.
 
-    Items whose key is in `done` are skipped, as are repeats of an item listed earlier. Shares
+    Items whose `key` is in `done` are skipped, as are repeats of an item listed earlier (the
+    key is the written row's `row_key`: resolved file, effective question/prompt). Shares
     are dealt round-robin over the items not done, so every process sees the same sequence
     (`done` must be the same set in every process) and a resumed run stays balanced.
     `skip(item)` is an extra, per-process check (an existing caption file) made after dealing.
@@ -57,11 +58,12 @@ class PendingBatches:
         inputs: list[str],
         done: set[tuple],
         batch_size: int,
+        key: Callable[[Item], tuple],
         rank: int = 0,
         world: int = 1,
         skip: Callable[[Item], bool] | None = None,
     ):
-        self.inputs, self.seen, self.batch_size = inputs, done, batch_size
+        self.inputs, self.seen, self.batch_size, self.key = inputs, done, batch_size, key
         self.rank, self.world, self.skip = rank, world, skip
         self.skipped_done = 0  # already in the output (or listed twice): every process counts these
         self.skipped_here = 0  # this process's share that `skip` rejected
@@ -69,10 +71,11 @@ class PendingBatches:
     def __iter__(self) -> Iterator[list[Item]]:
         batch, index = [], 0
         for item in iter_items(self.inputs):
-            if item.key in self.seen:
+            key = self.key(item)
+            if key in self.seen:
                 self.skipped_done += 1
                 continue
-            self.seen.add(item.key)
+            self.seen.add(key)
             index += 1
             if (index - 1) % self.world != self.rank:
                 continue
@@ -87,9 +90,15 @@ class PendingBatches:
             yield batch
 
 
-def count_pending(inputs: list[str], done: set[tuple], world: int = 1) -> int:
+def count_pending(inputs: list[str], done: set[tuple], key: Callable[[Item], tuple], world: int = 1) -> int:
     """About how many items one process will do (a second, cheap pass over the listing)."""
-    total = sum(1 for item in iter_items(inputs) if item.key not in done)
+    seen = set(done)
+    total = 0
+    for item in iter_items(inputs):
+        k = key(item)
+        if k not in seen:
+            seen.add(k)
+            total += 1
     return -(-total // world)
 
 
@@ -118,26 +127,61 @@ class BatchBuilder(Dataset):
         self.text_processor = copy.copy(processor)
         self.text_processor.image_processor = _NoImageProcessing()
 
+    def question_for(self, item: Item) -> str | None:
+        """The item's effective question: its own, else --question unless it has its own prompt."""
+        return item.question or (None if item.prompt else self.question) or None
+
     def prompt_for(self, item: Item) -> tuple[str, str | None]:
         """(model prompt, question or None) for an item: its own fields win over the flags."""
-        question = item.question or (None if item.prompt else self.question)
+        question = self.question_for(item)
         if question is not None:
             return self.processor.format_question(question), question
         return (item.prompt if item.prompt is not None else self.prompt), None
+
+    def fields(self, item: Item) -> dict:
+        """The identifying fields of `item`'s output row (caption, answer and error rows alike)."""
+        return item.fields(None if item.error else self.question_for(item))
+
+    def key(self, item: Item) -> tuple:
+        """`row_key` of the row `item` will get: what resume and de-duplication compare."""
+        return row_key(self.fields(item))
+
+    def error_row(self, item: Item, message: str) -> dict:
+        return {**self.fields(item), "error": message}
 
     def __len__(self) -> int:  # never used: batches come from the sampler
         raise TypeError("BatchBuilder is indexed by batches of items")
 
     def __getitem__(self, items: list[Item]) -> Batch:
         batch = Batch(items=items, rows=[None] * len(items))
-        pixels, slot_of_path, image_index, prompts, questions = [], {}, [], [], []
+        try:
+            self._build(batch)
+        except Exception as e:  # noqa: BLE001 - a bug here must cost this batch's rows, not the run
+            batch.todo, batch.encoding, batch.pixel_values, batch.image_index = [], None, None, None
+            for i, item in enumerate(items):
+                if batch.rows[i] is None:
+                    batch.rows[i] = self.error_row(item, f"cannot prepare batch: {type(e).__name__}: {e}")
+        return batch
+
+    def _build(self, batch: Batch) -> None:
+        items = batch.items
+        marker = self.processor.image_token
+        pixels, slot_of_path, image_index, prompts = [], {}, [], []
         for i, item in enumerate(items):
             if item.error:
-                batch.rows[i] = {"image": item.image, "error": item.error}
+                batch.rows[i] = self.error_row(item, item.error)
                 continue
-            prompt, question = self.prompt_for(item)
+            try:
+                prompt, question = self.prompt_for(item)
+            except Exception as e:  # noqa: BLE001 - e.g. a chat template that rejects this question
+                batch.rows[i] = self.error_row(item, f"cannot build prompt: {type(e).__name__}: {e}")
+                continue
             if question is not None and not self.allow_questions:
-                batch.rows[i] = {"image": item.image, "error": "questions need --format jsonl or csv, not txt"}
+                batch.rows[i] = self.error_row(item, "questions need --format jsonl or csv, not txt")
+                continue
+            if prompt.count(marker) > 1:
+                batch.rows[i] = self.error_row(
+                    item, f"prompt has {prompt.count(marker)} {marker} markers; each row captions one image")
                 continue
             slot = slot_of_path.get(item.path)
             if slot is None:
@@ -152,19 +196,39 @@ class BatchBuilder(Dataset):
                     slot = slot_of_path[item.path] = len(pixels)
                     pixels.append(tensor)
             if isinstance(slot, Exception):
-                batch.rows[i] = {"image": item.image, "error": str(slot)}
+                batch.rows[i] = self.error_row(item, str(slot))
                 continue
             batch.todo.append(i)
             image_index.append(slot)
             prompts.append(prompt)
-            questions.append(question)
         if batch.todo:
-            encoding = self.text_processor(images=[_Prepared() for _ in prompts], text=prompts)
-            encoding.pop("pixel_values", None)
-            batch.encoding = dict(encoding)
+            try:
+                encoding = self._encode(prompts)
+            except Exception:  # noqa: BLE001 - find the prompts that fail alone; the rest go on
+                keep = []
+                for position, prompt in enumerate(prompts):
+                    try:
+                        self._encode([prompt])
+                        keep.append(position)
+                    except Exception as e:  # noqa: BLE001
+                        i = batch.todo[position]
+                        batch.rows[i] = self.error_row(items[i], f"cannot encode prompt: {type(e).__name__}: {e}")
+                batch.todo = [batch.todo[p] for p in keep]
+                image_index = [image_index[p] for p in keep]
+                prompts = [prompts[p] for p in keep]
+                if not keep:
+                    return
+                encoding = self._encode(prompts)
+            batch.encoding = encoding
             batch.pixel_values = torch.stack(pixels)
             batch.image_index = torch.tensor(image_index)
-        return batch
+
+    def _encode(self, prompts: list[str]) -> dict:
+        # One image list per prompt: the processor then places each prompt's image on its own
+        # (in front without a marker, in place of its one marker), so mixed prompts can share a batch.
+        encoding = self.text_processor(images=[[_Prepared()] for _ in prompts], text=prompts)
+        encoding.pop("pixel_values", None)
+        return dict(encoding)
 
 
 def _trim_left_padding(encoding: dict) -> dict:
@@ -224,26 +288,26 @@ class Captioner:
         return self.processor.decode_generated(out, encoding["input_ids"])
 
     def rows(self, batch: Batch, builder: BatchBuilder) -> list[dict]:
-        """The batch's output rows, in item order."""
+        """The batch's output rows, in item order (an unexpected failure gives error rows)."""
         rows = list(batch.rows)
-        if batch.todo:
-            texts = split_on_failure(lambda p: self.generate(batch, p), list(range(len(batch.todo))), self._on_oom)
-            for position, text in zip(range(len(batch.todo)), texts):
-                i = batch.todo[position]
-                item = batch.items[i]
-                rows[i] = _row(item, builder.prompt_for(item)[1], text)
+        try:
+            if batch.todo:
+                texts = split_on_failure(lambda p: self.generate(batch, p), list(range(len(batch.todo))), self._on_oom)
+                for i, text in zip(batch.todo, texts):
+                    rows[i] = _row(builder, batch.items[i], text)
+        except Exception as e:  # noqa: BLE001 - this batch's items get error rows, the run goes on
+            for i in batch.todo:
+                if rows[i] is None:
+                    rows[i] = builder.error_row(batch.items[i], f"generation failed: {type(e).__name__}: {e}")
         return rows
 
 
-def _row(item: Item, question: str | None, text) -> dict:
+def _row(builder: BatchBuilder, item: Item, text) -> dict:
     if isinstance(text, Exception):
         reason = "out of memory even for one image" if is_out_of_memory(text) else f"{type(text).__name__}: {text}"
-        return {"image": item.image, "error": f"generation failed: {reason}"}
-    if question is not None:
-        return {"image": item.image, "question": question, "answer": text}
-    row = {"image": item.image, "caption": text}
-    if item.prompt is not None:
-        row["prompt"] = item.prompt
+        return builder.error_row(item, f"generation failed: {reason}")
+    row = builder.fields(item)
+    row["answer" if "question" in row else "caption"] = text
     return row
 
 

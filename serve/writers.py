@@ -23,7 +23,8 @@ from vlm.errors import VLMError
 from .inputs import row_key
 
 FORMATS = ("jsonl", "csv", "txt")
-CSV_FIELDS = ["image", "prompt", "question", "caption", "answer", "error"]
+# "path" is last so files written before it existed keep their column order.
+CSV_FIELDS = ["image", "prompt", "question", "caption", "answer", "error", "path"]
 _CHUNK = 1 << 20
 
 
@@ -154,14 +155,19 @@ class JsonlWriter:
 
 
 class CsvWriter(JsonlWriter):
-    """Appends CSV records (header written once) with the columns in `CSV_FIELDS`."""
+    """Appends CSV records (header written once) with the columns in `CSV_FIELDS`.
+
+    Appending to an existing file keeps that file's header (columns it lacks are left out), so
+    resuming never shifts columns under an older header.
+    """
 
     def __init__(self, path: str):
         self.path = path
         _check_folder(path)
         _truncate_partial(path, quoted=True)
+        fields = _csv_header(path) or CSV_FIELDS
         self.file = open(path, "a", encoding="utf-8", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=CSV_FIELDS, lineterminator="\n")
+        self.csv = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         if self.file.tell() == 0:
             self.csv.writeheader()
             _sync(self.file)
@@ -171,6 +177,14 @@ class CsvWriter(JsonlWriter):
             self.csv.writerows(rows)
             _sync(self.file)
         return rows
+
+
+def _csv_header(path: str) -> list[str] | None:
+    """The column names of an existing, non-empty CSV file (None when there is none yet)."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:
+        return next(csv.reader(f), None) or None
 
 
 class TxtWriter:
@@ -197,7 +211,8 @@ class TxtWriter:
                 try:
                     self._write_file(self.caption_path(path), row["caption"])
                 except OSError as e:
-                    row = {"image": row["image"], "error": f"{self.caption_path(path)}: {e.strerror or e}"}
+                    kept = {k: row[k] for k in ("image", "path", "prompt") if k in row}
+                    row = {**kept, "error": f"{self.caption_path(path)}: {e.strerror or e}"}
             out.append(row)
         if self.log is not None:
             self.log.write(out)

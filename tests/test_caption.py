@@ -182,3 +182,85 @@ def test_exit_codes(tmp_path, blip2_opt_dir, capsys):
                             env=cli_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip() == f"error: {tmp_path / 'nope'}: no such file or folder"
+
+
+def test_question_flag_resumes(tmp_path, blip2_opt_dir, capsys):
+    """With --question, a re-run skips answered images (the key is the question written)."""
+    folder = images_folder(tmp_path / "imgs", 2)
+    out = tmp_path / "out.jsonl"
+    args = [str(folder), "--out", str(out), "--model", str(blip2_opt_dir), "--max-new-tokens", "3",
+            "--num-workers", "0", "--no-progress"]
+    assert main([*args, "--question", "what is it?"]) == 0
+    first = rows_of(out)
+    assert len(first) == 2 and all(r["question"] == "what is it?" and "answer" in r for r in first)
+    capsys.readouterr()
+    images_folder(folder, 1, start=2)  # one new image since the first run (as after a kill)
+    assert main([*args, "--question", "what is it?"]) == 0
+    rows = rows_of(out)
+    assert rows[:2] == first and len(rows) == 3
+    assert sorted(r["image"] for r in rows) == sorted(str(p) for p in folder.iterdir())
+    assert "captioned 1, errors 0, skipped 2" in capsys.readouterr().err
+    # A different question is new work for every image; the first question's rows stay done.
+    assert main([*args, "--question", "what colour?"]) == 0
+    assert "captioned 3, errors 0, skipped 0" in capsys.readouterr().err
+    assert main([*args, "--question", "what colour?"]) == 0
+    assert "captioned 0, errors 0, skipped 3" in capsys.readouterr().err
+    assert len(rows_of(out)) == 6
+
+
+def test_mixed_prompts_and_markers_in_one_batch(tmp_path, tiny_vlm_dir):
+    """Questions (chat template: an <image> marker), prompts with a marker and without, one batch."""
+    import shutil
+
+    model = tmp_path / "strict-vlm"
+    shutil.copytree(tiny_vlm_dir, model)
+    # A real chat template that refuses some content, as templates with raise_exception do.
+    refuse = "{% for m in messages %}{% if 'forbidden' in m['content'] %}{{ raise_exception('refused') }}{% endif %}{% endfor %}"
+    (model / "chat_template.jinja").write_text(refuse + tiny.CHAT_TEMPLATE)
+    images_folder(tmp_path / "imgs", 6)
+    entries = [
+        {"image": "imgs/img000.png", "question": "what is it?"},
+        {"image": "imgs/img001.png", "prompt": "Describe <image> briefly:"},
+        {"image": "imgs/img002.png"},
+        {"image": "imgs/img003.png", "prompt": "a photo of"},
+        {"image": "imgs/img004.png", "prompt": "<image> and <image>"},
+        {"image": "imgs/img005.png", "question": "is it forbidden?"},
+        {"image": "imgs/img000.png", "prompt": "<image> a photo of"},
+    ]
+    listing = tmp_path / "list.jsonl"
+    listing.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    common = [str(listing), "--model", str(model), "--max-new-tokens", "4", "--num-workers", "0", "--no-progress"]
+    batched, single = tmp_path / "batched.jsonl", tmp_path / "single.jsonl"
+    assert main([*common, "--batch-size", "8", "--out", str(batched)]) == 0
+    assert main([*common, "--batch-size", "1", "--out", str(single)]) == 0
+    rows = rows_of(batched)
+    assert [r["image"] for r in rows] == [e["image"] for e in entries]  # one row each, in order
+    assert rows == rows_of(single)  # each prompt handled on its own, whatever shares its batch
+    ok = [0, 1, 2, 3, 6]
+    assert all(("answer" if "question" in entries[i] else "caption") in rows[i] for i in ok), rows
+    assert rows[1]["prompt"] == "Describe <image> briefly:"
+    assert "2 <image> markers" in rows[4]["error"] and rows[4]["prompt"] == "<image> and <image>"
+    assert "refused" in rows[5]["error"] and rows[5]["question"] == "is it forbidden?"
+
+
+def test_same_relative_name_in_two_lists(tmp_path, blip2_opt_dir, capsys):
+    """`a.png` in two list files is two files; the same file named twice is one."""
+    for n, sub in enumerate(["l1", "l2"]):
+        (tmp_path / sub).mkdir()
+        tiny.random_image(n, (30, 30)).save(tmp_path / sub / "a.png")
+    (tmp_path / "l1" / "list.txt").write_text("a.png\n")
+    (tmp_path / "l2" / "list.jsonl").write_text('{"image": "a.png"}\n')
+    (tmp_path / "both.txt").write_text("l1/a.png\n")  # the same file as l1's entry
+    out = tmp_path / "out.csv"
+    args = [str(tmp_path / "l1" / "list.txt"), str(tmp_path / "l2" / "list.jsonl"), str(tmp_path / "both.txt"),
+            "--out", str(out), "--model", str(blip2_opt_dir), "--max-new-tokens", "3", "--num-workers", "0",
+            "--no-progress"]
+    assert main(args) == 0
+    rows = rows_of(out)
+    assert [r["image"] for r in rows] == ["a.png", "a.png"]  # as given
+    assert [r["path"] for r in rows] == [str(tmp_path / "l1" / "a.png"), str(tmp_path / "l2" / "a.png")]
+    assert all(r.get("caption") for r in rows)
+    assert "captioned 2, errors 0, skipped 1" in capsys.readouterr().err
+    assert main(args) == 0  # resume: all three entries are done
+    assert "captioned 0, errors 0, skipped 3" in capsys.readouterr().err
+    assert len(rows_of(out)) == 2

@@ -50,7 +50,7 @@ def test_half_written_records_are_ignored_and_cut(tmp_path):
     w.close()
     with open(path, "a") as f:
         f.write('{"image": "c", "capt')
-    assert read_done([str(path)]) == {("a", None, None), ("b", None, None)}
+    assert read_done([str(path)]) == {(os.path.abspath("a"), None, None), (os.path.abspath("b"), None, None)}
     JsonlWriter(str(path)).close()  # opening for append cuts the tail
     assert path.read_text().count("\n") == 2 and path.read_text().endswith("}\n")
 
@@ -117,7 +117,7 @@ def test_questions_share_one_image_encoding(tmp_path, blip2_opt_dir):
     assert [r.get("question") for r in rows] == [*questions, None]
     assert all(r.get("answer") for r in rows[:3]) and rows[3].get("caption")
     with open(out, newline="") as f:
-        assert next(csv.reader(f)) == ["image", "prompt", "question", "caption", "answer", "error"]
+        assert next(csv.reader(f)) == ["image", "prompt", "question", "caption", "answer", "error", "path"]
 
 
 def test_txt_format_writes_beside_images_never_overwrites(tmp_path, blip2_opt_dir):
