@@ -327,3 +327,173 @@ def test_collate_truncation_keeps_image_tokens_or_fails(tiny_vlm_dir):
     assert len(sample["input_ids"]) == 8
     with pytest.raises(VLMError, match=r"d.jsonl:3: .*data.max_length=3"):
         encode_example(example, processor, shape_image(0), 3)
+
+
+# -- text-only rows, image markers in any turn ----------------------------------------------------
+def write_llava_data(folder: Path, rows: list[dict]) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(2):
+        shape_image(i).save(folder / f"img{i}.png")
+    path = folder / "llava.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+LLAVA_ROWS = [
+    {"id": "text", "conversations": [{"from": "human", "value": "say red"}, {"from": "gpt", "value": "red"}]},
+    {"id": "first", "image": "img0.png", "conversations": [
+        {"from": "human", "value": "<image>\nwhat is it?"}, {"from": "gpt", "value": "red circle"}]},
+    # The image arrives in the second user turn (after an assistant turn).
+    {"id": "later", "image": "img1.png", "conversations": [
+        {"from": "human", "value": "hello"}, {"from": "gpt", "value": "hi"},
+        {"from": "human", "value": "<image>\nand this?"}, {"from": "gpt", "value": "blue square"}]},
+]
+
+
+def test_llava_text_only_and_image_rows_train(base_dir, tmp_path):
+    """A batch mixing a text-only row and image rows (one with its image in a later turn) trains."""
+    data = write_llava_data(tmp_path / "d", LLAVA_ROWS)
+    out = tmp_path / "o"
+    argv = ["train", "--recipe", "lora", "--model", str(base_dir), "--train-data", str(data), "--output-dir", str(out),
+            "--max-steps", "2", "--batch-size", "3", "report_to=none", "data.num_workers=1", "lora.r=4"]
+    assert vlm_main(argv) == 0
+    results = json.loads((out / "train_results.json").read_text())
+    assert results["train_loss"] == results["train_loss"]  # not NaN
+    model, processor = load_pretrained(str(out), device="cpu")  # the output loads and answers text-only
+    enc = processor(text=processor.format_chat([{"role": "user", "content": "say red"}]))
+    assert model.generate(**enc, max_new_tokens=2, do_sample=False).shape[1] > enc["input_ids"].shape[1]
+
+
+def test_image_marker_in_a_later_turn_expands(tiny_vlm_dir):
+    from train.collate import TrainDataset, make_collator
+    from vlm.data import load_examples
+
+    processor = VLMProcessor.from_pretrained(tiny_vlm_dir)
+    n = processor.num_query_tokens
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        examples = load_examples(str(write_llava_data(Path(d), LLAVA_ROWS)))
+        dataset = TrainDataset(examples, processor)
+        samples = [dataset[i] for i in range(3)]
+    text, first, later = samples
+    assert "pixel_values" not in text and text["input_ids"].count(processor.image_token_id) == 0
+    for sample in (first, later):
+        ids = sample["input_ids"]
+        assert ids.count(processor.image_token_id) == n and sample["pixel_values"].shape[0] == 1
+        start = ids.index(processor.image_token_id)
+        assert ids[start : start + n] == [processor.image_token_id] * n  # one contiguous block
+        assert all(sample["labels"][i] == -100 for i in range(start, start + n))
+    # The image tokens of the later-turn row come after its first assistant answer ("hi").
+    hi = processor.tokenizer("hi", add_special_tokens=False)["input_ids"]
+    labelled = [t for t in later["labels"] if t != -100]
+    assert labelled[: len(hi)] == hi and later["input_ids"].index(processor.image_token_id) > later["labels"].index(hi[0])
+    assert "blue square" in processor.tokenizer.decode(labelled)
+
+    batch = make_collator(processor)([text, first, later])
+    assert batch["pixel_values"].shape[0] == 2  # only the samples with an image, in order
+    assert torch.equal(batch["pixel_values"][0], first["pixel_values"][0])
+    assert torch.equal(batch["pixel_values"][1], later["pixel_values"][0])
+    assert "pixel_values" not in make_collator(processor)([text])
+
+
+@pytest.mark.parametrize(
+    "row, message",
+    [
+        ({"conversations": [{"from": "human", "value": "<image>\nhi"}, {"from": "gpt", "value": "x"}]},
+         "llava.json:2: text-only example holds 1 <image> marker(s) but no image"),
+        ({"image": "img0.png", "conversations": [{"from": "human", "value": "<image> a"}, {"from": "gpt", "value": "x"},
+                                                 {"from": "human", "value": "<image> b"}, {"from": "gpt", "value": "y"}]},
+         "llava.json:2: holds 2 <image> markers for one image"),
+    ],
+)
+def test_rows_whose_markers_do_not_fit_fail_before_training(row, message, base_dir, tmp_path, capsys):
+    data = write_llava_data(tmp_path / "d", [LLAVA_ROWS[1], row])
+    argv = ["train", "--model", str(base_dir), "--train-data", str(data), "--output-dir", str(tmp_path / "o"),
+            "--max-steps", "1", "report_to=none", "data.num_workers=0"]
+    assert vlm_main(argv) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: ") and message in last
+    assert not (tmp_path / "o" / "checkpoint-1").exists()
+
+
+# -- the output folder is never half-written --------------------------------------------------------
+def test_failed_output_save_leaves_no_loadable_half_folder(base_dir, tmp_path):
+    """A failure after the adapter is written (here: the config cannot be dumped) leaves no model behind."""
+    from train.config import from_dict
+    from train.recipes import prepare_model
+    from train.save import save_trained
+
+    config = from_dict({"recipe": "lora", "model": str(base_dir), "lora": {"r": 4}})
+    model, processor = prepare_model(config, device="cpu")
+    out = tmp_path / "o"
+    config.data.image_root = Path("not/yaml/serialisable")  # yaml.safe_dump refuses a Path object
+    with pytest.raises(Exception):
+        save_trained(model, processor, out, config)
+    assert not (out / "adapter_config.json").exists() and not (out / "adapter_model.safetensors").exists()
+    assert not (out / ".partial" / "output").exists()
+
+    config.data.image_root = None
+    save_trained(model, processor, out, config)
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "bridge.safetensors", "train_config.yaml"} <= names
+    # Saved again over a complete folder (a resumed run finishing): replaced whole, nothing left staged.
+    save_trained(model, processor, out, config)
+    assert {p.name for p in out.iterdir()} == names
+    assert not (out / ".partial" / "output").exists()
+    loaded, _ = load_pretrained(str(out), device="cpu")
+    assert type(loaded).__name__ == "PeftModel"
+
+
+# -- one bridge loader for train outputs and the demo ----------------------------------------------
+def test_bad_bridge_file_in_an_output_folder_is_named(runs, tmp_path):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from vlm.demo import pipeline
+    from vlm.errors import VLMError
+    from vlm.loading import BRIDGE_WEIGHTS
+
+    assert pipeline.BRIDGE_FILE == BRIDGE_WEIGHTS
+    out = tmp_path / "lora"
+    shutil.copytree(runs("lora"), out)
+    save_file({"query_tokens": torch.zeros(1, 3, 5)}, str(out / BRIDGE_WEIGHTS))
+    with pytest.raises(VLMError, match=r"bridge\.safetensors: query_tokens has shape \(1, 3, 5\), the model expects"):
+        load_pretrained(str(out), device="cpu")
+    save_file({"qformer.nope.weight": torch.zeros(2)}, str(out / BRIDGE_WEIGHTS))
+    with pytest.raises(VLMError, match=r"bridge\.safetensors: weights for modules the model lacks"):
+        load_pretrained(str(out), device="cpu")
+
+
+# -- one-line errors ---------------------------------------------------------------------------------
+def test_invalid_adapter_config_json_is_one_line(runs, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "lora"
+    shutil.copytree(runs("lora"), out)
+    (out / "adapter_config.json").write_text("{not json")
+    assert vlm_main(["export", str(out), "--merge-lora", "--output-dir", str(tmp_path / "x")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "adapter_config.json: not valid JSON" in err[0]
+
+
+def test_export_output_dir_that_is_a_file_is_one_line(runs, tmp_path, capsys):
+    target = tmp_path / "file.txt"
+    target.write_text("x")
+    assert vlm_main(["export", str(runs("lora")), "--merge-lora", "--output-dir", str(target)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0] == f"error: --output-dir {target}: is a file, not a folder"
+
+
+# -- dotted overrides keep text for text keys ------------------------------------------------------
+def test_overrides_keep_text_for_string_keys(capsys):
+    from train.config import load_config
+
+    config = load_config(None, ["prompt.question_template=Q: {}", "resume=yes", "prompt.caption_prompt=null",
+                                "output_dir=on", "lora.r=8", "lora.target_modules=[q_proj]", "data.skip_bad_images=yes"])
+    assert config.prompt.question_template == "Q: {}" and config.resume == "yes" and config.output_dir == "on"
+    assert config.prompt.caption_prompt is None and config.lora.r == 8 and config.lora.target_modules == ["q_proj"]
+    assert config.data.skip_bad_images is True  # a bool key still reads YAML booleans
+    assert vlm_main(["train", "prompt.question_template=Question: {} Answer:", "--print-config"]) == 0
+    assert "question_template: 'Question: {} Answer:'" in capsys.readouterr().out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
+from train.trainer import find_resume_checkpoint, replace_dir
 from vlm.cli import main as vlm_main
 
 REPO = Path(__file__).parent.parent
@@ -123,6 +125,14 @@ def test_resume_from_a_named_checkpoint_and_no_resume(base_dir, data_file, tmp_p
     args = train_args(base_dir, data_file, out, "data.num_workers=0")
     assert vlm_main(["train", *args, "--max-steps", "10"]) == 0
     capsys.readouterr()
+    # A folder that looks like a later checkpoint but lacks the optimizer state (a save killed
+    # half-way by an older tool) is never picked, and is an error when named.
+    shutil.copytree(out / "checkpoint-10", out / "checkpoint-15")
+    (out / "checkpoint-15" / "optimizer.pt").unlink()
+    assert find_resume_checkpoint(str(out), "auto") == str(out / "checkpoint-10")
+    assert vlm_main(["train", *args, "--max-steps", "20", "--resume", str(out / "checkpoint-15")]) == 1
+    assert "checkpoint-15 is an incomplete checkpoint (no optimizer.pt)" in capsys.readouterr().err
+    shutil.rmtree(out / "checkpoint-15")
     assert vlm_main(["train", *args, "--max-steps", "12", "--resume", str(out / "checkpoint-5")]) == 0
     assert "resuming from " + str(out / "checkpoint-5") in capsys.readouterr().out
     assert vlm_main(["train", *args, "--max-steps", "2", "--no-resume", "--save-steps", "100"]) == 0
@@ -153,3 +163,38 @@ def test_two_processes_match_one_process(no_dropout_base, data_file, tmp_path):
     # ignores) into full-size steps, so allow 2e-4; each step moves weights by ~lr = 5e-3, so a
     # wrong split of the global batch or loss scaling shows up as ~1e-2.
     assert_same_weights(final_weights(double), final_weights(single), atol=2e-4)
+
+
+def kill_during(action, delay: float) -> None:
+    """Run `action()` in a forked child and SIGKILL it `delay` seconds after it starts."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: only file operations, then exit without running pytest's teardown
+        os.close(read)
+        os.write(write, b"x")
+        action()
+        os._exit(0)
+    os.close(write)
+    os.read(read, 1)
+    time.sleep(delay)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    os.close(read)
+
+
+def test_checkpoint_saved_again_is_never_half_deleted(tmp_path):
+    """The same step saved twice, killed mid-swap: `checkpoint-N` is the old one, the new one or absent, never partial."""
+    files = 2000
+    final, staged = tmp_path / "checkpoint-5", tmp_path / ".partial" / "checkpoint-5"
+    final.mkdir()
+    for i in range(files):  # deleting these in place takes long enough for the kill to land inside
+        (final / f"f{i}").write_text("old")
+    staged.mkdir(parents=True)
+    (staged / "trainable.safetensors").write_text("new")
+    kill_during(lambda: replace_dir(str(staged), str(final)), delay=0.005)
+    if final.exists():
+        names = {p.name for p in final.iterdir()}
+        assert names == {"trainable.safetensors"} or len(names) == files, f"partial checkpoint: {len(names)} files"
+    if staged.exists():  # killed before the swap: the next save does it
+        replace_dir(str(staged), str(final))
+    assert (final / "trainable.safetensors").read_text() == "new"

@@ -119,9 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    if not config.data.train:
-        raise VLMError("no training data: give --train-data or data.train in the config")
-    from .run import train
+    from .run import train  # checks the data (none given is an error) before the model loads
 
     out = train(config)
     if out is not None:

@@ -19,24 +19,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from vlm.data import open_example_image
 from vlm.errors import VLMError
-from vlm.images import load_image, to_rgb
 from vlm.processing import VLMProcessor
 
 IGNORE_INDEX = -100
-
-
-def open_image(example) -> Image.Image:
-    """The example's image as RGB; a VLMError naming the row when it cannot be decoded."""
-    image = example.image
-    if image is None:
-        raise VLMError(f"{example.source or 'example'}: no image")
-    if isinstance(image, Image.Image):
-        return to_rgb(image)
-    try:
-        return load_image(image)
-    except VLMError as e:
-        raise VLMError(f"{example.source}: {e}" if example.source else str(e)) from None
 
 
 def render_segments(example, processor: VLMProcessor) -> list[tuple[str, bool]]:
@@ -79,12 +66,24 @@ def _chat_segments(example, processor: VLMProcessor) -> list[tuple[str, bool]]:
     return segments
 
 
-def encode_example(example, processor: VLMProcessor, image: Image.Image, max_length: int) -> dict[str, Any]:
-    """`input_ids`, `labels` (IGNORE_INDEX off-target), `pixel_values` and Q-Former ids of one sample."""
+def encode_example(
+    example, processor: VLMProcessor, image: Image.Image | None, max_length: int
+) -> dict[str, Any]:
+    """`input_ids`, `labels` (IGNORE_INDEX off-target) and, with an image, `pixel_values` (+ Q-Former ids).
+
+    `image` None is a text-only sample (LLaVA data has them): no image tokens, no `pixel_values`.
+    The image goes where its `<image>` marker is, in whichever turn that is; with no marker it
+    goes in front of the prompt, as the processor places it at inference.
+    """
     segments = render_segments(example, processor)
+    check_image_markers(example, segments, processor, has_image=image is not None)
     prompt = segments[0][0]
+    marker_later = image is not None and processor.image_token not in prompt and any(
+        processor.image_token in text for text, _ in segments[1:]
+    )
     # The processor expands/places the image tokens exactly as `vlm caption` / `vlm chat` do.
-    enc = processor(images=[image], text=prompt)
+    enc = processor(images=None if image is None or marker_later else [image], text=prompt)
+    image_enc = None if marker_later else enc
     input_ids = enc["input_ids"][0].tolist()
     labels = [IGNORE_INDEX] * len(input_ids)
     tokenizer = processor.tokenizer
@@ -92,9 +91,15 @@ def encode_example(example, processor: VLMProcessor, image: Image.Image, max_len
     for text, carries_loss in segments[1:]:
         if carries_loss and text_so_far and not text_so_far[-1].isspace() and not text.startswith((" ", "\n")):
             text = " " + text  # "a photo of" + " a cat", as generation would continue it
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if processor.image_token in text:
+            # The image's marker is in a later turn: expanded to the image tokens by the processor,
+            # which also gives that image's pixels (and instruction ids) from this turn's text.
+            image_enc = processor(images=[image], text=text, add_special_tokens=False)
+            ids = image_enc["input_ids"][0].tolist()
+        else:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
-        labels += ids if carries_loss else [IGNORE_INDEX] * len(ids)
+        labels += [IGNORE_INDEX if not carries_loss or t == processor.image_token_id else t for t in ids]
         text_so_far += text
     if example.task != "chat" or tokenizer.eos_token not in text_so_far:
         input_ids.append(tokenizer.eos_token_id)
@@ -107,18 +112,61 @@ def encode_example(example, processor: VLMProcessor, image: Image.Image, max_len
                 f"data.max_length={max_length}"
             )
         input_ids, labels = input_ids[:max_length], labels[:max_length]
-    out = {"input_ids": input_ids, "labels": labels, "pixel_values": enc["pixel_values"]}
-    if "qformer_input_ids" in enc:
-        out["qformer_input_ids"] = enc["qformer_input_ids"][0].tolist()
+    out = {"input_ids": input_ids, "labels": labels}
+    if image is not None:
+        out["pixel_values"] = image_enc["pixel_values"]
+        if "qformer_input_ids" in image_enc:
+            out["qformer_input_ids"] = image_enc["qformer_input_ids"][0].tolist()
     return out
 
 
+def count_image_markers(example, processor: VLMProcessor) -> int:
+    """How many `<image>` markers the sample's rendered text holds (cheap: no template rendering)."""
+    marker = processor.image_token
+    if example.task == "caption":
+        return (processor.caption_prompt or "").count(marker) + (example.caption or "").count(marker)
+    if example.task == "vqa":
+        return processor.format_question(example.question or "").count(marker)
+    count = 0
+    for turn in example.conversation or []:
+        content = turn.get("content")
+        if isinstance(content, str):
+            count += content.count(marker)
+        else:  # [{"type": "image"}, {"type": "text", ...}]
+            count += sum(1 if p.get("type") == "image" else p.get("text", "").count(marker) for p in content or [])
+    return count
+
+
+def check_image_markers(example, segments, processor: VLMProcessor, has_image: bool) -> None:
+    """A VLMError naming the row unless its `<image>` markers fit its image (0 or 1 with, 0 without)."""
+    markers = sum(text.count(processor.image_token) for text, _ in segments)
+    _check_marker_count(example, markers, has_image, processor.image_token)
+
+
+def _check_marker_count(example, markers: int, has_image: bool, marker: str) -> None:
+    where = example.source or "example"
+    if not has_image and example.task != "chat":
+        raise VLMError(f"{where}: {example.task} example has no image")
+    if not has_image and markers:
+        raise VLMError(f"{where}: text-only example holds {markers} {marker} marker(s) but no image")
+    if has_image and markers > 1:
+        raise VLMError(f"{where}: holds {markers} {marker} markers for one image (one image per example)")
+
+
 class TrainDataset(Dataset):
-    """Examples -> encoded samples; `__getitem__` runs in DataLoader workers."""
+    """Examples -> encoded samples; `__getitem__` runs in DataLoader workers.
+
+    Rows whose `<image>` markers do not fit their image are rejected here, before training,
+    with an error naming the row (in a DataLoader worker it would surface as a traceback).
+    """
 
     def __init__(self, examples: Sequence, processor: VLMProcessor, max_length: int = 512):
         if len(examples) == 0:
             raise VLMError("the dataset is empty")
+        for example in examples:
+            _check_marker_count(
+                example, count_image_markers(example, processor), example.image is not None, processor.image_token
+            )
         self.examples = examples
         self.processor = processor
         self.max_length = max_length
@@ -128,11 +176,17 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
-        return encode_example(example, self.processor, open_image(example), self.max_length)
+        image = open_example_image(example) if example.image is not None else None
+        return encode_example(example, self.processor, image, self.max_length)
 
 
 class Collator:
-    """Right-pads encoded samples into a batch (labels padded with IGNORE_INDEX)."""
+    """Right-pads encoded samples into a batch (labels padded with IGNORE_INDEX).
+
+    `pixel_values` (and Q-Former ids) hold one row per sample that has an image, in batch order:
+    the model fills the image tokens in reading order over the batch, so text-only samples
+    simply contribute none. A batch of text-only samples has no `pixel_values`.
+    """
 
     def __init__(self, pad_token_id: int, qformer_pad_token_id: int = 0):
         self.pad_token_id = pad_token_id
@@ -144,12 +198,15 @@ class Collator:
             "input_ids": _pad([s["input_ids"] for s in samples], width, self.pad_token_id),
             "attention_mask": _pad([[1] * len(s["input_ids"]) for s in samples], width, 0),
             "labels": _pad([s["labels"] for s in samples], width, IGNORE_INDEX),
-            "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
         }
-        if "qformer_input_ids" in samples[0]:
-            qwidth = max(len(s["qformer_input_ids"]) for s in samples)
-            batch["qformer_input_ids"] = _pad([s["qformer_input_ids"] for s in samples], qwidth, self.qformer_pad_token_id)
-            batch["qformer_attention_mask"] = _pad([[1] * len(s["qformer_input_ids"]) for s in samples], qwidth, 0)
+        with_image = [s for s in samples if "pixel_values" in s]
+        if with_image:
+            batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])
+        qformer_rows = [s["qformer_input_ids"] for s in with_image if "qformer_input_ids" in s]
+        if qformer_rows:
+            qwidth = max(len(r) for r in qformer_rows)
+            batch["qformer_input_ids"] = _pad(qformer_rows, qwidth, self.qformer_pad_token_id)
+            batch["qformer_attention_mask"] = _pad([[1] * len(r) for r in qformer_rows], qwidth, 0)
         return batch
 
 

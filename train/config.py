@@ -100,7 +100,8 @@ class TrainConfig:
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read `path` (YAML; None for defaults), apply `key.sub=value` overrides, validate.
 
-    Override values are parsed as YAML (`lora.r=8`, `unfreeze=[qformer]`, `prompt.caption_prompt=null`).
+    Override values are parsed as YAML (`lora.r=8`, `unfreeze=[qformer]`, `prompt.caption_prompt=null`),
+    except that a text-valued key keeps its text as given (`prompt.question_template=Q: {}`).
     """
     raw: dict = {}
     where = "config"
@@ -119,7 +120,8 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise VLMError(f"override {item!r}: expected dotted.key=value")
-        _set_dotted(raw, key.strip(), _parse_value(value))
+        key = key.strip()
+        _set_dotted(raw, key, _parse_value(value, _field_type(key)))
     return from_dict(raw, where)
 
 
@@ -128,11 +130,55 @@ def from_dict(raw: dict, where: str = "config") -> TrainConfig:
     return _build(TrainConfig, raw, where, prefix="")
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, kind=None) -> Any:
+    """An override's value, parsed as YAML; for a text-valued key, the text as given.
+
+    YAML reads `Q: {}` as a mapping and `yes` as true; a prompt or path is meant, so when the key
+    takes text (`kind` is str/Literal of str, maybe optional) and YAML did not give a string, the
+    raw text is kept (`null` still clears an optional key).
+    """
     try:
-        return yaml.safe_load(text) if text.strip() else ""
+        value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
+    if kind is not None and _takes_text(kind) and not isinstance(value, str):
+        if value is None and _allows_none(kind):
+            return None
+        return text
+    return value
+
+
+def _field_type(dotted: str):
+    """The type hint of a dotted TrainConfig key, or None when there is no such key."""
+    cls, kind = TrainConfig, None
+    for part in dotted.split("."):
+        if cls is None or not dataclasses.is_dataclass(cls):
+            return None
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            return None
+        kind = hints[part]
+        cls = kind if dataclasses.is_dataclass(kind) else None
+    return kind
+
+
+def _arms(kind) -> tuple:
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return typing.get_args(kind)
+    return (kind,)
+
+
+def _takes_text(kind) -> bool:
+    """True when every non-None arm of `kind` is str or a Literal of strings."""
+    arms = [a for a in _arms(kind) if a is not type(None)]
+    return bool(arms) and all(
+        a is str or (typing.get_origin(a) is Literal and all(isinstance(v, str) for v in typing.get_args(a)))
+        for a in arms
+    )
+
+
+def _allows_none(kind) -> bool:
+    return type(None) in _arms(kind)
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:

@@ -40,6 +40,8 @@ def export(model_dir: str, output_dir: str, merge_lora: bool = False, fmt: str =
     from .save import is_peft
 
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise VLMError(f"--output-dir {output_dir}: is a file, not a folder")
     if out.exists() and any(out.iterdir()):
         raise VLMError(f"--output-dir {output_dir}: folder is not empty")
     if out.resolve() == Path(model_dir).resolve():

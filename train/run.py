@@ -51,7 +51,7 @@ def train(
     # Everything that can be wrong with the input fails here, before the model loads.
     if train_examples is None:
         if not config.data.train:
-            raise VLMError("data.train: no training data given")
+            raise VLMError("no training data: give --train-data or data.train in the config")
         train_examples = load_data(config, config.data.train)
     if eval_examples is None and config.data.eval:
         eval_examples = load_data(config, config.data.eval)

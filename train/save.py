@@ -13,6 +13,7 @@ parameters that train, next to the Trainer's optimizer/scheduler/RNG state.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -25,6 +26,10 @@ from .config import BRIDGE_MODULES, TrainConfig, save_config
 
 TRAINABLE_WEIGHTS = "trainable.safetensors"
 TRAIN_CONFIG = "train_config.yaml"
+# Half-written checkpoints and output files; cleared when a run starts.
+STAGING_DIR = ".partial"
+# What makes `load_pretrained` take a folder for a LoRA adapter / a vlm checkpoint.
+MODEL_MARKERS = ("adapter_config.json", "config.json")
 
 
 def is_peft(model) -> bool:
@@ -77,19 +82,63 @@ def bridge_state(model) -> dict[str, torch.Tensor]:
 
 
 def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainConfig) -> Path:
-    """Write the loadable output folder (see module doc); returns its path."""
+    """Write the loadable output folder (see module doc); returns its path.
+
+    The folder also holds the run's checkpoints, so it cannot be swapped whole: the files are
+    written into `output_dir/.partial/output` and then moved in one by one, the files that make
+    `load_pretrained` treat the folder as a model (`adapter_config.json`, `config.json`) last.
+    A kill at any point leaves either the previous complete output, or a folder without those
+    files (an error when loaded), never a half-written model that loads (e.g. an untrained bridge).
+    """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if is_peft(model):
-        model.save_pretrained(out)
-        if config.lora.train_bridge:
-            save_file(bridge_state(model), out / BRIDGE_WEIGHTS, metadata={"format": "pt"})
-        _absolute_base_path(out)
-    else:
-        model.save_pretrained(out)
-    processor.save_pretrained(out)
-    save_config(config, out / TRAIN_CONFIG)
+    staging = out / STAGING_DIR / "output"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        if is_peft(model):
+            model.save_pretrained(staging)
+            if config.lora.train_bridge:
+                save_file(bridge_state(model), staging / BRIDGE_WEIGHTS, metadata={"format": "pt"})
+            _absolute_base_path(staging)
+        else:
+            model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        save_config(config, staging / TRAIN_CONFIG)
+        _move_into(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _move_into(staging: Path, out: Path) -> None:
+    """Move every entry of `staging` into `out`, the files that mark a loadable folder last."""
+    for marker in MODEL_MARKERS:  # the old output stops loading before its files are replaced
+        (out / marker).unlink(missing_ok=True)
+    entries = sorted(staging.iterdir(), key=lambda p: (p.name in MODEL_MARKERS, p.name))
+    for entry in entries:
+        if entry.is_dir():
+            replace_dir(str(entry), str(out / entry.name))
+        else:
+            os.replace(entry, out / entry.name)
+
+
+def replace_dir(new: str, final: str) -> None:
+    """Move folder `new` to `final`, replacing any folder there, so that `final` is never partial.
+
+    The old folder is first renamed aside (atomic), not deleted in place: a kill during a
+    recursive delete would leave a half-deleted `final` that still looks complete. A kill
+    between the two renames leaves no `final`; the aside copy sits next to `new` (in a staging
+    folder, which the next run clears).
+    """
+    old = None
+    if os.path.isdir(final):
+        old = os.path.join(os.path.dirname(new), f"old-{os.path.basename(final)}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(new, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _absolute_base_path(out: Path) -> None:

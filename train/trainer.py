@@ -9,7 +9,8 @@ What we add:
   base), so resuming restores the bridge too, which peft's adapter file would not hold;
 - `Trainer` writes `checkpoint-N` in place, so a kill mid-save leaves a half-written folder that
   `get_last_checkpoint` would pick. We write into `output_dir/.partial/` and `os.replace` the
-  finished folder into place: a `checkpoint-N` folder is always complete.
+  finished folder into place (an older folder of the same step is renamed aside first, never
+  deleted in place): a `checkpoint-N` folder is always complete.
 """
 
 from __future__ import annotations
@@ -21,15 +22,15 @@ import shutil
 
 import torch
 from transformers import Trainer, TrainingArguments
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlm.errors import VLMError
 
 from .config import TrainConfig
-from .save import TRAINABLE_WEIGHTS, load_trainable, save_trainable
+from .save import STAGING_DIR, TRAINABLE_WEIGHTS, load_trainable, replace_dir, save_trainable
 
 logger = logging.getLogger(__name__)
-STAGING_DIR = ".partial"
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
@@ -53,10 +54,9 @@ class VLMTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             final = os.path.join(run_dir, name)
-            if os.path.isdir(final):  # the same step saved again (e.g. after a resume)
-                shutil.rmtree(final)
-            _fsync_tree(os.path.join(run_dir, STAGING_DIR, name))
-            os.replace(os.path.join(run_dir, STAGING_DIR, name), final)
+            staged = os.path.join(run_dir, STAGING_DIR, name)
+            _fsync_tree(staged)
+            replace_dir(staged, final)
             rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
 
@@ -70,6 +70,24 @@ class VLMTrainer(Trainer):
         load_trainable(model if model is not None else self.model, resume_from_checkpoint)
 
 
+def missing_checkpoint_files(path: str) -> list[str]:
+    """What a checkpoint folder lacks of what `VLMTrainer` writes; [] when complete.
+
+    The trainable weights and trainer_state.json always; the optimizer and scheduler state
+    where the Trainer writes them as files (plain/DDP: optimizer.pt + scheduler.pt; FSDP:
+    optimizer*; DeepSpeed writes its own `latest` + global_step folder instead).
+    """
+    names = set(os.listdir(path)) if os.path.isdir(path) else set()
+    missing = [f for f in (TRAINABLE_WEIGHTS, TRAINER_STATE_NAME) if f not in names]
+    if "latest" in names:  # DeepSpeed: optimizer and scheduler live in its global_step folder
+        return missing
+    if not any(n == OPTIMIZER_NAME or n.startswith("optimizer") for n in names):
+        missing.append(OPTIMIZER_NAME)
+    if SCHEDULER_NAME not in names:
+        missing.append(SCHEDULER_NAME)
+    return missing
+
+
 def find_resume_checkpoint(output_dir: str, resume: str) -> str | None:
     """The checkpoint to resume from: `resume` as a folder, the newest complete one for "auto", or None."""
     if resume == "none":
@@ -77,6 +95,9 @@ def find_resume_checkpoint(output_dir: str, resume: str) -> str | None:
     if resume != "auto":
         if not os.path.isfile(os.path.join(resume, TRAINABLE_WEIGHTS)):
             raise VLMError(f"resume: {resume} is not a vlm training checkpoint (no {TRAINABLE_WEIGHTS})")
+        missing = missing_checkpoint_files(resume)
+        if missing:
+            raise VLMError(f"resume: {resume} is an incomplete checkpoint (no {', '.join(missing)})")
         return resume
     if not os.path.isdir(output_dir):
         return None
@@ -85,7 +106,7 @@ def find_resume_checkpoint(output_dir: str, resume: str) -> str | None:
         match = _CHECKPOINT_RE.match(entry)
         path = os.path.join(output_dir, entry)
         # Completeness check too, for folders that an older tool wrote in place.
-        if match and all(os.path.isfile(os.path.join(path, f)) for f in (TRAINABLE_WEIGHTS, "trainer_state.json")):
+        if match and not missing_checkpoint_files(path):
             steps.append((int(match.group(1)), path))
     return max(steps)[1] if steps else None
 

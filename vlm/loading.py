@@ -181,7 +181,7 @@ def load_pretrained(
         model.to(device)
     processor = load_processor(name_or_path, config, model_type)
     if adapter_dir is not None:
-        model = _apply_adapter(model, adapter_dir)
+        model = apply_adapter(model, adapter_dir)
         if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
             processor = VLMProcessor.from_pretrained(adapter_dir)
     model.eval()
@@ -192,23 +192,44 @@ def _adapter_base(adapter_dir: str) -> str:
     """The base checkpoint of an adapter folder: a config.json beside it wins over peft's record."""
     if os.path.isfile(os.path.join(adapter_dir, "config.json")):
         return adapter_dir
-    with open(os.path.join(adapter_dir, "adapter_config.json")) as f:
-        base = json.load(f).get("base_model_name_or_path")
+    path = os.path.join(adapter_dir, "adapter_config.json")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise VLMError(f"{path}: not valid JSON ({e})") from None
+    base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
     if not base:
-        raise VLMError(f"{adapter_dir}: adapter_config.json names no base_model_name_or_path")
+        raise VLMError(f"{path}: names no base_model_name_or_path")
     return base
 
 
-def _apply_adapter(model: VisionLanguageModel, adapter_dir: str):
-    """Load the trained bridge weights (if any) and the peft LoRA adapter onto `model`."""
-    from peft import PeftModel
+def apply_adapter(model: VisionLanguageModel, folder: str | os.PathLike, model_name: str = "model"):
+    """Load a folder's trained bridge (`bridge.safetensors`, if any) and peft adapter (if any) onto `model`.
+
+    The bridge is checked first: a weight for a module `model` lacks, or of another shape, is
+    a VLMError naming the file (`model_name` says what the model is, for that message). Values
+    are cast to the model's dtypes (the Q-Former stays fp32). Returns a `PeftModel` when the
+    folder holds `adapter_config.json`, else `model` itself.
+    """
     from safetensors.torch import load_file
 
-    bridge = os.path.join(adapter_dir, BRIDGE_WEIGHTS)
+    bridge = os.path.join(folder, BRIDGE_WEIGHTS)
     if os.path.isfile(bridge):
+        known = model.state_dict()
         state = load_file(bridge, device=str(next(model.parameters()).device))
-        missing = set(state) - set(model.state_dict())
-        if missing:
-            raise VLMError(f"{bridge}: weights for unknown modules: {sorted(missing)[:3]}")
-        model.load_state_dict(state, strict=False)
-    return PeftModel.from_pretrained(model, adapter_dir)
+        unknown = sorted(k for k in state if k not in known)
+        if unknown:
+            raise VLMError(f"{bridge}: weights for modules the {model_name} lacks: {unknown[:3]}")
+        wrong = [k for k, v in state.items() if v.shape != known[k].shape]
+        if wrong:
+            raise VLMError(
+                f"{bridge}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+                f"the {model_name} expects {tuple(known[wrong[0]].shape)}"
+            )
+        model.load_state_dict({k: v.to(known[k].dtype) for k, v in state.items()}, strict=False)
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        return model
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(folder))

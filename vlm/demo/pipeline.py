@@ -49,7 +49,9 @@ CHAT_TEMPLATE = (
 CAPTION_REQUEST = "Describe the image."
 ONNX_ATOL = 1e-4
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "demo_weights"
-BRIDGE_FILE = "bridge.safetensors"  # same names as a `vlm train` LoRA/bridge output folder
+# == vlm.loading.BRIDGE_WEIGHTS (a `vlm train` output folder's name); not imported from there so
+# that importing vlm.demo does not load torch/transformers.
+BRIDGE_FILE = "bridge.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 DEMO_META = "demo.json"  # optional: {"processor": {...attributes...}, "eval": ..., "command": ...}
 BUILD_INFO = "demo_build.json"
@@ -129,22 +131,11 @@ def build_dinov2(onnx_path: Path, out: Path, check_pixels: np.ndarray | None = N
 
 def apply_demo_weights(model, processor, weights: Path):
     """Load the shipped bridge (and merge a LoRA adapter) into a freshly composed model."""
-    from safetensors.torch import load_file
+    from ..loading import apply_adapter
 
-    state = load_file(str(weights / BRIDGE_FILE))
-    known = model.state_dict()
-    unknown = sorted(k for k in state if k not in known)
-    if unknown:
-        raise VLMError(f"{weights / BRIDGE_FILE}: weights for modules the demo model lacks: {unknown[:3]}")
-    wrong = [k for k, v in state.items() if v.shape != known[k].shape]
-    if wrong:
-        raise VLMError(f"{weights / BRIDGE_FILE}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
-                       f"the demo model expects {tuple(known[wrong[0]].shape)}")
-    model.load_state_dict({k: v.to(known[k].dtype) for k, v in state.items()}, strict=False)
+    model = apply_adapter(model, weights, model_name="demo model")
     if (weights / ADAPTER_CONFIG).is_file():
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(weights)).merge_and_unload()
+        model = model.merge_and_unload()
     meta_path = weights / DEMO_META
     if meta_path.is_file():
         for key, value in json.loads(meta_path.read_text()).get("processor", {}).items():
