@@ -8,7 +8,6 @@ import sys
 import time
 from dataclasses import dataclass
 
-from vlm.errors import VLMError
 
 from .inputs import check_inputs
 from .writers import FORMATS, CsvWriter, JsonlWriter, TxtWriter, merge_parts, part_path, part_paths, read_done
