@@ -9,6 +9,7 @@ The image-feature cache is keyed by the same session hash.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -115,6 +116,21 @@ def example_images(folder: Path) -> list[Path]:
     return paths
 
 
+def easyvqa_examples(folder: Path) -> list[tuple[str, Path]]:
+    """Two easy-vqa test images (what the demo bridge was trained on), when the demo cache has them."""
+    from vlm.demo.fetch import demo_root
+
+    source = demo_root() / "files" / "easy-vqa-1.0" / "easy_vqa" / "data" / "test" / "images"
+    picks = [("What color is the shape?", "0.png"), ("Does this image contain a circle?", "1.png")]
+    out = []
+    for question, name in picks:
+        if (source / name).is_file():
+            target = folder / f"easy-vqa-{name}"
+            shutil.copyfile(source / name, target)
+            out.append((question, target))
+    return out
+
+
 def header(settings: ChatSettings) -> str:
     return (
         f"**Model** `{settings.model_name}` · **Device** `{settings.device}` · **dtype** `{settings.dtype}` · "
@@ -141,6 +157,7 @@ def build_app(engine: ChatEngine, settings: ChatSettings) -> gr.Blocks:
             {"text": "What shape is in this picture?", "files": [str(circle)]},
             {"text": "Describe the image in one sentence.", "files": [str(square)]},
         ]
+        examples += [{"text": q, "files": [str(p)]} for q, p in easyvqa_examples(folder)]
     max_tokens = max(16, min(2048, engine.context_length // 2))
     with gr.Blocks(title="vlm chat") as demo:
         gr.Markdown("## vlm chat")
