@@ -5,14 +5,14 @@ LLM) on the same JPEG captions read from disk, with the same LoRA (rank, targets
 attention + MLP projections), the same trainable bridge, batch size, steps, precision and seed.
 
 - ours:     `vlm train --recipe lora ...` (in this process: `vlm.cli.main`), which decodes and
-            tokenizes in DataLoader workers;
+            tokenizes in DataLoader workers on a GPU (on CPU, in the main process);
 - baseline: what a user writes from the transformers/peft docs: a Dataset of (path, caption),
             a collator that opens the images and calls the processor on the batch, `Trainer`.
 
 Prints each run's training samples/s (Trainer's `train_samples_per_second`, which counts the
 whole loop: data loading, forward, backward, optimizer) and the ratio ours / baseline.
 
-    python bench/train.py [--steps 30] [--batch-size 8] [--samples 64] [--precision fp32|bf16] [--workers 2]
+    python bench/train.py [--steps 30] [--batch-size 8] [--samples 64] [--precision fp32|bf16] [--workers auto|N]
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers for vlm train")
+    parser.add_argument("--workers", default="auto", help="DataLoader workers for vlm train (default: its own choice)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -34,7 +34,10 @@ class DataConfig:
     text_column: str = "text"
     skip_bad_images: bool = False
     max_length: int = 512  # text tokens per sample, image tokens included; longer is cut at the end
-    num_workers: int = 2  # DataLoader workers: images are decoded and tokenized there
+    # DataLoader workers (images are decoded and tokenized there). auto: 0 when training on CPU,
+    # where workers only take cores from the model (measured: 0.78x the throughput on 2 cores
+    # with 2 workers), else half the cores, at most 8.
+    num_workers: int | Literal["auto"] = "auto"
 
 
 @dataclass

@@ -142,7 +142,7 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         seed=config.seed,
         data_seed=config.seed,
         report_to=_report_to(config.report_to),
-        dataloader_num_workers=config.data.num_workers,
+        dataloader_num_workers=_num_workers(config.data.num_workers, cuda),
         # Not persistent: a resumed run then draws worker seeds from the RNG at the same points
         # as an uninterrupted one, so dropout masks and final weights match exactly.
         dataloader_persistent_workers=False,
@@ -151,6 +151,12 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         use_cpu=not cuda,
         ddp_find_unused_parameters=False,
     )
+
+
+def _num_workers(num_workers: int | str, cuda: bool) -> int:
+    if num_workers != "auto":
+        return int(num_workers)
+    return min(8, max(1, (os.cpu_count() or 2) // 2)) if cuda else 0
 
 
 def _report_to(report_to) -> list[str] | str:
