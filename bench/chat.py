@@ -11,7 +11,7 @@ weights, built here offline), answer the same image + question greedily with exa
 Printed as ratios (>= 1.0 means `vlm` is at least as fast). The vlm side is measured on the
 second turn of a conversation too, where the image is already encoded (the chat's cache).
 
-    python bench/chat.py                  # CPU, a small random LLM (256 wide x 4 layers)
+    python bench/chat.py                  # CPU, a random LLM 1024 wide x 8 layers
     python bench/chat.py --device cuda --llm-width 4096 --llm-layers 32 --quantization 4bit
 """
 
@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default=None, help="default: fp32 on CPU, bf16 on CUDA")
     p.add_argument("--quantization", default=None, choices=["4bit", "8bit"])
-    p.add_argument("--llm-width", type=int, default=256)
-    p.add_argument("--llm-layers", type=int, default=4)
+    p.add_argument("--llm-width", type=int, default=1024)  # smaller LLMs make ms-level TTFT ratios noise
+    p.add_argument("--llm-layers", type=int, default=8)
     p.add_argument("--queries", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
     if args.threads:
