@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from transformers import Blip2Config, Blip2ForConditionalGeneration, Blip2Processor, BlipImageProcessor
+from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
@@ -42,24 +42,14 @@ IMAGE_SIZE = 224
 
 def mid_size_checkpoint(path: Path) -> Path:
     """Official-format BLIP-2: ViT 384x6 at 224px/16, Q-Former 256x4 with 32 queries, OPT 512x6."""
-    tokenizer = tiny.make_tokenizer("opt")
-    processor = Blip2Processor(BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}), tokenizer,
-                               num_query_tokens=32)
-    text = tiny.text_config("opt", len(tokenizer), width=512) | {"num_hidden_layers": 6, "ffn_dim": 2048,
-                                                                 "num_attention_heads": 8}
-    config = Blip2Config(
-        vision_config=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-                           image_size=IMAGE_SIZE, patch_size=16),
-        qformer_config=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                            cross_attention_frequency=2, vocab_size=200, max_position_embeddings=64),
-        text_config=text, num_query_tokens=32, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    return tiny.save_official_blip2(
+        path, "opt", num_query_tokens=32, image_size=IMAGE_SIZE,
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=16),
+        qformer=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                     cross_attention_frequency=2),
+        text={"hidden_size": 512, "word_embed_proj_dim": 512, "ffn_dim": 2048, "num_hidden_layers": 6,
+              "num_attention_heads": 8},
     )
-    torch.manual_seed(0)
-    model = Blip2ForConditionalGeneration(config)
-    tiny._randomize(model)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 def make_images(folder: Path, n: int) -> list[str]:

@@ -24,24 +24,19 @@ import tiny  # noqa: E402
 
 from vlm import load_pretrained  # noqa: E402
 
+IMAGE_SIZE = 112
 PROMPTS = ["a photo of", "question: what colour is the shape? short answer:", "", "the quick brown fox"]
 
 
 def mid_size_checkpoint(path: Path) -> Path:
     """A BLIP-2-shaped checkpoint big enough that Python overhead does not dominate."""
-    tiny.vision_config = lambda width=32: dict(  # noqa: E731 - widen the tiny presets for this run
-        hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,
-        image_size=112, patch_size=14,
+    return tiny.save_official_blip2(
+        path, "opt", num_query_tokens=32, image_size=IMAGE_SIZE,
+        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=14),
+        qformer=dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
+                     cross_attention_frequency=2),
+        text={"hidden_size": 512, "word_embed_proj_dim": 512, "ffn_dim": 2048, "num_hidden_layers": 6},
     )
-    tiny.qformer_config = lambda width=32: dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-        cross_attention_frequency=2, vocab_size=200, max_position_embeddings=64,
-    )
-    text_config = tiny.text_config
-    tiny.text_config = lambda kind, vocab, width=32: text_config(kind, vocab, width=512) | {"num_hidden_layers": 6,
-                                                                                          "ffn_dim": 2048}
-    tiny.IMAGE_SIZE = 112
-    return tiny.save_official_blip2(path, "opt", num_query_tokens=32)
 
 
 def main() -> None:
@@ -50,18 +45,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=24)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     with tempfile.TemporaryDirectory() as tmp:
         path = mid_size_checkpoint(Path(tmp))
         ref_processor = Blip2Processor.from_pretrained(path)
         ref_processor.tokenizer.padding_side = "left"
-        ref_processor.image_processor.size = {"height": 112, "width": 112}
         reference = Blip2ForConditionalGeneration.from_pretrained(path).eval()
         model, processor = load_pretrained(path, device="cpu")
-        processor.image_processor.size = {"height": 112, "width": 112}
 
-    images = [tiny.random_image(i, (112, 112)) for i in range(args.batch_size)]
+    images = [tiny.random_image(i, (IMAGE_SIZE, IMAGE_SIZE)) for i in range(args.batch_size)]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(args.batch_size)]
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False)
 

@@ -77,8 +77,8 @@ def make_bert(tmp: Path) -> Path:
     return tmp
 
 
-def image_processor() -> BlipImageProcessor:
-    return BlipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+def image_processor(size: int = IMAGE_SIZE) -> BlipImageProcessor:
+    return BlipImageProcessor(size={"height": size, "width": size})
 
 
 def vision_config(width: int = 32) -> dict:
@@ -106,23 +106,32 @@ def text_config(kind: str, vocab_size: int, width: int = 32) -> dict:
     return cfg.to_dict()
 
 
-def save_official_blip2(path: Path, llm: str = "opt", num_query_tokens: int = 4, seed: int = 0) -> Path:
-    """A random-weight `Blip2ForConditionalGeneration` checkpoint in the official layout."""
-    tokenizer = make_tokenizer("opt" if llm == "opt" else "llama")
-    processor = Blip2Processor(image_processor(), tokenizer, num_query_tokens=num_query_tokens)
+def save_official_blip2(
+    path: Path,
+    llm: str = "opt",
+    num_query_tokens: int = 4,
+    seed: int = 0,
+    image_size: int = IMAGE_SIZE,
+    vision: dict | None = None,
+    qformer: dict | None = None,
+    text: dict | None = None,
+    chat: bool = False,
+) -> Path:
+    """A random-weight `Blip2ForConditionalGeneration` checkpoint in the official layout.
+
+    `vision` / `qformer` / `text` override entries of the tiny sub-configs (benchmarks use them
+    for mid-size shapes); `image_size` sets both the vision tower's and the processor's size.
+    """
+    tokenizer = make_tokenizer("opt" if llm == "opt" else "llama", chat=chat)
+    processor = Blip2Processor(image_processor(image_size), tokenizer, num_query_tokens=num_query_tokens)
     config = Blip2Config(
-        vision_config=vision_config(),
-        qformer_config=qformer_config(),
-        text_config=text_config(llm, len(tokenizer)),
+        vision_config=vision_config() | {"image_size": image_size} | (vision or {}),
+        qformer_config=qformer_config() | (qformer or {}),
+        text_config=text_config(llm, len(tokenizer)) | (text or {}),
         num_query_tokens=num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
-    torch.manual_seed(seed)
-    model = Blip2ForConditionalGeneration(config)
-    _randomize(model)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return _save_random(Blip2ForConditionalGeneration, config, processor, path, seed)
 
 
 def save_official_instructblip(path: Path, num_query_tokens: int = 4, seed: int = 0) -> Path:
@@ -142,8 +151,13 @@ def save_official_instructblip(path: Path, num_query_tokens: int = 4, seed: int 
         num_query_tokens=num_query_tokens,
         image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
     )
+    return _save_random(InstructBlipForConditionalGeneration, config, processor, path, seed)
+
+
+def _save_random(model_class, config, processor, path: Path, seed: int) -> Path:
+    """Build `model_class(config)` with seeded random weights; save it and `processor` to `path`."""
     torch.manual_seed(seed)
-    model = InstructBlipForConditionalGeneration(config)
+    model = model_class(config)
     _randomize(model)
     model.save_pretrained(path)
     processor.save_pretrained(path)
@@ -180,12 +194,7 @@ def save_tiny_vlm(
         num_query_tokens=num_query_tokens,
         image_token_index=processor.image_token_id,
     )
-    torch.manual_seed(seed)
-    model = VisionLanguageModel(config)
-    _randomize(model)
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return _save_random(VisionLanguageModel, config, processor, path, seed)
 
 
 def save_vision_part(path: Path, kind: str, width: int = 32) -> Path:
