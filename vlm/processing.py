@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import AddedToken
 
 from .configuration import VLMConfig
@@ -78,18 +78,6 @@ class VLMProcessor(ProcessorMixin):
         if os.path.isdir(qformer_dir):
             processor.qformer_tokenizer = AutoTokenizer.from_pretrained(qformer_dir)
         return processor
-
-    @classmethod
-    def from_parts(
-        cls, image_processor_path: str, tokenizer_path: str, num_query_tokens: int, **kwargs
-    ) -> VLMProcessor:
-        """Build from an image processor folder/id and a tokenizer folder/id."""
-        return cls(
-            AutoImageProcessor.from_pretrained(image_processor_path),
-            AutoTokenizer.from_pretrained(tokenizer_path),
-            num_query_tokens=num_query_tokens,
-            **kwargs,
-        )
 
     # -- prompts -------------------------------------------------------------------------------
     @property
