@@ -136,7 +136,7 @@ def run_baseline(model_dir: Path, data: Path, out: Path, args) -> float:
 
     training_args = TrainingArguments(
         output_dir=str(out), per_device_train_batch_size=args.batch_size, max_steps=args.steps,
-        learning_rate=1e-4, lr_scheduler_type="cosine", save_strategy="no", report_to="none",
+        learning_rate=1e-4, lr_scheduler_type="cosine", save_strategy="steps", save_steps=100000, report_to="none",
         remove_unused_columns=False, label_names=["labels"], bf16=args.precision == "bf16", use_cpu=not torch.cuda.is_available(),
         logging_steps=100000, seed=42,
     )

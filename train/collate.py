@@ -177,7 +177,10 @@ class TrainDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
         image = open_example_image(example) if example.image is not None else None
-        return encode_example(example, self.processor, image, self.max_length)
+        sample = encode_example(example, self.processor, image, self.max_length)
+        if image is not None:  # names the image for the trainer's vision feature cache
+            sample["image_key"] = example.image if isinstance(example.image, str) else example.source
+        return sample
 
 
 class Collator:
@@ -202,6 +205,8 @@ class Collator:
         with_image = [s for s in samples if "pixel_values" in s]
         if with_image:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])
+            if all("image_key" in s for s in with_image):
+                batch["image_keys"] = [s["image_key"] for s in with_image]
         qformer_rows = [s["qformer_input_ids"] for s in with_image if "qformer_input_ids" in s]
         if qformer_rows:
             qwidth = max(len(r) for r in qformer_rows)

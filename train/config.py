@@ -85,6 +85,8 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
+    # CPU memory for caching frozen vision features (each image encoded once; 0 turns it off)
+    vision_cache_gb: float = 4.0
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2

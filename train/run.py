@@ -16,6 +16,7 @@ from .config import TrainConfig, save_config
 from .recipes import prepare_model, trainable_parameter_count
 from .save import TRAIN_CONFIG, save_trained
 from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
+from .vision_cache import VisionFeatureCache, cache_blocker
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,11 @@ def train(
         eval_dataset=eval_dataset,
         data_collator=make_collator(processor),
     )
+    trainer.vision_cache = make_vision_cache(config, trainer)
     result = trainer.train(resume_from_checkpoint=resume_from)
+    cache = trainer.vision_cache
+    if cache is not None and args.should_log:
+        print(f"vision features: {cache.misses:,} computed, {cache.hits:,} reused from the cache", flush=True)
     if args.should_save:
         trainer.save_metrics("train", result.metrics)  # train_results.json: runtime, samples/s, loss
     if eval_dataset is not None:
@@ -94,3 +99,19 @@ def train(
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
     return save_trained(model, processor, config.output_dir, config)
+
+
+def make_vision_cache(config: TrainConfig, trainer: VLMTrainer) -> VisionFeatureCache | None:
+    """The run's vision feature cache, or None (turned off, or the tower's output can change)."""
+    if config.vision_cache_gb < 0:
+        raise VLMError(f"vision_cache_gb must be >= 0 (0 turns the cache off), got {config.vision_cache_gb}")
+    if config.vision_cache_gb == 0:
+        return None
+    model = trainer.model
+    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+    vision_trains = any(p.requires_grad for p in bare.vision_model.parameters())
+    blocker = cache_blocker(bare, vision_trains, trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
+    if blocker is not None:
+        logger.info("not caching vision features: %s", blocker)
+        return None
+    return VisionFeatureCache(int(config.vision_cache_gb * 1e9))

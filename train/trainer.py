@@ -7,6 +7,7 @@ token-count-exact loss scaling across accumulation steps and processes (`num_ite
 What we add:
 - checkpoints hold `trainable.safetensors` (the bridge and/or LoRA weights; never the frozen
   base), so resuming restores the bridge too, which peft's adapter file would not hold;
+- frozen vision features come from a `VisionFeatureCache` when the run has one (`vision_cache.py`);
 - `Trainer` writes `checkpoint-N` in place, so a kill mid-save leaves a half-written folder that
   `get_last_checkpoint` would pick. We write into `output_dir/.partial/` and `os.replace` the
   finished folder into place (an older folder of the same step is renamed aside first, never
@@ -29,6 +30,7 @@ from vlm.errors import VLMError
 
 from .config import TrainConfig
 from .save import STAGING_DIR, TRAINABLE_WEIGHTS, load_trainable, replace_dir, save_trainable
+from .vision_cache import VisionFeatureCache
 
 logger = logging.getLogger(__name__)
 _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
@@ -38,6 +40,16 @@ class VLMTrainer(Trainer):
     """`Trainer` whose checkpoints are the trainable weights, moved into place atomically."""
 
     _staging = False
+    vision_cache: VisionFeatureCache | None = None
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        keys = inputs.pop("image_keys", None)  # the collator names each image for the cache
+        if self.vision_cache is not None and keys and "pixel_values" in inputs:
+            bare = self.accelerator.unwrap_model(model)
+            bare = bare.get_base_model() if hasattr(bare, "get_base_model") else bare  # peft
+            with self.accelerator.autocast():  # what the model's own forward runs under
+                inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
