@@ -9,6 +9,11 @@ attention + MLP projections), the same trainable bridge, batch size, steps, prec
 - baseline: what a user writes from the transformers/peft docs: a Dataset of (path, caption),
             a collator that opens the images and calls the processor on the batch, `Trainer`.
 
+Both save one checkpoint at the end (Trainer's default `save_strategy="steps"` does). With
+`--samples` below steps x batch size, images repeat (epochs), and ours encodes each image once
+with its frozen vision tower (train/vision_cache.py); `--samples` >= steps x batch size
+(one epoch) measures the loop alone.
+
 Prints each run's training samples/s (Trainer's `train_samples_per_second`, which counts the
 whole loop: data loading, forward, backward, optimizer) and the ratio ours / baseline.
 
