@@ -264,3 +264,23 @@ def test_same_relative_name_in_two_lists(tmp_path, blip2_opt_dir, capsys):
     assert main(args) == 0  # resume: all three entries are done
     assert "captioned 0, errors 0, skipped 3" in capsys.readouterr().err
     assert len(rows_of(out)) == 2
+
+
+def test_dtype_flag_loads_the_llm_in_bf16(tmp_path, blip2_opt_dir, monkeypatch):
+    import vlm.loading
+
+    seen = {}
+    real = vlm.loading.load_pretrained
+
+    def spy(*args, **kwargs):  # the real loader; we only record what it built
+        model, processor = real(*args, **kwargs)
+        seen["dtype"] = model.language_model.dtype
+        return model, processor
+
+    monkeypatch.setattr(vlm.loading, "load_pretrained", spy)
+    folder = images_folder(tmp_path / "imgs", 3)
+    out = tmp_path / "out.jsonl"
+    assert main([str(folder), "--out", str(out), "--model", str(blip2_opt_dir), "--dtype", "bfloat16",
+                 "--max-new-tokens", "4", "--num-workers", "0", "--no-progress"]) == 0
+    assert seen["dtype"] == torch.bfloat16
+    assert len(rows_of(out)) == 3 and all(isinstance(r["caption"], str) for r in rows_of(out))
