@@ -315,6 +315,49 @@ def test_shipped_weights_load_and_change_the_fingerprint(tiny_vlm_dir, tmp_path)
         pipeline.apply_demo_weights(model, processor, weights)
 
 
+def test_ship_writes_a_runs_weights_in_fp16_and_they_load(tiny_vlm_dir, tmp_path):
+    """`python -m vlm.demo.ship` on a real (tiny) LoRA run: fp16 files that rebuild the same model."""
+    import torch
+    from safetensors.torch import load_file
+
+    import tiny
+    from vlm import load_pretrained
+    from vlm.cli import main as vlm_main
+    from vlm.demo import pipeline
+    from vlm.demo.ship import main as ship_main
+    from vlm.demo.ship import ship
+
+    data = tmp_path / "train.jsonl"
+    tiny.random_image(0).save(tmp_path / "0.png")
+    data.write_text(json.dumps({"image": "0.png", "text": "a red circle"}) + "\n")
+    run = tmp_path / "run"
+    assert vlm_main(["train", "--recipe", "lora", "--model", str(tiny_vlm_dir), "--train-data", str(data),
+                     "--output-dir", str(run), "--max-steps", "2", "--learning-rate", "1e-2", "report_to=none",
+                     "data.num_workers=0", "prompt.caption_prompt=a picture of"]) == 0
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    summary = tmp_path / "eval.json"
+    summary.write_text(json.dumps({"metrics": {"accuracy": 12.5}}))
+    command = f"vlm train --output-dir {run}"
+    with pytest.raises(SystemExit):
+        ship_main([str(run)])  # --command is required (argparse stops before anything is written)
+    ship(run, command, [json.loads(summary.read_text())], weights=weights)  # not the package's folder
+    assert all(t.dtype == torch.float16 for t in load_file(weights / pipeline.BRIDGE_FILE).values())
+    meta = json.loads((weights / pipeline.DEMO_META).read_text())
+    assert meta["command"] == command and meta["eval"][0]["metrics"]["accuracy"] == 12.5
+    assert meta["processor"]["caption_prompt"] == "a picture of"
+
+    trained, processor = load_pretrained(str(run), device="cpu")
+    base, base_processor = load_pretrained(str(tiny_vlm_dir), device="cpu")
+    shipped, shipped_processor = pipeline.apply_demo_weights(base, base_processor, weights)
+    assert shipped_processor.caption_prompt == "a picture of"
+    inputs = processor(images=[tiny.random_image(0)], text=[processor.caption_prompt])
+    with torch.no_grad():
+        want, got = trained(**inputs).logits, shipped(**inputs).logits
+    assert (want - got).abs().max() < 1e-2  # fp16 rounding of the bridge and adapter only
+    assert not torch.allclose(want, load_pretrained(str(tiny_vlm_dir), device="cpu")[0](**inputs).logits)
+
+
 @pytest.mark.slow
 def test_vlm_build_demo_cli_is_idempotent(demo_build):
     """`vlm build --demo` on a built cache returns the same checkpoint without rebuilding."""

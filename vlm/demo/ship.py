@@ -1,0 +1,76 @@
+"""Copy a demo training run's weights into `vlm/demo_weights/` (fp16), for a release.
+
+    python -m vlm.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...]
+
+RUN_DIR is the output folder of `vlm train configs/train/demo-easyvqa.yaml` (a bridge/LoRA run
+on the demo model). Writes `bridge.safetensors` and the LoRA adapter cast to fp16, and
+`demo.json` with the processor prompts the run trained with, the command, and the eval summaries
+(`vlm eval` JSON) given. The next `vlm build --demo` (or first use) rebuilds the demo with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import VLMError
+from .pipeline import ADAPTER_CONFIG, BRIDGE_FILE, DEMO_META, WEIGHTS_DIR
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PROCESSOR_KEYS = ("question_template", "caption_prompt")
+MAX_BYTES = 40 * 1024 * 1024
+
+
+def _fp16_copy(src: Path, dst: Path) -> None:
+    tensors = {k: v.to(torch.float16) if v.is_floating_point() else v for k, v in load_file(src).items()}
+    save_file(tensors, dst, metadata={"format": "pt"})
+
+
+def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR) -> list[Path]:
+    """Write the run's trained weights (fp16) and demo.json into `weights`; returns the files written."""
+    if not (run / BRIDGE_FILE).is_file():
+        raise VLMError(f"{run}: no {BRIDGE_FILE} (not the output folder of a finished bridge/LoRA run)")
+    written = [weights / BRIDGE_FILE]
+    _fp16_copy(run / BRIDGE_FILE, written[0])
+    if (run / ADAPTER_CONFIG).is_file():
+        shutil.copyfile(run / ADAPTER_CONFIG, weights / ADAPTER_CONFIG)
+        _fp16_copy(run / ADAPTER_WEIGHTS, weights / ADAPTER_WEIGHTS)
+        written += [weights / ADAPTER_CONFIG, weights / ADAPTER_WEIGHTS]
+    processor_config = json.loads((run / "processor_config.json").read_text())
+    meta = {
+        "processor": {k: processor_config[k] for k in PROCESSOR_KEYS if processor_config.get(k) is not None},
+        "command": command,
+        "eval": evals,
+    }
+    (weights / DEMO_META).write_text(json.dumps(meta, indent=2) + "\n")
+    written.append(weights / DEMO_META)
+    total = sum(p.stat().st_size for p in written)
+    if total > MAX_BYTES:
+        raise VLMError(f"the shipped demo weights are {total / 2**20:.1f} MB, over the 40 MB budget")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlm.demo.ship", description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="output folder of the demo training run")
+    p.add_argument("--command", required=True, help="the exact command that trained it (recorded in demo.json)")
+    p.add_argument("--eval", action="append", default=[], type=Path, help="a `vlm eval` JSON summary to record")
+    args = p.parse_args(argv)
+    try:
+        evals = [json.loads(path.read_text()) for path in args.eval]
+        for path in ship(args.run, args.command, evals):
+            print(f"{path} ({path.stat().st_size / 2**20:.1f} MB)")
+    except VLMError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
