@@ -207,8 +207,9 @@ def main(argv: list[str]) -> int:
     if args.demo:
         from .demo import build_demo, demo_photos
 
-        print(build_demo())
+        checkpoint = build_demo()
         demo_photos()
+        print(checkpoint)  # last, so scripts can take the path from the final line
         return 0
     missing = [flag for flag, value in (("--vision", args.vision), ("--llm", args.llm), ("--output-dir", args.output_dir)) if not value]
     if missing:
