@@ -116,19 +116,24 @@ def example_images(folder: Path) -> list[Path]:
     return paths
 
 
-def easyvqa_examples(folder: Path) -> list[tuple[str, Path]]:
-    """Two easy-vqa test images (what the demo bridge was trained on), when the demo cache has them."""
-    from vlm.demo.fetch import demo_root
-
-    source = demo_root() / "files" / "easy-vqa-1.0" / "easy_vqa" / "data" / "test" / "images"
-    picks = [("What color is the shape?", "0.png"), ("Does this image contain a circle?", "1.png")]
+def _copy_cached(folder: Path, source: Path, picks: list[tuple[str, str]], prefix: str) -> list[tuple[str, Path]]:
+    """(question, copy in `folder`) for each picked file of the demo cache folder `source` that exists."""
     out = []
     for question, name in picks:
         if (source / name).is_file():
-            target = folder / f"easy-vqa-{name}"
+            target = folder / f"{prefix}{name}"
             shutil.copyfile(source / name, target)
             out.append((question, target))
     return out
+
+
+def easyvqa_examples(folder: Path) -> list[tuple[str, Path]]:
+    """Two easy-vqa test images (what the demo bridge was trained on), when the demo cache has them."""
+    from vlm.demo.fetch import EASY_VQA, demo_root
+
+    source = demo_root() / "files" / EASY_VQA.key / "easy_vqa" / "data" / "test" / "images"
+    picks = [("What color is the shape?", "0.png"), ("Does this image contain a circle?", "1.png")]
+    return _copy_cached(folder, source, picks, "easy-vqa-")
 
 
 PHOTO_PROMPTS = {
@@ -144,13 +149,8 @@ def photo_examples(folder: Path) -> list[tuple[str, Path]]:
     from vlm.demo.fetch import SKIMAGE_PHOTOS, demo_root
 
     source = demo_root() / "files" / SKIMAGE_PHOTOS.key / "skimage" / "data"
-    out = []
-    for name in sorted(source.glob("*")) if source.is_dir() else []:
-        if name.stem in PHOTO_PROMPTS:
-            target = folder / f"photo-{name.name}"
-            shutil.copyfile(name, target)
-            out.append((PHOTO_PROMPTS[name.stem], target))
-    return out
+    picks = [(PHOTO_PROMPTS[Path(name).stem], Path(name).name) for name in sorted(SKIMAGE_PHOTOS.files)]
+    return _copy_cached(folder, source, picks, "photo-")
 
 
 def header(settings: ChatSettings) -> str:

@@ -14,7 +14,7 @@ from vlm.errors import VLMError
 from .collate import TrainDataset, make_collator
 from .config import TrainConfig, save_config
 from .recipes import prepare_model, trainable_parameter_count
-from .save import TRAIN_CONFIG, save_trained
+from .save import TRAIN_CONFIG, base_model, save_trained
 from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
 from .vision_cache import VisionFeatureCache, cache_blocker
 
@@ -107,8 +107,7 @@ def make_vision_cache(config: TrainConfig, trainer: VLMTrainer) -> VisionFeature
         raise VLMError(f"vision_cache_gb must be >= 0 (0 turns the cache off), got {config.vision_cache_gb}")
     if config.vision_cache_gb == 0:
         return None
-    model = trainer.model
-    bare = model.get_base_model() if hasattr(model, "get_base_model") else model
+    bare = base_model(trainer.model)
     vision_trains = any(p.requires_grad for p in bare.vision_model.parameters())
     blocker = cache_blocker(bare, vision_trains, trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled)
     if blocker is not None:

@@ -40,6 +40,11 @@ def is_peft(model) -> bool:
     return isinstance(model, PeftModel)
 
 
+def base_model(model):
+    """The bare `VisionLanguageModel` under a peft wrapper (or `model` itself)."""
+    return model.get_base_model() if is_peft(model) else model
+
+
 def trainable_state(model, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
     """The parameters that train, by name, as contiguous CPU tensors."""
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -73,7 +78,7 @@ def load_trainable(model, directory: str | os.PathLike) -> None:
 
 def bridge_state(model) -> dict[str, torch.Tensor]:
     """Q-Former, query tokens and projection of a (peft-wrapped or plain) model, base names."""
-    base = model.get_base_model() if is_peft(model) else model
+    base = base_model(model)
     return {
         name: tensor.detach().to("cpu").contiguous()
         for name, tensor in base.state_dict().items()

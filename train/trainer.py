@@ -29,7 +29,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from vlm.errors import VLMError
 
 from .config import TrainConfig
-from .save import STAGING_DIR, TRAINABLE_WEIGHTS, load_trainable, replace_dir, save_trainable
+from .save import STAGING_DIR, TRAINABLE_WEIGHTS, base_model, load_trainable, replace_dir, save_trainable
 from .vision_cache import VisionFeatureCache
 
 logger = logging.getLogger(__name__)
@@ -45,8 +45,7 @@ class VLMTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys = inputs.pop("image_keys", None)  # the collator names each image for the cache
         if self.vision_cache is not None and keys and "pixel_values" in inputs:
-            bare = self.accelerator.unwrap_model(model)
-            bare = bare.get_base_model() if hasattr(bare, "get_base_model") else bare  # peft
+            bare = base_model(self.accelerator.unwrap_model(model))
             with self.accelerator.autocast():  # what the model's own forward runs under
                 inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from ..errors import VLMError
 from .pipeline import ADAPTER_CONFIG, BRIDGE_FILE, DEMO_META, WEIGHTS_DIR
 
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PROCESSOR_KEYS = ("question_template", "caption_prompt")
 MAX_BYTES = 40 * 1024 * 1024
 
