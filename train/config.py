@@ -81,7 +81,9 @@ class TrainConfig:
     eval_batch_size: int | None = None  # default: batch_size
     grad_accum: int = 1
     warmup: float = 0.03  # < 1: fraction of the steps; >= 1: steps
-    lr_scheduler: str = "cosine"
+    lr_scheduler: str = "cosine"  # any transformers SchedulerType, e.g. warmup_stable_decay
+    # passed to the scheduler, e.g. {num_decay_steps: 250} for warmup_stable_decay
+    lr_scheduler_kwargs: dict = field(default_factory=dict)
     max_grad_norm: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
@@ -273,7 +275,7 @@ def _describe(kind) -> str:
         return f"a list of {_describe(typing.get_args(kind)[0])}"
     if kind is type(None):
         return "null"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(kind, str(kind))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

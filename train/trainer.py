@@ -140,6 +140,7 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         num_train_epochs=config.epochs,
         max_steps=config.max_steps,
         lr_scheduler_type=config.lr_scheduler,
+        lr_scheduler_kwargs=config.lr_scheduler_kwargs,
         warmup_steps=config.warmup,
         max_grad_norm=config.max_grad_norm,
         bf16=precision == "bf16",

@@ -11,6 +11,7 @@ trained bridge shipped in `vlm/demo_weights/` when there is one. Built into the 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -33,11 +34,13 @@ __all__ = [
 def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
     """easy-vqa as JSONL, fetched and written on first use (only the 3 MB easy-vqa wheel).
 
-    Returns paths keyed `train_vqa`, `train_captions`, `test_vqa`, `test_captions`, and `train` /
-    `test` (VQA and caption rows together); VQA rows are
-    `{image, question, answer, question_type, image_id}`, caption rows `{image, text, image_id}`.
+    Returns paths keyed `train_vqa`, `train_captions`, `test_vqa`, `test_captions`, `train` /
+    `test` (VQA and caption rows together), and `train_chat`: `train` plus the base LLM's own
+    answers to general text-only prompts (`rehearsal.py`), what the demo's LoRA trains on so that
+    the LLM keeps its text chat. VQA rows are `{image, question, answer, question_type, image_id}`,
+    caption rows `{image, text, image_id}`, text rows `{messages}`.
     """
-    from . import easyvqa, fetch
+    from . import easyvqa, fetch, rehearsal
     from .pipeline import _stage
 
     root = demo_root(cache_dir)
@@ -47,13 +50,28 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
         out = _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(folder, tmp))
         files = {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in kinds}
         for split in easyvqa.SPLITS:  # both kinds in one file: what the demo bridge trains on
-            both = out / f"{split}_all.jsonl"
-            if not both.is_file():
-                tmp = both.with_suffix(f".{os.getpid()}.tmp")
-                tmp.write_text("".join(files[f"{split}_{k}"].read_text() for k in kinds))
-                os.replace(tmp, both)
-            files[split] = both
+            files[split] = _write_once(out / f"{split}_all.jsonl",
+                                       lambda: "".join(files[f"{split}_{k}"].read_text() for k in kinds))
+        # The file name carries the text rows' hash: new rows in a new release make a new mix.
+        text = rehearsal.CHAT_FILE.read_text()
+        digest = hashlib.sha256(text.encode()).hexdigest()[:8]
+        files["train_chat"] = _write_once(out / f"train_chat-{digest}.jsonl",
+                                          lambda: files["train"].read_text() + text * TEXT_REPEATS)
     return files
+
+
+# Text rows are ~4% of `easyvqa:train_chat` (145 prompts x 12 among ~42,600 image rows): about
+# one per batch of 32, enough to keep text answers, few enough not to slow the image training.
+TEXT_REPEATS = 12
+
+
+def _write_once(path: Path, content) -> Path:
+    """Write `content()` to `path` atomically unless it is there already."""
+    if not path.is_file():
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(content())
+        os.replace(tmp, path)
+    return path
 
 
 def demo_photos(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:

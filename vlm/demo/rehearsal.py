@@ -1,0 +1,85 @@
+"""Text-only chat rows for the demo's training mix: the base LLM's own answers (self-distillation).
+
+A LoRA trained only on easy-vqa's one-word answers makes the LLM answer *everything* in one word
+("What is the capital of France?" -> "france"). Mixing in text-only conversations whose answers
+are what the untouched LLM itself says teaches the adapter to change nothing when there is no
+image (the reason LLaVA mixes text-only chat into its instruction data).
+
+`text_prompts.txt` holds general prompts (no question about France or Paris: that one is the
+demo's test). `text_chat.jsonl` holds the answers, written once by
+
+    python -m vlm.demo.rehearsal --model UNTRAINED_DEMO_CHECKPOINT
+
+from a demo checkpoint built with no trained weights (so its LLM is plain SmolLM2-135M-Instruct),
+greedy, at most 40 new tokens, cut back to the last full sentence when the limit was reached
+(a cut mid-sentence would teach the adapter to stop mid-sentence).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPTS_FILE = HERE / "text_prompts.txt"
+CHAT_FILE = HERE / "text_chat.jsonl"
+MAX_NEW_TOKENS = 40
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def read_prompts(path: Path = PROMPTS_FILE) -> list[str]:
+    """One prompt a line; blank lines skipped."""
+    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+
+
+def last_full_sentence(text: str) -> str:
+    """`text` up to its last sentence end ('.', '!' or '?'), or all of it when it has none."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]] if ends else text
+
+
+def generate_rows(model_path: str, prompts: list[str], batch_size: int = 16) -> list[dict]:
+    """Greedy answers of the checkpoint's LLM (with its chat template) as `messages` rows."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..loading import load_pretrained
+
+    model, processor = load_pretrained(model_path)
+    llm, tokenizer = model.language_model, processor.tokenizer
+    tokenizer.padding_side = "left"  # batched generation needs left padding
+    rows = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="text answers", unit="batch"):
+        batch = prompts[start : start + batch_size]
+        texts = [processor.format_chat([{"role": "user", "content": p}]) for p in batch]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            out = llm.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+        for prompt, ids in zip(batch, out[:, enc["input_ids"].shape[1] :]):
+            finished = tokenizer.eos_token_id in ids.tolist()
+            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if not finished:
+                answer = last_full_sentence(answer)
+            rows.append({"messages": [{"role": "user", "content": prompt},
+                                      {"role": "assistant", "content": answer}]})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlm.demo.rehearsal", description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="an untrained demo checkpoint (its LLM is the base SmolLM2)")
+    p.add_argument("--prompts", type=Path, default=PROMPTS_FILE)
+    p.add_argument("--out", type=Path, default=CHAT_FILE)
+    args = p.parse_args(argv)
+    rows = generate_rows(args.model, read_prompts(args.prompts))
+    args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    print(f"{args.out}: {len(rows)} conversations")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
