@@ -158,6 +158,39 @@ def test_easyvqa_jsonl_loads_with_vlm_data(wheel_cache, tmp_path):
             assert e.target == shape, (e.source, e.question)
 
 
+def test_text_rehearsal_rows_are_the_prompts_answered(tiny_vlm_dir):
+    """The shipped text rows: one per prompt, in order, each a text-only chat the trainer encodes."""
+    from train.collate import IGNORE_INDEX, encode_example
+    from vlm import load_pretrained
+    from vlm.data import load_examples
+    from vlm.demo import rehearsal
+
+    prompts = rehearsal.read_prompts()
+    examples = load_examples(str(rehearsal.CHAT_FILE))
+    assert [e.conversation[0]["content"] for e in examples] == prompts and len(prompts) >= 100
+    assert all(e.task == "chat" and e.image is None and e.conversation[1]["content"] for e in examples)
+    # The demo's acceptance question is not among them (the test must measure generalisation).
+    assert not [p for p in prompts if "france" in p.lower() or "paris" in p.lower()]
+    _, processor = load_pretrained(str(tiny_vlm_dir), device="cpu")
+    sample = encode_example(examples[4], processor, None, max_length=512)
+    target = [t for t, label in zip(sample["input_ids"], sample["labels"]) if label != IGNORE_INDEX]
+    assert processor.tokenizer.decode(target).startswith(examples[4].conversation[1]["content"])
+    assert rehearsal.first_sentence("It is blue. The sky is") == "It is blue."
+    assert rehearsal.first_sentence("Version 1.5 is out! And") == "Version 1.5 is out!"
+    assert rehearsal.first_sentence("no end") == "no end"
+
+
+def test_easyvqa_train_chat_mixes_in_the_text_rows(wheel_cache):
+    from vlm.demo import TEXT_REPEATS, easyvqa_data, rehearsal
+
+    files = easyvqa_data(wheel_cache, progress=False)
+    lines = files["train_chat"].read_text().splitlines()
+    text = rehearsal.CHAT_FILE.read_text().splitlines()
+    assert lines[: -len(text) * TEXT_REPEATS] == files["train"].read_text().splitlines()
+    assert lines[-len(text) * TEXT_REPEATS :] == text * TEXT_REPEATS
+    assert easyvqa_data(wheel_cache, progress=False)["train_chat"] == files["train_chat"]  # written once
+
+
 def test_example_photos_come_from_the_pinned_scikit_image_wheel(tmp_path, monkeypatch):
     from PIL import Image
 

@@ -254,6 +254,28 @@ def test_recipe_configs_parse():
         assert load_config(str(root / f"{recipe}.yaml")).recipe == recipe
 
 
+def test_scheduler_kwargs_reach_the_schedule(tmp_path):
+    """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 750, a cool-down to 0 at 1000."""
+    from transformers import Trainer
+
+    from train.config import load_config
+    from train.trainer import training_arguments
+
+    config = load_config(str(Path(__file__).parent.parent / "configs/train/demo-easyvqa.yaml"),
+                         [f"output_dir={tmp_path}", "report_to=none"])
+    assert config.lr_scheduler_kwargs == {"num_decay_steps": 250}
+    trainer = Trainer(model=torch.nn.Linear(2, 2), args=training_arguments(config, has_eval=False))
+    trainer.create_optimizer_and_scheduler(num_training_steps=config.max_steps)
+    lrs = []
+    for _ in range(config.max_steps):
+        lrs.append(trainer.lr_scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+    assert lrs[0] == 0 and lrs[15] == pytest.approx(2.5e-4)  # linear warm-up over 30 steps
+    assert lrs[30] == lrs[749] == pytest.approx(5e-4)
+    assert lrs[875] == pytest.approx(2.5e-4, rel=0.02) and lrs[-1] < 1e-6  # cosine over the last 250
+
+
 def test_train_help_explains(capsys):
     with pytest.raises(SystemExit) as e:
         vlm_main(["train", "--help"])

@@ -20,6 +20,7 @@ from .pipeline import build_demo, checkpoint_dir, demo_checkpoint, has_trained_b
 
 __all__ = [
     "CACHE_ENV",
+    "TEXT_REPEATS",
     "build_demo",
     "cache_root",
     "checkpoint_dir",
@@ -29,6 +30,10 @@ __all__ = [
     "has_trained_bridge",
     "weights_dir",
 ]
+
+# Text rows are ~4% of `easyvqa:train_chat` (145 prompts x 12 among ~42,600 image rows): about
+# one per batch of 32, enough to keep text answers, few enough not to slow the image training.
+TEXT_REPEATS = 12
 
 
 def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
@@ -58,11 +63,6 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
         files["train_chat"] = _write_once(out / f"train_chat-{digest}.jsonl",
                                           lambda: files["train"].read_text() + text * TEXT_REPEATS)
     return files
-
-
-# Text rows are ~4% of `easyvqa:train_chat` (145 prompts x 12 among ~42,600 image rows): about
-# one per batch of 32, enough to keep text answers, few enough not to slow the image training.
-TEXT_REPEATS = 12
 
 
 def _write_once(path: Path, content) -> Path:

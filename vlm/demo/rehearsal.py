@@ -11,8 +11,10 @@ demo's test). `text_chat.jsonl` holds the answers, written once by
     python -m vlm.demo.rehearsal --model UNTRAINED_DEMO_CHECKPOINT
 
 from a demo checkpoint built with no trained weights (so its LLM is plain SmolLM2-135M-Instruct),
-greedy, at most 40 new tokens, cut back to the last full sentence when the limit was reached
-(a cut mid-sentence would teach the adapter to stop mid-sentence).
+greedy, at most 24 new tokens, of which the first full sentence is kept. One sentence is enough
+to teach the adapter to answer in a sentence, not a word, and it keeps a text row as short as an
+easy-vqa row: a longer row widens the whole padded batch it lands in (most batches hold one),
+and the demo is trained on a CPU.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROMPTS_FILE = HERE / "text_prompts.txt"
 CHAT_FILE = HERE / "text_chat.jsonl"
-MAX_NEW_TOKENS = 40
+MAX_NEW_TOKENS = 24
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
 
@@ -35,10 +37,10 @@ def read_prompts(path: Path = PROMPTS_FILE) -> list[str]:
     return [line.strip() for line in path.read_text().splitlines() if line.strip()]
 
 
-def last_full_sentence(text: str) -> str:
-    """`text` up to its last sentence end ('.', '!' or '?'), or all of it when it has none."""
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return text[: ends[-1]] if ends else text
+def first_sentence(text: str) -> str:
+    """`text` up to its first sentence end ('.', '!' or '?' before a space or the end), or all of it."""
+    end = _SENTENCE_END.search(text)
+    return text[: end.end()] if end else text
 
 
 def generate_rows(model_path: str, prompts: list[str], batch_size: int = 16) -> list[dict]:
@@ -60,10 +62,7 @@ def generate_rows(model_path: str, prompts: list[str], batch_size: int = 16) -> 
             out = llm.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False,
                                pad_token_id=tokenizer.pad_token_id)
         for prompt, ids in zip(batch, out[:, enc["input_ids"].shape[1] :]):
-            finished = tokenizer.eos_token_id in ids.tolist()
-            answer = tokenizer.decode(ids, skip_special_tokens=True).strip()
-            if not finished:
-                answer = last_full_sentence(answer)
+            answer = first_sentence(tokenizer.decode(ids, skip_special_tokens=True).strip())
             rows.append({"messages": [{"role": "user", "content": prompt},
                                       {"role": "assistant", "content": answer}]})
     return rows
