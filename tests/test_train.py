@@ -338,6 +338,40 @@ def test_collate_caption_vqa_chat_labels(tiny_vlm_dir):
     assert (batch["labels"][short, n_short:] == -100).all()
 
 
+def test_trainer_loss_runs_the_lm_head_only_on_targets(tiny_vlm_dir, tmp_path):
+    """VLMTrainer's loss and gradients equal Trainer's full-logits ones; lm_head sees fewer positions."""
+    from transformers import Trainer, TrainingArguments
+
+    from train.collate import encode_example, make_collator
+    from train.trainer import VLMTrainer
+    from vlm.data import Example
+
+    model, processor = load_pretrained(str(tiny_vlm_dir), device="cpu")
+    examples = [Example(task="caption", image=None, caption="a red circle"),
+                Example(task="vqa", image=None, question="what colour is the big shape?", answers=["blue"]),
+                Example(task="chat", image=None, conversation=[{"role": "user", "content": "hi"},
+                                                               {"role": "assistant", "content": "hello there"}])]
+    samples = [encode_example(e, processor, shape_image(i) if e.task != "chat" else None, 512)
+               for i, e in enumerate(examples)]
+    batch = make_collator(processor)(samples)
+    trainer = VLMTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    widths = []
+    model.language_model.lm_head.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    items = (batch["labels"] != -100).sum()
+
+    def loss_and_grads(compute_loss):
+        model.zero_grad()
+        loss = compute_loss(trainer, model, dict(batch), num_items_in_batch=items)
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    ours, ours_grads = loss_and_grads(VLMTrainer.compute_loss)
+    ref, ref_grads = loss_and_grads(Trainer.compute_loss)
+    assert widths[0] < widths[1] == batch["input_ids"].shape[1]
+    assert ours == pytest.approx(ref, rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(ours_grads, ref_grads))
+
+
 def test_collate_truncation_keeps_image_tokens_or_fails(tiny_vlm_dir):
     from train.collate import encode_example
     from vlm.data import Example

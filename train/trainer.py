@@ -8,6 +8,9 @@ What we add:
 - checkpoints hold `trainable.safetensors` (the bridge and/or LoRA weights; never the frozen
   base), so resuming restores the bridge too, which peft's adapter file would not hold;
 - frozen vision features come from a `VisionFeatureCache` when the run has one (`vision_cache.py`);
+- the LM head runs only at the positions whose next token carries loss (`logits_to_keep`): with a
+  49k-word vocabulary it is ~20% of a small LLM's step, and a caption or short answer is a few
+  tokens after a long prompt. The loss is transformers' own (`shift_labels`), so it is the same;
 - `Trainer` writes `checkpoint-N` in place, so a kill mid-save leaves a half-written folder that
   `get_last_checkpoint` would pick. We write into `output_dir/.partial/` and `os.replace` the
   finished folder into place (an older folder of the same step is renamed aside first, never
@@ -16,6 +19,7 @@ What we add:
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import re
@@ -28,6 +32,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlm.errors import VLMError
 
+from .collate import IGNORE_INDEX
 from .config import TrainConfig
 from .save import STAGING_DIR, TRAINABLE_WEIGHTS, base_model, load_trainable, replace_dir, save_trainable
 from .vision_cache import VisionFeatureCache
@@ -48,7 +53,19 @@ class VLMTrainer(Trainer):
             bare = base_model(self.accelerator.unwrap_model(model))
             with self.accelerator.autocast():  # what the model's own forward runs under
                 inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
+        if not return_outputs and "labels" in inputs and self._llm_keeps_logits(model):
+            targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
+            keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
+            inputs["logits_to_keep"] = keep
+            inputs["shift_labels"] = targets[:, keep]
         return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _llm_keeps_logits(self, model) -> bool:
+        """Whether the LLM's forward takes `logits_to_keep` (Llama, Qwen2, OPT, ... in transformers 5)."""
+        if not hasattr(self, "_keeps_logits"):
+            llm = base_model(self.accelerator.unwrap_model(model)).language_model
+            self._keeps_logits = "logits_to_keep" in inspect.signature(llm.forward).parameters
+        return self._keeps_logits
 
     def _get_output_dir(self, trial) -> str:
         run_dir = super()._get_output_dir(trial)
