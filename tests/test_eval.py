@@ -90,7 +90,7 @@ def test_eval_caption_groups_references_and_scores_known_answers(blip2_opt_dir, 
     assert vlm_main([*argv, "--data", str(tmp_path / "captions.json")]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["samples"] == 2  # one sample per image, not per caption
-    assert set(summary["metrics"]) == {"CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4"}
+    assert set(summary["metrics"]) == {"CIDEr", "BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "exact_match"}
     records = read_jsonl(preds)
     assert [r["references"] for r in records] == [["a red circle", "a circle"], ["a blue square"]]
     expected = generate_one_by_one(blip2_opt_dir, lambda p: [p.caption_prompt] * 2,
@@ -102,7 +102,8 @@ def test_eval_caption_groups_references_and_scores_known_answers(blip2_opt_dir, 
     rows = [{"image": f"{i}.png", "text": expected[i]} for i in range(2)]
     (tmp_path / "self.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert vlm_main([*argv, "--data", str(tmp_path / "self.jsonl")]) == 0
-    assert json.loads(capsys.readouterr().out)["metrics"]["BLEU-1"] == pytest.approx(100.0, abs=1e-4)
+    metrics = json.loads(capsys.readouterr().out)["metrics"]
+    assert metrics["BLEU-1"] == pytest.approx(100.0, abs=1e-4) and metrics["exact_match"] == 100.0
 
 
 def test_eval_bad_data_fails_before_loading_the_model(tmp_path, capsys):

@@ -63,6 +63,13 @@ def test_cider_length_penalty_by_hand():
     assert s["per_sample"]["CIDEr"][0] == pytest.approx(expected, rel=1e-6)
 
 
+def test_caption_exact_match_after_tokenizing():
+    s = caption_scores(["A red circle.", "a red circle and a blue one", "a blue triangle"],
+                       [["a red circle"], ["a red circle"], ["a green triangle", "a blue triangle"]])
+    assert s["per_sample"]["exact_match"] == [1.0, 0.0, 1.0]
+    assert s["exact_match"] == pytest.approx(2 / 3)
+
+
 def test_tokenizer_lowercases_and_drops_punctuation():
     assert tokenize_caption("A Man, riding a WAVE.") == "a man riding a wave"
     assert tokenize_caption("Two dogs don't like the cat's toy!") == "two dogs do n't like the cat 's toy"

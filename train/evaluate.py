@@ -30,7 +30,7 @@ GROUP_FIELDS = ("question_type", "answer_type")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlm eval",
-        description="Score a model on caption data (CIDEr-D, BLEU-1..4) or VQA data (VQAv2 accuracy: soft "
+        description="Score a model on caption data (CIDEr-D, BLEU-1..4, exact match) or VQA data (VQAv2 accuracy: soft "
         "score over 10 human answers, exact match when fewer). Scores are printed x100, as papers "
         "print them. Data: any format `vlm train` reads (COCO/Karpathy captions, VQAv2 "
         "questions[,annotations], JSONL/CSV rows, a datasets folder, an imagefolder).",
@@ -129,9 +129,11 @@ def score(task: str, examples: Sequence, references: Sequence[list[str]], predic
     if task == "caption":
         result = caption_scores(predictions, references)
         metrics = {k: 100 * v for k, v in result.items() if k != "per_sample"}
-        for e, refs, pred, c, b in zip(examples, references, predictions, result["per_sample"]["CIDEr"], result["per_sample"]["BLEU-4"]):
+        each = result["per_sample"]
+        for e, refs, pred, c, b, x in zip(examples, references, predictions, each["CIDEr"], each["BLEU-4"],
+                                          each["exact_match"]):
             records.append({"image": _image_name(e), "source": e.source, "prediction": pred, "references": refs,
-                            "CIDEr": 100 * c, "BLEU-4": 100 * b, **e.meta})
+                            "CIDEr": 100 * c, "BLEU-4": 100 * b, "exact_match": 100 * x, **e.meta})
         return metrics, records
     result = vqa_accuracy(predictions, references)
     metrics = {"accuracy": 100 * result["accuracy"]}

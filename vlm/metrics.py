@@ -49,8 +49,10 @@ def tokenize_caption(text: str) -> str:
 def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
     """Corpus CIDEr-D and BLEU-1..4 of `predictions[i]` against the captions `references[i]`.
 
-    Returns `{"CIDEr": float, "BLEU-1": ..., "BLEU-4": float, "per_sample": {"CIDEr": [...],
-    "BLEU-4": [...]}}` on the raw 0-1 scale for BLEU and 0-10 for CIDEr (papers print x100).
+    Returns `{"CIDEr": float, "BLEU-1": ..., "BLEU-4": float, "exact_match": float, "per_sample":
+    {"CIDEr": [...], "BLEU-4": [...], "exact_match": [...]}}` on the raw 0-1 scale for BLEU and exact
+    match and 0-10 for CIDEr (papers print x100). Exact match: the tokenized prediction equals one
+    of the tokenized references (for short templated captions such as "a red circle").
     CIDEr's IDF weights come from the references of the whole set, so score a whole test set at
     once, not sample by sample.
     """
@@ -72,7 +74,10 @@ def caption_scores(predictions: Sequence[str], references: Sequence[Sequence[str
     cider, cider_each = Cider().compute_score(gts, res)
     out = {"CIDEr": float(cider)}
     out.update({f"BLEU-{n + 1}": float(bleu[n]) for n in range(4)})
-    out["per_sample"] = {"CIDEr": [float(x) for x in cider_each], "BLEU-4": [float(x) for x in bleu_each[3]]}
+    exact = [float(res[i][0] in gts[i]) for i in res]
+    out["exact_match"] = sum(exact) / len(exact)
+    out["per_sample"] = {"CIDEr": [float(x) for x in cider_each], "BLEU-4": [float(x) for x in bleu_each[3]],
+                         "exact_match": exact}
     return out
 
 
