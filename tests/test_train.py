@@ -252,10 +252,11 @@ def test_recipe_configs_parse():
     root = Path(__file__).parent.parent / "configs" / "train"
     for recipe in ("bridge", "lora", "qlora", "full"):
         assert load_config(str(root / f"{recipe}.yaml")).recipe == recipe
+    assert load_config(str(root / "demo-easyvqa-align.yaml")).recipe == "align"
 
 
 def test_scheduler_kwargs_reach_the_schedule(tmp_path):
-    """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 750, a cool-down to 0 at 1000."""
+    """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 350, a cool-down to 0 at 500."""
     from transformers import Trainer
 
     from train.config import load_config
@@ -263,7 +264,7 @@ def test_scheduler_kwargs_reach_the_schedule(tmp_path):
 
     config = load_config(str(Path(__file__).parent.parent / "configs/train/demo-easyvqa.yaml"),
                          [f"output_dir={tmp_path}", "report_to=none"])
-    assert config.lr_scheduler_kwargs == {"num_decay_steps": 250}
+    assert config.lr_scheduler_kwargs == {"num_decay_steps": 150}
     trainer = Trainer(model=torch.nn.Linear(2, 2), args=training_arguments(config, has_eval=False))
     trainer.create_optimizer_and_scheduler(num_training_steps=config.max_steps)
     lrs = []
@@ -272,8 +273,8 @@ def test_scheduler_kwargs_reach_the_schedule(tmp_path):
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
     assert lrs[0] == 0 and lrs[15] == pytest.approx(2.5e-4)  # linear warm-up over 30 steps
-    assert lrs[30] == lrs[749] == pytest.approx(5e-4)
-    assert lrs[875] == pytest.approx(2.5e-4, rel=0.02) and lrs[-1] < 1e-6  # cosine over the last 250
+    assert lrs[30] == lrs[349] == pytest.approx(5e-4)
+    assert lrs[425] == pytest.approx(2.5e-4, rel=0.02) and lrs[-1] < 1e-6  # cosine over the last 150
 
 
 def test_train_help_explains(capsys):

@@ -25,6 +25,8 @@ examples:
   accelerate launch --config_file configs/accelerate/ddp.yaml -m vlm.cli train configs/train/lora.yaml
 
 recipes:
+  align   the bridge alone, on captions: the soft prompt learns to hold the caption's words (read
+          through the LLM's embeddings, no LLM layer runs); a fast first stage for a new bridge
   bridge  Q-Former, queries and projection train; vision tower and LLM frozen (BLIP-2 stage 2)
   lora    LoRA on the LLM's attention+MLP projections, plus the bridge (lora.train_bridge)
   qlora   the same on a 4-bit (NF4) LLM; needs bitsandbytes

@@ -18,7 +18,7 @@ import yaml
 
 from vlm.errors import VLMError
 
-RECIPES = ("bridge", "lora", "qlora", "full")
+RECIPES = ("align", "bridge", "lora", "qlora", "full")
 BRIDGE_MODULES = ("query_tokens", "qformer", "language_projection")
 
 
@@ -65,7 +65,7 @@ class PromptConfig:
 class TrainConfig:
     """One training run. Field names are the YAML keys; see configs/train/*.yaml."""
 
-    recipe: Literal["bridge", "lora", "qlora", "full"] = "lora"
+    recipe: Literal["align", "bridge", "lora", "qlora", "full"] = "lora"
     model: str | None = None  # vlm/BLIP-2/InstructBLIP folder or hub id; None: the demo default
     output_dir: str = "runs/vlm"
     data: DataConfig = field(default_factory=DataConfig)

@@ -1,5 +1,7 @@
 """Training recipes: which parts of the model train, and how.
 
+- `align`: the bridge alone, scored against the LLM's word embeddings on captions, no LLM layer
+  run (`align.py`): a cheap first stage for a bridge that starts from scratch.
 - `bridge`: BLIP-2 stage 2. Q-Former, query tokens and projection train; vision tower and LLM frozen.
 - `lora`: peft LoRA on the LLM's attention and MLP projections (only inside `language_model`),
   plus the bridge unless `lora.train_bridge: false`.
@@ -53,7 +55,7 @@ def apply_recipe(model, config: TrainConfig):
     """Freeze/unfreeze (and wrap with LoRA) per `config.recipe`; returns the model to train."""
     recipe = config.recipe
     model.requires_grad_(False)
-    if recipe == "bridge":
+    if recipe in ("align", "bridge"):
         _unfreeze(model, BRIDGE_MODULES, "bridge")
     elif recipe == "full":
         if not config.unfreeze:
@@ -70,7 +72,7 @@ def apply_recipe(model, config: TrainConfig):
         if config.lora.train_bridge:
             _unfreeze(model.get_base_model(), BRIDGE_MODULES, "bridge")
     else:
-        raise VLMError(f"recipe: unknown recipe {recipe!r} (expected bridge, lora, qlora or full)")
+        raise VLMError(f"recipe: unknown recipe {recipe!r} (expected align, bridge, lora, qlora or full)")
     if config.gradient_checkpointing:
         # Non-reentrant: works when the checkpointed block's inputs need no grad (frozen parts).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

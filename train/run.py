@@ -56,6 +56,8 @@ def train(
         train_examples = load_data(config, config.data.train)
     if eval_examples is None and config.data.eval:
         eval_examples = load_data(config, config.data.eval)
+    if config.recipe == "align":
+        check_align_data(train_examples)
     resume_from = find_resume_checkpoint(config.output_dir, config.resume)
 
     set_seed(config.seed)  # LoRA init draws from the RNG: same seed, same starting weights
@@ -81,6 +83,8 @@ def train(
         data_collator=make_collator(processor),
     )
     trainer.vision_cache = make_vision_cache(config, trainer)
+    if config.recipe == "align":
+        trainer.align_ignore_ids = list(processor.tokenizer.all_special_ids)
     result = trainer.train(resume_from_checkpoint=resume_from)
     cache = trainer.vision_cache
     if cache is not None and args.should_log:
@@ -99,6 +103,14 @@ def train(
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
     return save_trained(model, processor, config.output_dir, config)
+
+
+def check_align_data(examples: Sequence) -> None:
+    """The `align` recipe learns the words of captions: every row must be a caption of an image."""
+    for example in examples:
+        if example.task != "caption" or example.image is None:
+            what = "has no image" if example.image is None else f"is a {example.task} row"
+            raise VLMError(f"{example.source or 'data'}: {what}; the align recipe trains on image captions only")
 
 
 def make_vision_cache(config: TrainConfig, trainer: VLMTrainer) -> VisionFeatureCache | None:

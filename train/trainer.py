@@ -8,6 +8,7 @@ What we add:
 - checkpoints hold `trainable.safetensors` (the bridge and/or LoRA weights; never the frozen
   base), so resuming restores the bridge too, which peft's adapter file would not hold;
 - frozen vision features come from a `VisionFeatureCache` when the run has one (`vision_cache.py`);
+- the `align` recipe's loss (`align.py`) replaces the LLM's, when `align_ignore_ids` is set;
 - the LM head runs only at the positions whose next token carries loss (`logits_to_keep`): with a
   49k-word vocabulary it is ~20% of a small LLM's step, and a caption or short answer is a few
   tokens after a long prompt. The loss is transformers' own (`shift_labels`), so it is the same;
@@ -32,6 +33,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlm.errors import VLMError
 
+from .align import bag_of_words_loss
 from .collate import IGNORE_INDEX
 from .config import TrainConfig
 from .save import STAGING_DIR, TRAINABLE_WEIGHTS, base_model, load_trainable, replace_dir, save_trainable
@@ -46,6 +48,8 @@ class VLMTrainer(Trainer):
 
     _staging = False
     vision_cache: VisionFeatureCache | None = None
+    # `align` recipe: the tokens its bag-of-words loss leaves out; None for the LLM's own loss.
+    align_ignore_ids: list[int] | None = None
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys = inputs.pop("image_keys", None)  # the collator names each image for the cache
@@ -53,6 +57,12 @@ class VLMTrainer(Trainer):
             bare = base_model(self.accelerator.unwrap_model(model))
             with self.accelerator.autocast():  # what the model's own forward runs under
                 inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
+        if self.align_ignore_ids is not None:
+            # A per-batch mean: Trainer must divide it across accumulation steps itself.
+            self.loss_is_scaled_for_ga = False
+            with self.accelerator.autocast():
+                loss = bag_of_words_loss(base_model(self.accelerator.unwrap_model(model)), inputs, self.align_ignore_ids)
+            return (loss, {"loss": loss}) if return_outputs else loss
         if not return_outputs and "labels" in inputs and self._llm_keeps_logits(model):
             targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()

@@ -282,6 +282,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
     if not info.get("trained_bridge"):
         logger.warning(
             "the demo model's bridge (Q-Former + projection) is untrained: answers ignore the image. "
-            "Train it with `vlm train configs/train/demo-easyvqa.yaml` or pass --model."
+            "Train it with `vlm train configs/train/demo-easyvqa-align.yaml` and then "
+            "`vlm train configs/train/demo-easyvqa.yaml`, or pass --model."
         )
     return final

@@ -2,7 +2,7 @@
 
     python -m vlm.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...]
 
-RUN_DIR is the output folder of `vlm train configs/train/demo-easyvqa.yaml` (a bridge/LoRA run
+RUN_DIR is the output folder of `vlm train configs/train/demo-easyvqa.yaml` (a LoRA + bridge run
 on the demo model). Writes `bridge.safetensors` and the LoRA adapter cast to fp16, and
 `demo.json` with the processor prompts the run trained with, the command, and the eval summaries
 (`vlm eval` JSON) given. The next `vlm build --demo` (or first use) rebuilds the demo with them.
