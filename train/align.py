@@ -2,19 +2,21 @@
 
 A model composed by `vlm build` has a random Q-Former cross-attention, random queries and a random
 projection. Trained only through the LLM (stage 2), such a bridge learns what the vision features
-say loudly but is slow on the rest: on easy-vqa, shapes came in within 200 steps while colours were
-right 72% of the time after 1,000 steps, yet the same Q-Former learns colour in ~150 steps when it
-is scored directly. BLIP-2 trains its Q-Former on image-text objectives without the LLM first, for
-this reason. `align` is the cheap part of that: the loss asks the soft prompt (the projected query
-outputs, which enter the LLM where word embeddings do) to hold the caption's words. Each query is
-read as a distribution over the LLM's vocabulary by its distance to the word embeddings,
-`softmax(-|query - embedding|^2)`: a distance, not a dot product, so that a query nears a word's
-embedding itself rather than growing without bound along its direction (a soft prompt many times
-the norm of a word embedding would swamp the LLM in the next stage). The queries' distributions
+say loudly but is slow on the rest: on easy-vqa, after 1,000 steps shapes were all right but
+colours only 72%, while the same Q-Former scored directly by a classifier gets colour 99% right in
+100 steps. BLIP-2 trains its Q-Former on image-text objectives without the LLM first for this
+reason. `align` is the cheap part of that: the loss asks the soft prompt (the projected query
+outputs, which enter the LLM where word embeddings do) to hold the caption's words.
+
+Each query is read as a distribution over the LLM's vocabulary by its distance to the word
+embeddings, `softmax(-|query - embedding|^2)`. A distance, not a dot product: a dot product
+rewards a query for growing along a word's direction (on the demo the soft prompt's norm went from
+4.8 to 22, 7x a word embedding's, in 100 steps; by distance it was 12 after 500), and a soft prompt
+far longer than the words around it swamps the LLM in the next stage. The queries' distributions
 are pooled as a mixture, so each caption word must be likely under some query (a bag of words,
-order ignored). No LLM layer runs: a step costs the Q-Former and one matrix product, and the next stage
-(`bridge` or `lora`) starts from soft prompts that already name the caption's words in the LLM's
-own vocabulary.
+order ignored). No LLM layer runs: a step costs the Q-Former and one matrix product, and the next
+stage (`bridge` or `lora`) starts from soft prompts that already name the caption's words in the
+LLM's own vocabulary.
 """
 
 from __future__ import annotations
