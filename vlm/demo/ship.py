@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -39,7 +38,10 @@ def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR
     written = [weights / BRIDGE_FILE]
     _fp16_copy(run / BRIDGE_FILE, written[0])
     if (run / ADAPTER_CONFIG).is_file():
-        shutil.copyfile(run / ADAPTER_CONFIG, weights / ADAPTER_CONFIG)
+        adapter_config = json.loads((run / ADAPTER_CONFIG).read_text())
+        # The run's base is a folder on the training machine; the demo's base is the demo build.
+        adapter_config["base_model_name_or_path"] = "vlm-demo"
+        (weights / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
         _fp16_copy(run / ADAPTER_WEIGHTS, weights / ADAPTER_WEIGHTS)
         written += [weights / ADAPTER_CONFIG, weights / ADAPTER_WEIGHTS]
     processor_config = json.loads((run / "processor_config.json").read_text())
