@@ -318,6 +318,53 @@ def test_built_demo_loads_with_default_and_generates(demo_build, monkeypatch, ca
     assert processor.decode_generated(out, inputs["input_ids"])[0].strip()
 
 
+def _fixed_test_questions(easyvqa_dir: Path, per_type: int = 17) -> list[dict]:
+    """50 easy-vqa test questions at even strides: 17 colour, 17 shape, 16 yes/no."""
+    rows = [json.loads(line) for line in (easyvqa_dir / "test_vqa.jsonl").read_text().splitlines()]
+    picked = []
+    for kind, n in (("color", per_type), ("shape", per_type), ("yes/no", 50 - 2 * per_type)):
+        of_kind = [r for r in rows if r["question_type"] == kind]
+        picked += of_kind[:: len(of_kind) // n][:n]
+    return picked
+
+
+@pytest.mark.slow
+def test_shipped_demo_answers_fixed_easyvqa_questions(demo_build, tmp_path):
+    """`vlm eval` with no --model (the demo): >= 48 of 50 fixed test questions right, in under 2 minutes."""
+    cache, _, _ = demo_build
+    questions = _fixed_test_questions(fetch.demo_root(cache) / "easyvqa")
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in questions))
+    env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "vlm.cli", "eval", "--data", str(data), "--task", "vqa",
+                           "--num-beams", "1", "--max-new-tokens", "4", "--batch-size", "50",
+                           "--out", str(tmp_path / "preds.jsonl")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout)
+    wrong = [(r["question"], r["answers"], r["prediction"])
+             for r in map(json.loads, (tmp_path / "preds.jsonl").read_text().splitlines()) if r["accuracy"] < 100]
+    assert summary["samples"] == 50 and len(wrong) <= 2, wrong
+    assert summary["seconds"] < 120
+
+
+@pytest.mark.slow
+def test_vlm_caption_with_no_model_names_colour_and_shape(demo_build, tmp_path):
+    """`vlm caption IMAGES` on the demo default: test images' captions are "a <colour> <shape>"."""
+    cache, _, _ = demo_build
+    rows = [json.loads(line) for line in
+            (fetch.demo_root(cache) / "easyvqa" / "test_captions.jsonl").read_text().splitlines()][::50]
+    env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}
+    out = tmp_path / "captions.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "vlm.cli", "caption", *[r["image"] for r in rows], "--out", str(out),
+                           "--max-new-tokens", "8", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = {r["image"]: r["caption"] for r in map(json.loads, out.read_text().splitlines())}
+    right = [got[r["image"]].strip().rstrip(".").lower() == r["text"] for r in rows]
+    assert len(rows) == 20 and sum(right) >= 19, [(got[r["image"]], r["text"]) for r in rows]
+
+
 # -- shipped weights -----------------------------------------------------------------------------
 def test_shipped_weights_load_and_change_the_fingerprint(tiny_vlm_dir, tmp_path):
     """The weights-folder format (bridge + demo.json) on a tiny real model; bad files are named."""
