@@ -42,8 +42,7 @@ def bag_of_words_loss(model, inputs: dict, ignore_ids: Iterable[int] = ()) -> to
         qformer_input_ids=inputs.get("qformer_input_ids"),
         qformer_attention_mask=inputs.get("qformer_attention_mask"),
     )  # (images, queries, llm width)
-    embeddings = model.get_input_embeddings().weight
-    embeddings = embeddings.float()
+    embeddings = model.get_input_embeddings().weight.float()
     # -|q - e|^2 up to -|q|^2, which is the same for every word of a query and cancels in the softmax
     word_logits = 2 * soft_prompt.float() @ embeddings.T - embeddings.pow(2).sum(-1)  # (images, queries, vocab)
     num_queries = word_logits.shape[1]
