@@ -66,10 +66,13 @@ def test_align_puts_each_images_caption_words_into_its_soft_prompt(tmp_path):
     # Each image's soft prompt now holds its own caption's words best of the four ...
     assert [min(range(len(CAPTIONS)), key=row.__getitem__) for row in after] == list(range(len(CAPTIONS)))
     # ... and far better than before training, when the prompts did not tell the images apart.
-    assert sum(after[i][i] for i in range(4)) < 0.5 * sum(before[i][i] for i in range(4))
+    n = len(CAPTIONS)
+    assert sum(after[i][i] for i in range(n)) < 0.5 * sum(before[i][i] for i in range(n))
     base_model, _ = load_pretrained(str(base), device="cpu")
-    for name, tensor in base_model.language_model.state_dict().items():
-        torch.testing.assert_close(model.language_model.state_dict()[name], tensor, msg=name)
+    for part in ("language_model", "vision_model"):
+        trained = getattr(model, part).state_dict()
+        for name, tensor in getattr(base_model, part).state_dict().items():
+            torch.testing.assert_close(trained[name], tensor, msg=f"{part}.{name}")
 
 
 def test_align_output_starts_a_lora_run(tmp_path):

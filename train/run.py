@@ -84,7 +84,7 @@ def train(
     )
     trainer.vision_cache = make_vision_cache(config, trainer)
     if config.recipe == "align":
-        trainer.align_ignore_ids = list(processor.tokenizer.all_special_ids)
+        trainer.use_align_loss(processor.tokenizer.all_special_ids)
     result = trainer.train(resume_from_checkpoint=resume_from)
     cache = trainer.vision_cache
     if cache is not None and args.should_log:

@@ -8,7 +8,7 @@ What we add:
 - checkpoints hold `trainable.safetensors` (the bridge and/or LoRA weights; never the frozen
   base), so resuming restores the bridge too, which peft's adapter file would not hold;
 - frozen vision features come from a `VisionFeatureCache` when the run has one (`vision_cache.py`);
-- the `align` recipe's loss (`align.py`) replaces the LLM's, when `align_ignore_ids` is set;
+- the `align` recipe's loss (`align.py`) replaces the LLM's after `use_align_loss`;
 - the LM head runs only at the positions whose next token carries loss (`logits_to_keep`): with a
   49k-word vocabulary it is ~20% of a small LLM's step, and a caption or short answer is a few
   tokens after a long prompt. The loss is transformers' own (`shift_labels`), so it is the same;
@@ -51,17 +51,21 @@ class VLMTrainer(Trainer):
     # `align` recipe: the tokens its bag-of-words loss leaves out; None for the LLM's own loss.
     align_ignore_ids: list[int] | None = None
 
+    def use_align_loss(self, ignore_ids: list[int]) -> None:
+        """Train with the `align` recipe's loss, leaving `ignore_ids` (special tokens) out of its targets."""
+        self.align_ignore_ids = list(ignore_ids)
+        # That loss is a per-batch mean, so Trainer must divide it across accumulation steps itself.
+        self.loss_is_scaled_for_ga = False
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys = inputs.pop("image_keys", None)  # the collator names each image for the cache
+        bare = base_model(self.accelerator.unwrap_model(model))
         if self.vision_cache is not None and keys and "pixel_values" in inputs:
-            bare = base_model(self.accelerator.unwrap_model(model))
             with self.accelerator.autocast():  # what the model's own forward runs under
                 inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
         if self.align_ignore_ids is not None:
-            # A per-batch mean: Trainer must divide it across accumulation steps itself.
-            self.loss_is_scaled_for_ga = False
             with self.accelerator.autocast():
-                loss = bag_of_words_loss(base_model(self.accelerator.unwrap_model(model)), inputs, self.align_ignore_ids)
+                loss = bag_of_words_loss(bare, inputs, self.align_ignore_ids)
             return (loss, {"loss": loss}) if return_outputs else loss
         if not return_outputs and "labels" in inputs and self._llm_keeps_logits(model):
             targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
