@@ -34,8 +34,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tiny  # noqa: E402
 
-from serve.caption import main as caption_main  # noqa: E402
-from serve.preprocess import make_preprocess  # noqa: E402
+from vlm.serve.caption import main as caption_main  # noqa: E402
+from vlm.serve.preprocess import make_preprocess  # noqa: E402
 
 IMAGE_SIZE = 224
 

@@ -134,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     from tiny import random_image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from serve.conversation import new_turn
-    from serve.engine import ChatEngine
+    from vlm.serve.conversation import new_turn
+    from vlm.serve.engine import ChatEngine
     from vlm import load_pretrained
     from vlm.loading import default_dtype, quantization_config
 

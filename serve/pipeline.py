@@ -6,8 +6,9 @@
   of a batch once, preprocesses it and tokenizes the prompts; a file that fails becomes an
   error row there and never reaches the model.
 - `Captioner` (main process) encodes the distinct images once, generates for the whole batch
-  with left padding, and on out-of-memory (or any failure) splits the batch and retries, so
-  one item can fail alone.
+  with left padding, and on out-of-memory splits the batch and retries, so one item can fail
+  alone. Expected failures (a bad file, a prompt the template rejects, out-of-memory) become
+  error rows; anything else is a bug and stops the run with its traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from vlm.errors import VLMError
 from vlm.images import load_image
+
+from jinja2 import TemplateError
 
 from .inputs import Item, iter_items, row_key
 from .preprocess import make_preprocess
@@ -154,13 +157,7 @@ class BatchBuilder(Dataset):
 
     def __getitem__(self, items: list[Item]) -> Batch:
         batch = Batch(items=items, rows=[None] * len(items))
-        try:
-            self._build(batch)
-        except Exception as e:  # noqa: BLE001 - a bug here must cost this batch's rows, not the run
-            batch.todo, batch.encoding, batch.pixel_values, batch.image_index = [], None, None, None
-            for i, item in enumerate(items):
-                if batch.rows[i] is None:
-                    batch.rows[i] = self.error_row(item, f"cannot prepare batch: {type(e).__name__}: {e}")
+        self._build(batch)
         return batch
 
     def _build(self, batch: Batch) -> None:
@@ -173,8 +170,8 @@ class BatchBuilder(Dataset):
                 continue
             try:
                 prompt, question = self.prompt_for(item)
-            except Exception as e:  # noqa: BLE001 - e.g. a chat template that rejects this question
-                batch.rows[i] = self.error_row(item, f"cannot build prompt: {type(e).__name__}: {e}")
+            except TemplateError as e:  # a chat template that rejects this question
+                batch.rows[i] = self.error_row(item, f"cannot build prompt: {e}")
                 continue
             if question is not None and not self.allow_questions:
                 batch.rows[i] = self.error_row(item, "questions need --format jsonl or csv, not txt")
@@ -187,11 +184,8 @@ class BatchBuilder(Dataset):
             if slot is None:
                 try:
                     tensor = self.preprocess(load_image(item.path))
-                except VLMError as e:
-                    slot_of_path[item.path] = e
-                    slot = e
-                except Exception as e:  # a decoder bug on a hostile file must not stop the run
-                    slot = slot_of_path[item.path] = VLMError(f"{item.path}: cannot read image ({e})")
+                except VLMError as e:  # load_image names the file and the decode error
+                    slot = slot_of_path[item.path] = e
                 else:
                     slot = slot_of_path[item.path] = len(pixels)
                     pixels.append(tensor)
@@ -202,23 +196,7 @@ class BatchBuilder(Dataset):
             image_index.append(slot)
             prompts.append(prompt)
         if batch.todo:
-            try:
-                encoding = self._encode(prompts)
-            except Exception:  # noqa: BLE001 - find the prompts that fail alone; the rest go on
-                keep = []
-                for position, prompt in enumerate(prompts):
-                    try:
-                        self._encode([prompt])
-                        keep.append(position)
-                    except Exception as e:  # noqa: BLE001
-                        i = batch.todo[position]
-                        batch.rows[i] = self.error_row(items[i], f"cannot encode prompt: {type(e).__name__}: {e}")
-                batch.todo = [batch.todo[p] for p in keep]
-                image_index = [image_index[p] for p in keep]
-                prompts = [prompts[p] for p in keep]
-                if not keep:
-                    return
-                encoding = self._encode(prompts)
+            encoding = self._encode(prompts)
             batch.encoding = encoding
             batch.pixel_values = torch.stack(pixels)
             batch.image_index = torch.tensor(image_index)
@@ -243,26 +221,24 @@ def _trim_left_padding(encoding: dict) -> dict:
     return out
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
+def split_on_oom(run: Callable[[list[int]], list], indices: list[int], on_oom: Callable[[], None] = lambda: None):
+    """`run(indices)`, halving the batch on out-of-memory until single items fail alone.
 
-def split_on_failure(run: Callable[[list[int]], list], indices: list[int], on_oom: Callable[[], None] = lambda: None):
-    """`run(indices)`, halving the batch on failure until single items fail alone.
-
-    Returns one result per index: `run`'s output, or the exception that one item raised.
-    Out-of-memory is the common case (a long batch on a small GPU); splitting also isolates an
-    item that breaks the model, so the rest of its batch still gets captions.
+    Returns one result per index: `run`'s output, or the out-of-memory error of an item that
+    does not fit even alone. The retry happens after the `except` block has ended, so the failed
+    try's activations (held by the traceback) are freed first; `on_oom` runs in between (it
+    empties the CUDA cache). Any other error propagates: a CUDA error such as a device-side
+    assert leaves the device unusable, and retrying it would only repeat it.
     """
     try:
         return list(run(indices))
-    except Exception as e:  # noqa: BLE001 - each failure becomes a row, the run goes on
-        if is_out_of_memory(e):
-            on_oom()
+    except torch.OutOfMemoryError as e:
         if len(indices) == 1:
             return [e]
-        half = len(indices) // 2
-        return split_on_failure(run, indices[:half], on_oom) + split_on_failure(run, indices[half:], on_oom)
+    on_oom()
+    half = len(indices) // 2
+    return split_on_oom(run, indices[:half], on_oom) + split_on_oom(run, indices[half:], on_oom)
 
 
 class Captioner:
@@ -290,22 +266,16 @@ class Captioner:
     def rows(self, batch: Batch, builder: BatchBuilder) -> list[dict]:
         """The batch's output rows, in item order (an unexpected failure gives error rows)."""
         rows = list(batch.rows)
-        try:
-            if batch.todo:
-                texts = split_on_failure(lambda p: self.generate(batch, p), list(range(len(batch.todo))), self._on_oom)
-                for i, text in zip(batch.todo, texts):
-                    rows[i] = _row(builder, batch.items[i], text)
-        except Exception as e:  # noqa: BLE001 - this batch's items get error rows, the run goes on
-            for i in batch.todo:
-                if rows[i] is None:
-                    rows[i] = builder.error_row(batch.items[i], f"generation failed: {type(e).__name__}: {e}")
+        if batch.todo:
+            texts = split_on_oom(lambda p: self.generate(batch, p), list(range(len(batch.todo))), self._on_oom)
+            for i, text in zip(batch.todo, texts):
+                rows[i] = _row(builder, batch.items[i], text)
         return rows
 
 
 def _row(builder: BatchBuilder, item: Item, text) -> dict:
     if isinstance(text, Exception):
-        reason = "out of memory even for one image" if is_out_of_memory(text) else f"{type(text).__name__}: {text}"
-        return builder.error_row(item, f"generation failed: {reason}")
+        return builder.error_row(item, "generation failed: out of memory even for one image")
     row = builder.fields(item)
     row["answer" if "question" in row else "caption"] = text
     return row

@@ -10,8 +10,8 @@ import torch
 from test_train import CAPTIONS, shape_image, write_caption_data
 
 import tiny
-from train.align import bag_of_words_loss
-from train.collate import IGNORE_INDEX
+from vlm.train.align import bag_of_words_loss
+from vlm.train.collate import IGNORE_INDEX
 from vlm import load_pretrained
 from vlm.cli import main as vlm_main
 

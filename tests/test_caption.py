@@ -16,8 +16,8 @@ from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import tiny
 from caption_files import make_awkward_folder
-from serve.caption import main
-from serve.writers import iter_rows
+from vlm.serve.caption import main
+from vlm.serve.writers import iter_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of", "", "question: is there a cat? short answer:", "the quick brown fox"]
@@ -171,6 +171,13 @@ def test_exit_codes(tmp_path, blip2_opt_dir, capsys):
     empty.mkdir()
     assert main([str(empty), "--out", str(tmp_path / "e.jsonl"), "--model", str(blip2_opt_dir)]) == 1
     assert "no images found" in capsys.readouterr().err
+    # --max-error-rate: 2 bad of 3 is over the default half, within 0.7.
+    tiny.random_image(0).save(bad / "c.png")
+    mixed = ["--model", str(blip2_opt_dir), "--num-workers", "0", "--max-new-tokens", "2", "--overwrite"]
+    assert main([str(bad), "--out", str(out), *mixed]) == 1
+    assert "2 of 3 images failed, over --max-error-rate 0.5" in capsys.readouterr().err
+    assert main([str(bad), "--out", str(out), *mixed, "--max-error-rate", "0.7"]) == 0
+    assert sorted("error" in r for r in rows_of(out)) == [False, True, True]
     with pytest.raises(SystemExit) as e:
         main([str(bad), "--out", str(out), "--batch-size", "0"])
     assert e.value.code == 2

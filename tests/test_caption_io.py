@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import tiny
-from serve.caption import main
-from serve.inputs import iter_items
-from serve.pipeline import BatchBuilder, split_on_failure
-from serve.preprocess import FastPreprocess, make_preprocess
-from serve.writers import CsvWriter, JsonlWriter, complete_length, iter_rows, read_done
+from vlm.serve.caption import main
+from vlm.serve.inputs import iter_items
+from vlm.serve.pipeline import BatchBuilder, split_on_oom
+from vlm.serve.preprocess import FastPreprocess, make_preprocess
+from vlm.serve.writers import CsvWriter, JsonlWriter, complete_length, iter_rows, read_done
 
 
 def test_listing_folders_globs_and_lists(tmp_path):
@@ -70,21 +70,26 @@ def test_half_written_records_are_ignored_and_cut(tmp_path):
     assert cpath.stat().st_size == good
 
 
-def test_split_on_failure_retries_halves_on_oom():
-    calls = []
+def test_split_on_oom_retries_halves_and_other_errors_stop_the_run():
+    calls, emptied = [], []
 
     def run(indices):
         calls.append(len(indices))
-        if len(indices) > 2:
+        if len(indices) > 2 or 5 in indices:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        if 5 in indices:
-            raise ValueError("item 5 breaks the model")
         return [f"t{i}" for i in indices]
 
-    out = split_on_failure(run, list(range(8)))
+    out = split_on_oom(run, list(range(8)), on_oom=lambda: emptied.append(1))
     assert out[:5] == ["t0", "t1", "t2", "t3", "t4"] and out[6:] == ["t6", "t7"]
-    assert isinstance(out[5], ValueError)
-    assert calls[:3] == [8, 4, 2]
+    assert isinstance(out[5], torch.OutOfMemoryError)  # does not fit even alone: that item's error
+    assert calls[:3] == [8, 4, 2] and len(emptied) == 4  # cache emptied before each retry
+
+    def broken(indices):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="device-side assert"):
+        split_on_oom(broken, list(range(8)))
 
 
 def test_fast_preprocess_is_exact():

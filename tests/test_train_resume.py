@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from train.trainer import find_resume_checkpoint, replace_dir
+from vlm.train.trainer import find_resume_checkpoint, replace_dir
 from vlm.cli import main as vlm_main
 
 REPO = Path(__file__).parent.parent

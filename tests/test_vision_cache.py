@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import tiny
-from train.vision_cache import VisionFeatureCache, cache_blocker
+from vlm.train.vision_cache import VisionFeatureCache, cache_blocker
 from vlm import VisionLanguageModel
 from vlm.cli import main as vlm_main
 

@@ -1,8 +1,9 @@
-"""`vlm train CONFIG.yaml [dotted.key=value ...] [--flags]`: fine-tune a vision-language model.
+"""`vlm train CONFIG [dotted.key=value ...] [--flags]`: fine-tune a vision-language model.
 
-Multi-process / multi-GPU runs go through accelerate::
+CONFIG is a YAML file or the name of a shipped preset (`lora`, `qlora`, ...). Multi-process /
+multi-GPU runs go through accelerate, with a shipped accelerate config::
 
-    accelerate launch --config_file configs/accelerate/ddp.yaml -m vlm.cli train CONFIG.yaml
+    accelerate launch --config_file "$(vlm train --accelerate-config ddp)" -m vlm.cli train lora ...
 """
 
 from __future__ import annotations
@@ -18,11 +19,20 @@ from .config import RECIPES, TrainConfig, load_config
 
 EPILOG = """\
 examples:
-  vlm train configs/train/lora.yaml data.train=captions.jsonl output_dir=runs/lora
+  vlm train lora data.train=captions.jsonl output_dir=runs/lora     # the shipped `lora` preset
+  vlm train my-recipe.yaml data.train=captions.jsonl
   vlm train --recipe bridge --model ./my-vlm --train-data coco/captions_train2017.json \\
             --image-root coco/train2017 --max-steps 2000 --batch-size 16
-  vlm train configs/train/qlora.yaml lora.r=8 prompt.question_template="Question: {} Answer:"
-  accelerate launch --config_file configs/accelerate/ddp.yaml -m vlm.cli train configs/train/lora.yaml
+  vlm train qlora lora.r=8 prompt.question_template="Question: {} Answer:"
+  vlm train --print-config lora lora.r=4        # the resolved configuration, as YAML; trains nothing
+  vlm train lora training_args.optim=adafactor  # any transformers TrainingArguments field
+
+presets (CONFIG by name; `vlm train --list-presets` prints them with their files):
+  {presets}
+
+several GPUs or CPU processes (accelerate configs ddp, fsdp, deepspeed-zero2 ship with vlm;
+`vlm train --accelerate-config NAME` prints the file's path):
+  accelerate launch --config_file "$(vlm train --accelerate-config ddp)" -m vlm.cli train lora ...
 
 recipes:
   align   the bridge alone, on captions: the soft prompt learns to hold the caption's words (read
@@ -32,7 +42,7 @@ recipes:
   qlora   the same on a 4-bit (NF4) LLM; needs bitsandbytes
   full    train the parameters named by `unfreeze` (name prefixes)
 
-Order of precedence: flags > dotted overrides > CONFIG.yaml > defaults. A run whose output
+Order of precedence: flags > dotted overrides > CONFIG > defaults. A run whose output
 folder holds checkpoints continues from the newest one (resume=auto); --no-resume starts over.
 The output folder loads with vlm.load_pretrained(OUTPUT_DIR) and `vlm caption --model OUTPUT_DIR`.
 """
@@ -58,14 +68,16 @@ FLAG_KEYS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from vlm.configs import TRAIN_DIR, names
+
     p = argparse.ArgumentParser(
         prog="vlm train",
         description="Fine-tune a BLIP-2-style model on captions, VQA or conversations.",
-        epilog=EPILOG,
+        epilog=EPILOG.replace("{presets}", ", ".join(names(TRAIN_DIR))),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("args", nargs="*", metavar="CONFIG.yaml | key=value",
-                   help="a YAML recipe (e.g. configs/train/lora.yaml) and/or dotted overrides such as lora.r=8")
+    p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
+                   help="a YAML file or a preset name (e.g. lora) and/or dotted overrides such as lora.r=8")
     p.add_argument("--recipe", choices=RECIPES, help="what trains (see below)")
     p.add_argument("--model", help="base model: vlm/BLIP-2/InstructBLIP folder or hub id (default: the demo model)")
     p.add_argument("--train-data", help="COCO/Karpathy/VQAv2/LLaVA JSON, JSONL/CSV, HF dataset or imagefolder")
@@ -85,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
                         help="resume from CHECKPOINT, or (no value) from the newest one in --output-dir")
     resume.add_argument("--no-resume", action="store_true", help="start fresh even if checkpoints exist")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("--list-presets", action="store_true", help="print the shipped presets and their files, and exit")
+    p.add_argument("--accelerate-config", metavar="NAME",
+                   help="print the path of a shipped accelerate config (ddp, fsdp, deepspeed-zero2) and exit")
     return p
 
 
@@ -100,7 +115,7 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
         elif config_path is None:
             config_path = item
         else:
-            raise VLMError(f"{item}: only one CONFIG.yaml may be given (overrides look like key=value)")
+            raise VLMError(f"{item}: only one CONFIG may be given (overrides look like key=value)")
     for flag, key in FLAG_KEYS.items():
         value = getattr(args, flag)
         if value is not None:
@@ -112,9 +127,27 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:
     return load_config(config_path, overrides), args
 
 
+def print_shipped(args: argparse.Namespace) -> int:
+    """`--list-presets` / `--accelerate-config NAME`: where the shipped files are."""
+    from vlm.configs import ACCELERATE_DIR, TRAIN_DIR, accelerate_config, names
+
+    if args.accelerate_config:
+        print(accelerate_config(args.accelerate_config))
+        return 0
+    for title, folder in (("training presets", TRAIN_DIR), ("accelerate configs", ACCELERATE_DIR)):
+        print(f"{title}:")
+        for name in names(folder):
+            print(f"  {name:<22} {folder / (name + '.yaml')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlm train`."""
-    config, args = parse_config(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--list-presets" in argv or "--accelerate-config" in argv or any(
+            a.startswith("--accelerate-config=") for a in argv):
+        return print_shipped(build_parser().parse_intermixed_args(argv))
+    config, args = parse_config(argv)
     if args.print_config:
         import yaml
 
@@ -129,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # `python -m train.cli` / `accelerate launch -m train.cli`: same error handling as `vlm train`.
+    # `python -m vlm.train.cli` / `accelerate launch -m vlm.train.cli`: same error handling as `vlm train`.
     from vlm.cli import main as vlm_main
 
     logging.basicConfig(level=logging.WARNING)

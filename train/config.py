@@ -1,20 +1,21 @@
 """`TrainConfig`: the typed training configuration, read from YAML plus `dotted.key=value` overrides.
 
-Every key is checked before anything loads: an unknown key, a wrong type or a bad choice is a
-`VLMError` naming the key (and the file), with a suggestion for near-miss spellings.
+The schema is a set of pydantic models: pydantic checks every key and type before anything
+loads. What we add is the YAML/override reading and one-line errors: an unknown key or a wrong
+type is a `VLMError` naming the key (and the file), with a suggestion for near-miss spellings.
+`training_args:` passes any `transformers.TrainingArguments` field through (checked by
+`TrainingArguments` itself when the run starts, see `trainer.training_arguments`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlm.errors import VLMError
 
@@ -22,8 +23,14 @@ RECIPES = ("align", "bridge", "lora", "qlora", "full")
 BRIDGE_MODULES = ("query_tokens", "qformer", "language_projection")
 
 
-@dataclass
-class DataConfig:
+class _Section(BaseModel):
+    # extra="forbid": an unknown key is an error; numbers are accepted where text is meant
+    # (YAML reads `model: 123` as an int, a name is still meant).
+    # strict: no true -> 1 or "8" -> 8 (YAML already typed the values).
+    model_config = ConfigDict(extra="forbid", strict=True, coerce_numbers_to_str=True)
+
+
+class DataConfig(_Section):
     """Where the examples come from (any format `vlm.data.load_examples` reads)."""
 
     train: str | None = None
@@ -40,8 +47,7 @@ class DataConfig:
     num_workers: int | Literal["auto"] = "auto"
 
 
-@dataclass
-class LoraSettings:
+class LoraSettings(_Section):
     """peft LoRA on the LLM only (never the vision tower or the Q-Former)."""
 
     r: int = 16
@@ -53,26 +59,24 @@ class LoraSettings:
     train_bridge: bool = True  # also train Q-Former, queries and projection
 
 
-@dataclass
-class PromptConfig:
+class PromptConfig(_Section):
     """The prompts used in training; saved with the processor so inference uses the same."""
 
     caption_prompt: str | None = None  # None: keep the model's own
     question_template: str | None = None  # must hold one "{}" for the question
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """One training run. Field names are the YAML keys; see configs/train/*.yaml."""
 
     recipe: Literal["align", "bridge", "lora", "qlora", "full"] = "lora"
     model: str | None = None  # vlm/BLIP-2/InstructBLIP folder or hub id; None: the demo default
     output_dir: str = "runs/vlm"
-    data: DataConfig = field(default_factory=DataConfig)
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    prompt: PromptConfig = field(default_factory=PromptConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     # full recipe: parameter-name prefixes to train, e.g. ["language_model", "qformer"].
-    unfreeze: list[str] = field(default_factory=lambda: list(BRIDGE_MODULES))
+    unfreeze: list[str] = Field(default_factory=lambda: list(BRIDGE_MODULES))
     max_steps: int = -1  # > 0 overrides epochs
     epochs: float = 1.0
     learning_rate: float = 1e-4
@@ -83,7 +87,7 @@ class TrainConfig:
     warmup: float = 0.03  # < 1: fraction of the steps; >= 1: steps
     lr_scheduler: str = "cosine"  # any transformers SchedulerType, e.g. warmup_stable_decay
     # passed to the scheduler, e.g. {num_decay_steps: 250} for warmup_stable_decay
-    lr_scheduler_kwargs: dict = field(default_factory=dict)
+    lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
     max_grad_norm: float = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
@@ -98,14 +102,31 @@ class TrainConfig:
     # "auto": continue from the newest complete checkpoint in output_dir if any; "none": start
     # fresh; or a checkpoint folder.
     resume: str = "auto"
+    # Any other `transformers.TrainingArguments` field (optim, torch_compile, deepspeed, fsdp,
+    # ...); wins over what the keys above set.
+    training_args: dict[str, Any] = Field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
 # --------------------------------------------------------------------------------------------
+def resolve_config_path(name: str) -> Path:
+    """A YAML path, or the file of a shipped preset (`lora`, `demo-easyvqa`, ...)."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    from vlm.configs import TRAIN_DIR, names
+
+    preset = TRAIN_DIR / f"{name}.yaml"
+    if path.suffix not in (".yaml", ".yml") and "/" not in name and preset.is_file():
+        return preset
+    raise VLMError(f"{name}: no such config file or shipped preset (presets: {', '.join(names(TRAIN_DIR))})")
+
+
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read `path` (YAML; None for defaults), apply `key.sub=value` overrides, validate.
+    """Read `path` (a YAML file or a preset name; None for defaults), apply `key.sub=value`
+    overrides, validate.
 
     Override values are parsed as YAML (`lora.r=8`, `unfreeze=[qformer]`, `prompt.caption_prompt=null`),
     except that a text-valued key keeps its text as given (`prompt.question_template=Q: {}`).
@@ -113,12 +134,10 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
     raw: dict = {}
     where = "config"
     if path is not None:
+        file = resolve_config_path(str(path))
         where = str(path)
-        p = Path(path)
-        if not p.is_file():
-            raise VLMError(f"{path}: no such config file")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as e:
             raise VLMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(raw, dict):
@@ -134,7 +153,72 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 
 def from_dict(raw: dict, where: str = "config") -> TrainConfig:
     """Build a validated `TrainConfig` from nested dicts; errors name `where` and the key."""
-    return _build(TrainConfig, raw, where, prefix="")
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise VLMError(f"{where}: {_describe_error(e, raw)}") from None
+
+
+def _describe_error(error: ValidationError, raw: dict) -> str:
+    """One line for pydantic's first error: the dotted key, what it must be, what it got."""
+    first = error.errors()[0]
+    key = _key_of(first["loc"], unknown=first["type"] == "extra_forbidden")
+    if first["type"] == "extra_forbidden":
+        section, _, name = key.rpartition(".")
+        known = _section_fields(section)
+        near = difflib.get_close_matches(name, known, n=1)
+        prefix = f"{section}." if section else ""
+        hint = f" (did you mean {prefix}{near[0]}?)" if near else f"; known keys: {', '.join(known)}"
+        return f"unknown config key '{key}'{hint}"
+    value = raw
+    for part in filter(None, key.split(".")):
+        value = value.get(part) if isinstance(value, dict) else None
+    if first["type"] in ("model_type", "model_attributes_type", "dict_type") and _field_type(key) is not None \
+            and isinstance(_field_type(key), type) and issubclass(_field_type(key), BaseModel):
+        return f"{key} must be a mapping, got {value!r}"
+    if not key:
+        return f"the top level must be a mapping, got {value!r}"
+    return f"{key} must be {_expected(key)}, got {value!r}"
+
+
+def _key_of(loc: tuple, unknown: bool) -> str:
+    """The dotted config key of a pydantic error location (which also names union arms and
+    list indices: `lora.target_modules.list[str].0`)."""
+    model, parts = TrainConfig, []
+    for part in loc:
+        if model is None or not isinstance(part, str):
+            break
+        if part not in model.model_fields:
+            if unknown:
+                parts.append(part)
+            break
+        parts.append(part)
+        kind = model.model_fields[part].annotation
+        model = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
+    return ".".join(parts)
+
+
+def _section_fields(section: str) -> list[str]:
+    model: type[BaseModel] = TrainConfig
+    for part in filter(None, section.split(".")):
+        model = model.model_fields[part].annotation
+    return list(model.model_fields)
+
+
+def _expected(key: str) -> str:
+    kind = _field_type(key)
+    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string"}
+    arms = [a for a in _arms(kind) if a is not type(None)]
+    words = []
+    for arm in arms:
+        if typing.get_origin(arm) is Literal:
+            words.append("one of " + ", ".join(repr(v) for v in typing.get_args(arm)))
+        elif typing.get_origin(arm) is list:
+            item = typing.get_args(arm)[0]
+            words.append("a list of " + {str: "strings", int: "integers"}.get(item, str(item)))
+        else:
+            words.append(names.get(arm, "a mapping" if typing.get_origin(arm) is dict else str(arm)))
+    return " or ".join(words) + (" or null" if type(None) in _arms(kind) else "")
 
 
 def _parse_value(text: str, kind=None) -> Any:
@@ -149,7 +233,7 @@ def _parse_value(text: str, kind=None) -> Any:
     except yaml.YAMLError:
         return text
     if kind is not None and _takes_text(kind) and not isinstance(value, str):
-        if value is None and _allows_none(kind):
+        if value is None and type(None) in _arms(kind):
             return None
         return text
     return value
@@ -157,20 +241,17 @@ def _parse_value(text: str, kind=None) -> Any:
 
 def _field_type(dotted: str):
     """The type hint of a dotted TrainConfig key, or None when there is no such key."""
-    cls, kind = TrainConfig, None
+    model, kind = TrainConfig, None
     for part in dotted.split("."):
-        if cls is None or not dataclasses.is_dataclass(cls):
+        if model is None or part not in model.model_fields:
             return None
-        hints = typing.get_type_hints(cls)
-        if part not in hints:
-            return None
-        kind = hints[part]
-        cls = kind if dataclasses.is_dataclass(kind) else None
+        kind = model.model_fields[part].annotation
+        model = kind if isinstance(kind, type) and issubclass(kind, BaseModel) else None
     return kind
 
 
 def _arms(kind) -> tuple:
-    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+    if typing.get_origin(kind) in (typing.Union, getattr(typing, "UnionType", ()), type(int | None)):
         return typing.get_args(kind)
     return (kind,)
 
@@ -184,10 +265,6 @@ def _takes_text(kind) -> bool:
     )
 
 
-def _allows_none(kind) -> bool:
-    return type(None) in _arms(kind)
-
-
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
     node = raw
     parts = key.split(".")
@@ -197,85 +274,6 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
             raise VLMError(f"override {key}: {part!r} is not a section")
         node = child
     node[parts[-1]] = value
-
-
-def _build(cls, raw: Any, where: str, prefix: str):
-    if not isinstance(raw, dict):
-        raise VLMError(f"{where}: {prefix.rstrip('.') or 'top level'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            near = difflib.get_close_matches(str(key), fields, n=1)
-            hint = f" (did you mean {prefix}{near[0]}?)" if near else f"; known keys: {', '.join(fields)}"
-            raise VLMError(f"{where}: unknown config key '{prefix}{key}'{hint}")
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            kwargs[key] = _build(kind, value or {}, where, f"{prefix}{key}.")
-        else:
-            kwargs[key] = _check(value, kind, where, f"{prefix}{key}")
-    return cls(**kwargs)
-
-
-def _check(value: Any, kind, where: str, key: str) -> Any:
-    """`value` converted to `kind` (int -> float allowed), or a VLMError naming `key`."""
-    ok, converted = _match(value, kind)
-    if not ok:
-        raise VLMError(f"{where}: {key} must be {_describe(kind)}, got {value!r}")
-    return converted
-
-
-def _match(value: Any, kind) -> tuple[bool, Any]:
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        for arm in typing.get_args(kind):
-            ok, converted = _match(value, arm)
-            if ok:
-                return True, converted
-        return False, None
-    if origin is Literal:
-        return value in typing.get_args(kind), value
-    if origin is list:
-        if isinstance(value, str) and typing.get_args(kind)[0] is str:
-            value = [v.strip() for v in value.split(",") if v.strip()]  # "a,b" from the command line
-        if not isinstance(value, list):
-            return False, None
-        item = typing.get_args(kind)[0]
-        out = []
-        for v in value:
-            ok, c = _match(v, item)
-            if not ok:
-                return False, None
-            out.append(c)
-        return True, out
-    if kind is type(None):
-        return value is None, None
-    if kind is bool:
-        return isinstance(value, bool), value
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if value is not None else value
-    if kind is str:
-        # YAML reads `model: 123` as int; a path or name is still meant.
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return isinstance(value, str), value
-    return isinstance(value, kind), value
-
-
-def _describe(kind) -> str:
-    origin = typing.get_origin(kind)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(a) for a in typing.get_args(kind))
-    if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(kind))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(kind)[0])}"
-    if kind is type(None):
-        return "null"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(kind, str(kind))
 
 
 def save_config(config: TrainConfig, path: str | Path) -> None:

@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.perf_counter()
     model, processor = load_pretrained(
-        args.model, quantization=None if args.quantization == "none" else args.quantization,
+        args.model, quantization=args.quantization,
         device=args.device, dtype=args.dtype,
     )
     predictions = predict(model, processor, samples, args.task, args.batch_size, gen_kwargs)

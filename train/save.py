@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from vlm.errors import VLMError
-from vlm.loading import BRIDGE_WEIGHTS
+from vlm.files import BRIDGE_WEIGHTS
 
 from .config import BRIDGE_MODULES, TrainConfig, save_config
 

@@ -20,6 +20,8 @@ What we add:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import inspect
 import logging
 import os
@@ -161,7 +163,7 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
     if precision == "fp16" and not cuda:
         raise VLMError("precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.batch_size,
         per_device_eval_batch_size=config.eval_batch_size or config.batch_size,
@@ -194,6 +196,25 @@ def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments
         use_cpu=not cuda,
         ddp_find_unused_parameters=False,
     )
+    return _training_arguments(kwargs, config.training_args)
+
+
+def _training_arguments(kwargs: dict, extra: dict) -> TrainingArguments:
+    """`TrainingArguments(**kwargs)` with the config's `training_args` on top, checked by
+    `TrainingArguments` itself; a bad field is a VLMError naming `training_args.<field>`."""
+    known = {f.name for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in extra:
+        if key not in known:
+            near = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean training_args.{near[0]}?)" if near else ""
+            raise VLMError(f"training_args.{key}: not a transformers.TrainingArguments field{hint}")
+    try:
+        return TrainingArguments(**{**kwargs, **extra})
+    except (ValueError, TypeError) as e:
+        if not extra:
+            raise
+        reason = " ".join(str(e).split())
+        raise VLMError(f"training_args ({', '.join(extra)}): rejected by TrainingArguments: {reason}") from None
 
 
 def _num_workers(num_workers: int | str, cuda: bool) -> int:

@@ -27,6 +27,7 @@ from .configuration import SUPPORTED_VISION_TYPES, VLMConfig
 from .errors import VLMError
 from .modeling import VisionLanguageModel, build_qformer, vision_tower_class
 from .processing import VLMProcessor
+from .registry import DEFAULT_MODEL, resolve_model
 
 # Full two-tower checkpoints whose vision half we take.
 _DUAL_ENCODERS = {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}
@@ -204,12 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.demo:
-        from .demo import build_demo, demo_photos
-
-        checkpoint = build_demo()
-        demo_photos()
-        print(checkpoint)  # last, so scripts can take the path from the final line
+    if args.demo:  # the demo is a registered model source: resolving its name builds it
+        print(resolve_model(DEFAULT_MODEL))  # last, so scripts can take the path from the final line
         return 0
     missing = [flag for flag, value in (("--vision", args.vision), ("--llm", args.llm), ("--output-dir", args.output_dir)) if not value]
     if missing:

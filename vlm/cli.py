@@ -11,11 +11,11 @@ from .errors import VLMError
 
 # name -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 SUBCOMMANDS = {
-    "chat": ("serve.chat", "web chat about images (Gradio)"),
-    "caption": ("serve.caption", "caption or ask questions about many images, to JSONL/CSV/txt"),
-    "train": ("train.cli", "fine-tune: bridge, LoRA, QLoRA or full"),
-    "eval": ("train.evaluate", "score a model on caption or VQA data"),
-    "export": ("train.export", "merge LoRA and write a standalone checkpoint"),
+    "chat": ("vlm.serve.chat", "web chat about images (Gradio)"),
+    "caption": ("vlm.serve.caption", "caption or ask questions about many images, to JSONL/CSV/txt"),
+    "train": ("vlm.train.cli", "fine-tune: bridge, LoRA, QLoRA or full"),
+    "eval": ("vlm.train.evaluate", "score a model on caption or VQA data"),
+    "export": ("vlm.train.export", "merge LoRA and write a standalone checkpoint"),
     "build": ("vlm.build", "compose a new model from a vision tower, an LLM and a Q-Former init"),
 }
 

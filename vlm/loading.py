@@ -5,7 +5,7 @@
   folder or hub id: same weight names as ours, so only the config is translated;
 - a LoRA adapter folder written by `vlm train` (peft format; its base is found from
   `adapter_config.json` or from a `config.json` beside it);
-- no name: the offline demo default (`vlm.demo`).
+- a registered model name (`vlm.registry`); no name: the default, the offline demo.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from transformers import AutoImageProcessor, AutoTokenizer, BitsAndBytesConfig, 
 
 from .configuration import VLMConfig
 from .errors import VLMError
+from .files import BRIDGE_WEIGHTS
 from .modeling import VisionLanguageModel
 from .processing import QFORMER_TOKENIZER_DIR, VLMProcessor
+from .registry import DEFAULT_MODEL, resolve_model
 
 OFFICIAL_TYPES = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
-# Extra weights a trained adapter folder holds beside the peft adapter (Q-Former, queries, projection).
-BRIDGE_WEIGHTS = "bridge.safetensors"
 # Modules kept out of 4/8-bit: BLIP-2 quality depends on a full-precision vision tower and Q-Former.
 NOT_QUANTIZED = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
 
@@ -132,17 +132,14 @@ def load_pretrained(
     """Load `(model, processor)` from any checkpoint kind `vlm` reads (see module doc).
 
     Args:
-        name_or_path: folder or hub id; `None` for the demo default.
-        quantization: `"4bit"` (NF4) or `"8bit"` quantizes the LLM only; `None` for none.
+        name_or_path: folder, hub id, or a registered model name (`vlm.registry`); `None` for
+            the default, the offline demo (`"vlm-demo"`).
+        quantization: `"4bit"` (NF4) or `"8bit"` quantizes the LLM only; `None` or `"none"` for none.
         device: `"cuda"`, `"cuda:1"`, `"cpu"`...; defaults to CUDA when available.
         dtype: defaults to bf16 on a GPU that supports it, fp32 on CPU. The Q-Former and
             query tokens stay fp32 whatever is asked.
     """
-    if name_or_path is None:
-        from .demo import demo_checkpoint  # the demo default is built on first use
-
-        name_or_path = str(demo_checkpoint())
-    name_or_path = str(name_or_path)
+    name_or_path = resolve_model(DEFAULT_MODEL if name_or_path is None else str(name_or_path))
     device = device or default_device()
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype)
@@ -150,8 +147,20 @@ def load_pretrained(
 
     adapter_dir = None
     if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
-        adapter_dir, name_or_path = name_or_path, _adapter_base(name_or_path)
+        adapter_dir, name_or_path = name_or_path, resolve_model(_adapter_base(name_or_path))
+    config, model_type = read_vlm_config(name_or_path)
+    model = _load_weights(name_or_path, config, quantization, device, dtype)
+    processor = load_processor(name_or_path, config, model_type)
+    if adapter_dir is not None:
+        model = apply_adapter(model, adapter_dir)
+        if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
+            processor = VLMProcessor.from_pretrained(adapter_dir)
+    model.eval()
+    return model, processor
 
+
+def read_vlm_config(name_or_path: str) -> tuple[VLMConfig, str]:
+    """`(VLMConfig, model_type)` of a `vlm` or official BLIP-2/InstructBLIP checkpoint."""
     config_dict = read_config_dict(name_or_path)
     model_type = config_dict.get("model_type")
     if model_type not in (VLMConfig.model_type, *OFFICIAL_TYPES):
@@ -161,12 +170,17 @@ def load_pretrained(
         )
     try:
         if model_type == VLMConfig.model_type:
-            config = VLMConfig.from_pretrained(name_or_path)
-        else:
-            config = vlm_config_from_official(config_dict)
+            return VLMConfig.from_pretrained(name_or_path), model_type
+        return vlm_config_from_official(config_dict), model_type
     except (StrictDataclassError, ValueError, TypeError, KeyError) as e:
         reason = " ".join(str(e).split())
         raise VLMError(f"{name_or_path}: bad config.json: {reason}") from None
+
+
+def _load_weights(
+    name_or_path: str, config: VLMConfig, quantization: str | None, device: str, dtype: torch.dtype
+) -> VisionLanguageModel:
+    """`VisionLanguageModel.from_pretrained` in `dtype` on `device`, the LLM quantized if asked."""
     load_kwargs = {"config": config, "dtype": dtype}
     qconfig = quantization_config(quantization, dtype)
     if qconfig is not None:
@@ -179,13 +193,7 @@ def load_pretrained(
         raise VLMError(f"{name_or_path}: cannot load weights ({str(e).splitlines()[0]})") from None
     if "device_map" not in load_kwargs:
         model.to(device)
-    processor = load_processor(name_or_path, config, model_type)
-    if adapter_dir is not None:
-        model = apply_adapter(model, adapter_dir)
-        if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
-            processor = VLMProcessor.from_pretrained(adapter_dir)
-    model.eval()
-    return model, processor
+    return model
 
 
 def _adapter_base(adapter_dir: str) -> str:

@@ -103,7 +103,8 @@ def image_problem(image) -> str | None:
                 if width * height > MAX_IMAGE_PIXELS:
                     return f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,} limit"
                 im.verify()
-    except Exception as e:  # noqa: BLE001 - any failure to open means "bad image", reported by name
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        # PIL's decode failures (UnidentifiedImageError is an OSError); reported by name.
         reason = "not an image (cannot identify the format)" if "cannot identify" in str(e) else f"broken ({e})"
         return f"{name}: {reason}"
     return None

@@ -63,7 +63,7 @@ def read_saved_dataset(
 
     try:
         ds = datasets.load_from_disk(str(path))
-    except Exception as e:  # noqa: BLE001 - a corrupt folder can raise many kinds
+    except (OSError, ValueError, KeyError) as e:  # missing or corrupt files, unreadable state JSON
         raise VLMError(f"{path}: cannot open the saved dataset ({str(e).splitlines()[0]})") from None
     where = str(path)
     if isinstance(ds, datasets.DatasetDict):

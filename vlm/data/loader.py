@@ -9,6 +9,7 @@ from PIL import Image
 
 from ..errors import VLMError
 from ..images import load_image, to_rgb
+from ..registry import resolve_dataset
 from .coco import is_coco_captions, is_karpathy, read_coco_captions, read_karpathy
 from .common import check_task, finish, read_json, resolve_image_path, row_error
 from .hf import imagefolder_metadata, is_saved_dataset, read_imagefolder, read_saved_dataset
@@ -20,20 +21,6 @@ FORMATS_HELP = (
     "COCO captions JSON, Karpathy-split JSON, VQAv2 questions(+annotations) JSON, LLaVA conversation JSON, "
     "JSONL/CSV/TSV rows, a datasets save_to_disk folder, or an imagefolder with metadata.jsonl/csv"
 )
-
-
-# `easyvqa:SPLIT` names the demo's easy-vqa data (fetched from PyPI into the cache on first use).
-EASYVQA_PREFIX = "easyvqa:"
-
-
-def _easyvqa_file(name: str) -> Path:
-    from ..demo import easyvqa_data
-
-    files = easyvqa_data()
-    key = name[len(EASYVQA_PREFIX):]
-    if key not in files:
-        raise VLMError(f"{name}: unknown easy-vqa split; use one of {', '.join(EASYVQA_PREFIX + k for k in files)}")
-    return files[key]
 
 
 def load_examples(
@@ -65,8 +52,9 @@ def load_examples(
     """
     if task is not None and task not in TASKS:
         raise VLMError(f"task must be one of {', '.join(TASKS)}; got {task!r}")
-    if path_or_name.startswith(EASYVQA_PREFIX):
-        path_or_name = str(_easyvqa_file(path_or_name))
+    registered = resolve_dataset(path_or_name)  # a named source, e.g. easyvqa:train
+    if registered is not None:
+        path_or_name = str(registered)
     root = Path(os.path.expanduser(image_root)).resolve() if image_root else None
     if root is not None and not root.is_dir():
         raise VLMError(f"image root {image_root}: no such folder")
@@ -77,26 +65,33 @@ def load_examples(
         raise VLMError(f"{path_or_name}: no such file or folder (datasets are read from local files only)")
     path = path.resolve()
     if path.is_dir():
-        if is_saved_dataset(path):
-            return read_saved_dataset(path, task, root, split, image_column, text_column, skip_bad_images)
-        if imagefolder_metadata(path, split) is not None or any(path.glob("*/metadata.*")):
-            examples = read_imagefolder(path, task, root, split, image_column, text_column)
-            return finish(examples, path, skip_bad_images)
-        raise VLMError(f"{path}: cannot detect the data format of this folder (expected {FORMATS_HELP})")
-    root = root or path.parent
+        return _load_folder(path, task, root, split, image_column, text_column, skip_bad_images)
+    return finish(_load_file(path, task, root or path.parent, split, image_column, text_column), path, skip_bad_images)
+
+
+def _load_folder(path: Path, task, root, split, image_column, text_column, skip_bad_images) -> ExampleList:
+    """A `datasets` save_to_disk folder or an imagefolder with metadata."""
+    if is_saved_dataset(path):
+        return read_saved_dataset(path, task, root, split, image_column, text_column, skip_bad_images)
+    if imagefolder_metadata(path, split) is not None or any(path.glob("*/metadata.*")):
+        examples = read_imagefolder(path, task, root, split, image_column, text_column)
+        return finish(examples, path, skip_bad_images)
+    raise VLMError(f"{path}: cannot detect the data format of this folder (expected {FORMATS_HELP})")
+
+
+def _load_file(path: Path, task, root: Path, split, image_column, text_column) -> list[Example]:
+    """A JSONL / CSV / TSV / JSON data file, by its extension (JSON: by its content)."""
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise VLMError(f"{path}: empty file (no examples)")
     if suffix == ".jsonl":
-        examples = _from_rows(read_jsonl(path), path, task, root, image_column, text_column)
-    elif suffix in (".csv", ".tsv"):
-        examples = _from_rows(read_csv(path), path, task, root, image_column, text_column)
-    elif suffix == ".json":
-        examples = _from_json(read_json(path), path, task, root, split, image_column, text_column)
-    else:
-        raise VLMError(f"{path}: cannot detect the data format from the extension {suffix or '(none)'!r} "
-                       f"(use .json, .jsonl, .csv or .tsv; supported: {FORMATS_HELP})")
-    return finish(examples, path, skip_bad_images)
+        return _from_rows(read_jsonl(path), path, task, root, image_column, text_column)
+    if suffix in (".csv", ".tsv"):
+        return _from_rows(read_csv(path), path, task, root, image_column, text_column)
+    if suffix == ".json":
+        return _from_json(read_json(path), path, task, root, split, image_column, text_column)
+    raise VLMError(f"{path}: cannot detect the data format from the extension {suffix or '(none)'!r} "
+                   f"(use .json, .jsonl, .csv or .tsv; supported: {FORMATS_HELP})")
 
 
 def open_example_image(example: Example) -> Image.Image:

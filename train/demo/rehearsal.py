@@ -5,10 +5,10 @@ A LoRA trained only on easy-vqa's one-word answers makes the LLM answer *everyth
 are what the untouched LLM itself says teaches the adapter to change nothing when there is no
 image (the reason LLaVA mixes text-only chat into its instruction data).
 
-`text_prompts.txt` holds general prompts (no question about France or Paris: that one is the
-demo's test). `text_chat.jsonl` holds the answers, written once by
+`vlm/demo/text_prompts.txt` holds general prompts (no question about France or Paris: that one is
+the demo's test). `vlm/demo/text_chat.jsonl` holds the answers, written once by
 
-    python -m vlm.demo.rehearsal --model UNTRAINED_DEMO_CHECKPOINT
+    python -m vlm.train.demo.rehearsal --model UNTRAINED_DEMO_CHECKPOINT
 
 from a demo checkpoint built with no trained weights (so its LLM is plain SmolLM2-135M-Instruct),
 greedy, at most 24 new tokens, of which the first full sentence is kept. One sentence is enough
@@ -25,9 +25,8 @@ import re
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-PROMPTS_FILE = HERE / "text_prompts.txt"
-CHAT_FILE = HERE / "text_chat.jsonl"
+from vlm.demo import PROMPTS_FILE, TEXT_CHAT_FILE
+
 MAX_NEW_TOKENS = 24
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
 
@@ -48,7 +47,7 @@ def generate_rows(model_path: str, prompts: list[str], batch_size: int = 16) -> 
     import torch
     from tqdm.auto import tqdm
 
-    from ..loading import load_pretrained
+    from vlm.loading import load_pretrained
 
     model, processor = load_pretrained(model_path)
     llm, tokenizer = model.language_model, processor.tokenizer
@@ -69,10 +68,10 @@ def generate_rows(model_path: str, prompts: list[str], batch_size: int = 16) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlm.demo.rehearsal", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vlm.train.demo.rehearsal", description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="an untrained demo checkpoint (its LLM is the base SmolLM2)")
     p.add_argument("--prompts", type=Path, default=PROMPTS_FILE)
-    p.add_argument("--out", type=Path, default=CHAT_FILE)
+    p.add_argument("--out", type=Path, default=TEXT_CHAT_FILE)
     args = p.parse_args(argv)
     rows = generate_rows(args.model, read_prompts(args.prompts))
     args.out.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -1,6 +1,6 @@
 """Copy a demo training run's weights into `vlm/demo_weights/` (fp16), for a release.
 
-    python -m vlm.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...]
+    python -m vlm.train.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...]
 
 RUN_DIR is the output folder of `vlm train configs/train/demo-easyvqa.yaml` (a LoRA + bridge run
 on the demo model). Writes `bridge.safetensors` and the LoRA adapter cast to fp16, and
@@ -19,8 +19,9 @@ import torch
 from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
-from ..errors import VLMError
-from .pipeline import ADAPTER_CONFIG, BRIDGE_FILE, DEMO_META, WEIGHTS_DIR
+from vlm.demo.pipeline import ADAPTER_CONFIG, DEMO_META, WEIGHTS_DIR
+from vlm.errors import VLMError
+from vlm.files import BRIDGE_WEIGHTS
 
 PROCESSOR_KEYS = ("question_template", "caption_prompt")
 MAX_BYTES = 40 * 1024 * 1024
@@ -33,10 +34,10 @@ def _fp16_copy(src: Path, dst: Path) -> None:
 
 def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR) -> list[Path]:
     """Write the run's trained weights (fp16) and demo.json into `weights`; returns the files written."""
-    if not (run / BRIDGE_FILE).is_file():
-        raise VLMError(f"{run}: no {BRIDGE_FILE} (not the output folder of a finished bridge/LoRA run)")
-    written = [weights / BRIDGE_FILE]
-    _fp16_copy(run / BRIDGE_FILE, written[0])
+    if not (run / BRIDGE_WEIGHTS).is_file():
+        raise VLMError(f"{run}: no {BRIDGE_WEIGHTS} (not the output folder of a finished bridge/LoRA run)")
+    written = [weights / BRIDGE_WEIGHTS]
+    _fp16_copy(run / BRIDGE_WEIGHTS, written[0])
     if (run / ADAPTER_CONFIG).is_file():
         adapter_config = json.loads((run / ADAPTER_CONFIG).read_text())
         # The run's base is a folder on the training machine; the demo's base is the demo build.
@@ -59,7 +60,7 @@ def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlm.demo.ship", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m vlm.train.demo.ship", description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="output folder of the demo training run")
     p.add_argument("--command", required=True, help="the exact command that trained it (recorded in demo.json)")
     p.add_argument("--eval", action="append", default=[], type=Path, help="a `vlm eval` JSON summary to record")

@@ -1,0 +1,155 @@
+"""What the engine is asked for and what it gives back: settings, requests, completions, streams."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from PIL import Image
+
+from ..errors import VLMError
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Decoding settings of one request.
+
+    `temperature` 0 is greedy. Greedy and sampling requests (temperature, top_p, top_k, seed,
+    min/max new tokens, stop strings) are decoded together in the running batch; beam search,
+    repetition or length penalties run through transformers' `generate` in batches of their own.
+    """
+
+    max_new_tokens: int = 256
+    min_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        checks = [
+            ("max_new_tokens", self.max_new_tokens >= 1, "at least 1"),
+            ("min_new_tokens", 0 <= self.min_new_tokens, "0 or more"),
+            ("temperature", self.temperature >= 0, ">= 0"),
+            ("top_p", 0 < self.top_p <= 1, "in (0, 1]"),
+            ("top_k", self.top_k >= 0, "0 or more"),
+            ("num_beams", self.num_beams >= 1, "at least 1"),
+            ("repetition_penalty", self.repetition_penalty > 0, "> 0"),
+        ]
+        for name, ok, rule in checks:
+            if not ok:
+                raise VLMError(f"{name} must be {rule}, got {getattr(self, name)!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the engine's own decode loop runs these settings (else transformers' generate)."""
+        return self.num_beams == 1 and self.repetition_penalty == 1.0
+
+    def generate_kwargs(self) -> dict:
+        """The settings as `model.generate` keyword arguments."""
+        kwargs = {"max_new_tokens": self.max_new_tokens, "min_new_tokens": self.min_new_tokens,
+                  "num_beams": self.num_beams}
+        if self.num_beams > 1:
+            kwargs["length_penalty"] = self.length_penalty
+        if self.repetition_penalty != 1.0:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        if self.greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k or None)
+        return kwargs
+
+
+ImageInput = Image.Image | torch.Tensor  # a decoded RGB image, or its preprocessed pixels (3, H, W)
+
+
+@dataclass
+class Request:
+    """One generation: a prompt (processor text) and its images, in reading order.
+
+    `prompt` places each image at an `<image>` marker, or, with no marker, all images in front
+    (BLIP-2's layout), exactly as `VLMProcessor` does. `qformer_text`: what an InstructBLIP-style
+    Q-Former reads, one per image (default: the prompt without its markers).
+    """
+
+    prompt: str
+    images: list[ImageInput] = field(default_factory=list)
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    qformer_text: list[str] | None = None
+
+
+@dataclass
+class Completion:
+    """The outcome of a request."""
+
+    text: str
+    finish_reason: FinishReason
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: BaseException | None = None
+
+
+class Stream:
+    """A submitted request's live output: iterate for text pieces, then read `completion`.
+
+    Thread-safe: the engine thread pushes, any one consumer thread iterates. `cancel()` stops
+    this request at the next decode step without touching the others.
+    """
+
+    def __init__(self, request: Request):
+        self.request = request
+        self._pieces: queue.Queue = queue.Queue()
+        self._cancelled = threading.Event()
+        self.completion: Completion | None = None
+
+    # -- engine side -----------------------------------------------------------------------------
+    def push(self, piece: str) -> None:
+        if piece:
+            self._pieces.put(piece)
+
+    def finish(self, completion: Completion) -> None:
+        self.completion = completion
+        self._pieces.put(None)
+
+    # -- consumer side ---------------------------------------------------------------------------
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _pieces_until_done(self) -> Iterator[str]:
+        while True:
+            piece = self._pieces.get()
+            if piece is None:
+                return
+            yield piece
+
+    def __iter__(self) -> Iterator[str]:
+        """Text pieces as they are generated; ends when the request finishes. A request that
+        failed raises its error here (after the pieces it produced)."""
+        yield from self._pieces_until_done()
+        if self.completion.error is not None:
+            raise self.completion.error
+
+    def result(self) -> Completion:
+        """Wait for the end and return the completion (its `text` is the whole reply; a failed
+        request's `error` is set, not raised)."""
+        for _ in self._pieces_until_done():
+            pass
+        return self.completion

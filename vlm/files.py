@@ -1,0 +1,6 @@
+"""File names inside checkpoint and training-output folders, shared by loading, training and the
+demo build. Kept free of heavy imports so that any module can use them."""
+
+# The trained bridge (Q-Former, query tokens, projection) beside a LoRA adapter: peft's adapter
+# file holds only the LoRA weights.
+BRIDGE_WEIGHTS = "bridge.safetensors"
