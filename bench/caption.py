@@ -35,7 +35,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import tiny  # noqa: E402
 
 from vlm.serve.caption import main as caption_main  # noqa: E402
-from vlm.serve.preprocess import make_preprocess  # noqa: E402
+from vlm.preprocess import make_preprocess  # noqa: E402
 
 IMAGE_SIZE = 224
 

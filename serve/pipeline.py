@@ -26,7 +26,7 @@ from vlm.images import load_image
 from jinja2 import TemplateError
 
 from .inputs import Item, iter_items, row_key
-from .preprocess import make_preprocess
+from vlm.preprocess import make_preprocess
 
 
 @dataclass

@@ -13,7 +13,7 @@ import tiny
 from vlm.serve.caption import main
 from vlm.serve.inputs import iter_items
 from vlm.serve.pipeline import BatchBuilder, split_on_oom
-from vlm.serve.preprocess import FastPreprocess, make_preprocess
+from vlm.preprocess import FastPreprocess, make_preprocess
 from vlm.serve.writers import CsvWriter, JsonlWriter, complete_length, iter_rows, read_done
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -25,8 +26,13 @@ HEAVY = ("onnx", "gguf", "gradio", *ABOVE_CORE)
 def wheel(tmp_path_factory) -> Path:
     """`pip wheel .` of the checkout."""
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out)], check=True, capture_output=True, timeout=300)
+    leftover = not (ROOT / "build").exists()  # setuptools builds in the checkout's build/
+    try:
+        subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation",
+                        "-q", "-w", str(out)], check=True, capture_output=True, timeout=300)
+    finally:
+        if leftover:
+            shutil.rmtree(ROOT / "build", ignore_errors=True)
     (path,) = out.glob("vlm-*.whl")
     return path
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from transformers import AutoProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, Unpack
 from transformers.tokenization_utils_base import AddedToken
 
 from .configuration import VLMConfig
@@ -16,6 +17,11 @@ IMAGE_TOKEN = "<image>"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 # BLIP-2's VQA prompt; used for questions when the LLM has no chat template and none was saved.
 DEFAULT_QUESTION_TEMPLATE = "Question: {} Short answer:"
+
+
+class VLMProcessorKwargs(ProcessingKwargs, total=False):
+    """transformers' processing kwargs: `text_kwargs` go to the tokenizer step, `images_kwargs`
+    to the image processor."""
 
 
 class VLMProcessor(ProcessorMixin):
@@ -121,9 +127,9 @@ class VLMProcessor(ProcessorMixin):
         images=None,
         text: str | list[str] | None = None,
         qformer_text: str | list[str] | None = None,
-        return_tensors: str = "pt",
-        add_special_tokens: bool = True,
-        **kwargs,
+        images_per_text: list[int] | None = None,
+        return_tensors: str | None = "pt",
+        **kwargs: Unpack[VLMProcessorKwargs],
     ) -> BatchFeature:
         """Encode a batch.
 
@@ -133,28 +139,53 @@ class VLMProcessor(ProcessorMixin):
             text: one prompt or a list; `<image>` marks where an image goes.
             qformer_text: the instruction the Q-Former reads (InstructBLIP-style models), one per
                 image; defaults to each image's prompt text without markers.
+            images_per_text: instead of `images`, how many images each text holds when they are
+                already encoded (the model gets `vision_features` / `image_features`): the image
+                tokens are laid out as with images, and no `pixel_values` are made.
+            return_tensors: "pt" (default), "np", or None for lists.
+            **kwargs: transformers' processing kwargs: `add_special_tokens`, `padding`
+                ("longest", "max_length" or False; always on the left), `max_length`,
+                `truncation` (text tokens past `max_length` are cut; image tokens never are)
+                for the text, and image-processor kwargs (`size`, `do_resize`, ...) for the images.
         """
+        output_kwargs = self._merge_kwargs(
+            VLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs = output_kwargs["text_kwargs"]
         texts = [""] if text is None else [text] if isinstance(text, str) else list(text)
-        per_sample = _images_per_sample(images, texts, self.image_token)
+        if images_per_text is not None:
+            if images is not None:
+                raise ValueError("give images or images_per_text, not both")
+            if len(images_per_text) != len(texts):
+                raise ValueError(f"images_per_text has {len(images_per_text)} entries for {len(texts)} texts")
+            per_sample = [[None] * int(n) for n in images_per_text]
+        else:
+            per_sample = _images_per_sample(images, texts, self.image_token)
+        add_special = text_kwargs.get("add_special_tokens", True)
         rows, row_images, instructions = [], [], []
         for prompt, sample_images in zip(texts, per_sample):
-            rows.append(self._encode_text(prompt, len(sample_images), add_special_tokens))
+            row = self._encode_text(prompt, len(sample_images), add_special)
+            rows.append(self._truncate(row, text_kwargs))
             row_images.extend(sample_images)
             instructions.extend([self.qformer_instruction(prompt)] * len(sample_images))
-        encoding = self._left_pad(rows)
-        if row_images:
-            encoding["pixel_values"] = self.image_processor(row_images, return_tensors="pt")["pixel_values"]
-            if self.qformer_tokenizer is not None:
-                if qformer_text is not None:
-                    instructions = [qformer_text] if isinstance(qformer_text, str) else list(qformer_text)
-                if len(instructions) != len(row_images):
-                    raise ValueError(f"qformer_text has {len(instructions)} entries for {len(row_images)} images")
-                q = self.qformer_tokenizer(
-                    instructions, padding=True, truncation=True, max_length=self.qformer_max_length, return_tensors="pt"
-                )
-                encoding["qformer_input_ids"] = q["input_ids"]
-                encoding["qformer_attention_mask"] = q["attention_mask"]
-        return BatchFeature(encoding, tensor_type=None)
+        encoding = self._pad(rows, text_kwargs)
+        if row_images and images_per_text is None:
+            images_kwargs = {k: v for k, v in output_kwargs["images_kwargs"].items() if k != "return_tensors"}
+            encoding["pixel_values"] = self.image_processor(row_images, return_tensors="pt", **images_kwargs)[
+                "pixel_values"]
+        if row_images and self.qformer_tokenizer is not None:
+            encoding.update(self._encode_instructions(qformer_text, instructions, len(row_images)))
+        return BatchFeature(encoding, tensor_type=return_tensors)
+
+    def _encode_instructions(self, qformer_text, instructions: list[str], num_images: int) -> dict:
+        if qformer_text is not None:
+            instructions = [qformer_text] if isinstance(qformer_text, str) else list(qformer_text)
+        if len(instructions) != num_images:
+            raise ValueError(f"qformer_text has {len(instructions)} entries for {num_images} images")
+        q = self.qformer_tokenizer(
+            instructions, padding=True, truncation=True, max_length=self.qformer_max_length, return_tensors="pt"
+        )
+        return {"qformer_input_ids": q["input_ids"], "qformer_attention_mask": q["attention_mask"]}
 
     def _encode_text(self, prompt: str, num_images: int, add_special_tokens: bool) -> list[int]:
         image_block = [self.image_token_id] * self.num_query_tokens
@@ -162,15 +193,32 @@ class VLMProcessor(ProcessorMixin):
         if markers == 0:
             ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
             return image_block * num_images + ids
+        if markers != num_images:
+            raise ValueError(f"the text holds {markers} {self.image_token} markers for {num_images} images")
         expanded = prompt.replace(self.image_token, self.image_token * self.num_query_tokens)
         return self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
 
-    def _left_pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
+    def _truncate(self, row: list[int], text_kwargs: dict) -> list[int]:
+        max_length = text_kwargs.get("max_length")
+        if not text_kwargs.get("truncation") or max_length is None or len(row) <= max_length:
+            return row
+        if self.image_token_id in row[max_length:]:
+            raise ValueError(f"truncation to max_length={max_length} would cut an image's tokens")
+        return row[:max_length]
+
+    def _pad(self, rows: list[list[int]], text_kwargs: dict) -> dict:
+        """Left padding (batched generation needs it) to the longest row or to `max_length`."""
+        padding = text_kwargs.get("padding", True)
+        if padding in (False, "do_not_pad"):
+            return {"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}
         width = max(len(r) for r in rows)
+        if padding == "max_length" and text_kwargs.get("max_length"):
+            width = max(width, int(text_kwargs["max_length"]))
         pad = self.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long)
-        attention_mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        return {
+            "input_ids": [[pad] * (width - len(r)) + r for r in rows],
+            "attention_mask": [[0] * (width - len(r)) + [1] * len(r) for r in rows],
+        }
 
     # -- decoding ------------------------------------------------------------------------------
     def decode_generated(self, sequences: torch.Tensor, input_ids: torch.Tensor) -> list[str]:

@@ -80,6 +80,6 @@ def make_preprocess(image_processor) -> Callable[[Image.Image], torch.Tensor]:
         expected = slow(probe)
         if expected.shape == fast(probe).shape and torch.equal(expected, fast(probe)):
             return fast
-    except Exception:  # an unusual processor: its own path is the safe one
+    except (ValueError, TypeError, KeyError, AttributeError):  # an unusual processor: its own path is safe
         pass
     return slow

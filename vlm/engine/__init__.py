@@ -1,0 +1,29 @@
+"""The inference engine that every front door shares (chat, API, `vlm caption`, `vlm eval`).
+
+    from vlm.engine import InferenceEngine, Request, GenerationSettings
+    engine = InferenceEngine(model, processor)
+    [completion] = engine.generate([Request("<image> What is this?", [image])])   # offline batches
+    for piece in engine.submit(Request(...)):                                      # online, streamed
+        print(piece, end="")
+"""
+
+from .batches import split_on_oom
+from .cache import FeatureCache, pixel_digest
+from .engine import EngineBusy, EngineFailed, InferenceEngine, context_length, stop_token_ids
+from .request import Completion, GenerationSettings, ImageInput, Request, Stream
+
+__all__ = [
+    "Completion",
+    "EngineBusy",
+    "EngineFailed",
+    "FeatureCache",
+    "GenerationSettings",
+    "ImageInput",
+    "InferenceEngine",
+    "Request",
+    "Stream",
+    "context_length",
+    "pixel_digest",
+    "split_on_oom",
+    "stop_token_ids",
+]

@@ -1,0 +1,235 @@
+"""Continuous batching: the running batch of sequences, one decode step at a time.
+
+Each new request is prefilled alone (its prompt, image soft prompts spliced in, through the LLM
+with a fresh KV cache), then its cache joins the running batch's: both are left-padded to the
+same length and stacked, with the attention mask marking the padding and explicit position ids,
+so every row computes what it would compute alone (the same layout transformers' `generate`
+uses for a left-padded batch). A decode step runs the LLM once for every row; rows that finish
+(end of sequence, a stop string, `max_new_tokens`, cancellation) leave the batch at once, and
+the padding columns no row needs any more are cut away.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch.nn import functional as F
+from transformers import DynamicCache
+
+from .encode import Encoded
+from .request import Completion, GenerationSettings, Stream
+
+REPLACEMENT_CHAR = "\ufffd"  # a byte-level token that ends inside a UTF-8 character decodes to this
+
+
+class Sequence:
+    """One request in the running batch: its tokens so far, its sampler, its stop rules."""
+
+    def __init__(self, stream: Stream, encoded: Encoded, stop_token_ids: list[int], tokenizer, max_length: int):
+        self.stream = stream
+        self.settings: GenerationSettings = stream.request.settings
+        self.encoded = encoded
+        self.stop_token_ids = stop_token_ids
+        self.tokenizer = tokenizer
+        # No more tokens than the LLM's context holds (prompt included).
+        self.max_new_tokens = max(1, min(self.settings.max_new_tokens, max_length - len(encoded.input_ids)))
+        self.tokens: list[int] = []  # generated, end-of-sequence token excluded
+        self.text = ""  # decoded text of `tokens`, stop string cut
+        self.sent = 0  # characters of `text` pushed to the stream
+        self.ended_by_stop_token = False
+        self.generator = None
+        if self.settings.seed is not None and not self.settings.greedy:
+            self.generator = torch.Generator().manual_seed(self.settings.seed)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.encoded.input_ids)
+
+    # -- sampling ----------------------------------------------------------------------------------
+    def choose(self, logits: torch.Tensor) -> int:
+        """The next token from this row's logits `(vocab,)`, float32, on the CPU."""
+        settings = self.settings
+        if len(self.tokens) < settings.min_new_tokens:
+            logits[self.stop_token_ids] = -float("inf")
+        if settings.greedy:
+            return int(torch.argmax(logits))
+        logits = logits / settings.temperature
+        if settings.top_k:
+            kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        if settings.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= settings.top_p  # keep the first over top_p
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -float("inf"))
+        probs = torch.softmax(logits, dim=-1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    # -- stopping and streaming ----------------------------------------------------------------
+    def accept(self, token: int) -> bool:
+        """Record `token` and stream the text that is final; True when the sequence is done.
+
+        The streamed pieces add up to the completion's text: leading and trailing whitespace is
+        left out, and text that could still turn into a stop string is held back."""
+        if token in self.stop_token_ids:
+            self.ended_by_stop_token = True
+            return self._finish()
+        self.tokens.append(token)
+        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        cuts = [self.text.find(s) for s in self.settings.stop if s in self.text]
+        if cuts:  # OpenAI's convention: the stop string is not part of the text
+            self.text = self.text[: min(cuts)]
+            self.ended_by_stop_token = True
+            return self._finish()
+        if len(self.tokens) >= self.max_new_tokens:
+            return self._finish()
+        visible = self.text.lstrip()
+        hold = max((len(s) - 1 for s in self.settings.stop), default=0)
+        final = min(len(visible.rstrip()), len(visible) - hold)
+        while final > self.sent and visible[final - 1] == REPLACEMENT_CHAR:
+            final -= 1
+        if final > self.sent:
+            self.stream.push(visible[self.sent:final])
+            self.sent = final
+        return False
+
+    def _finish(self) -> bool:
+        final = self.text.strip()
+        if len(final) > self.sent:
+            self.stream.push(final[self.sent:])
+        self.sent = len(final)
+        return True
+
+    def completion(self, reason: str | None = None, error: BaseException | None = None) -> Completion:
+        if reason is None:
+            reason = "stop" if self.ended_by_stop_token else "length"
+        generated = len(self.tokens) + self.ended_by_stop_token
+        return Completion(self.text.strip(), reason, self.prompt_tokens, generated, error)
+
+    def resume_inputs(self) -> tuple[list[int], int | None]:
+        """What a (re-)prefill feeds the LLM, and the token pending for the next decode step:
+        a sequence evicted after an out-of-memory continues where it was."""
+        if not self.tokens:
+            return self.encoded.input_ids, None
+        return self.encoded.input_ids + self.tokens[:-1], self.tokens[-1]
+
+
+class RunningBatch:
+    """The sequences being decoded together, with their stacked KV cache."""
+
+    def __init__(self, model):
+        self.model = model
+        self.llm = model.language_model
+        # transformers 5.24 names the KV cache argument `cache`; earlier releases `past_key_values`.
+        params = inspect.signature(self.llm.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.seqs: list[Sequence] = []
+        self.cache: DynamicCache | None = None
+        self.mask: torch.Tensor | None = None  # (rows, cached length): 0 = left padding
+        self.pending: torch.Tensor | None = None  # (rows,): the token each row feeds next
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @torch.inference_mode()
+    def prefill(self, seq: Sequence) -> bool:
+        """Run `seq`'s prompt (or, resumed, prompt and tokens so far) and add it to the batch.
+        Returns True when its first token already ended it (it is then not added)."""
+        ids, pending = seq.resume_inputs()
+        input_ids = torch.tensor([ids], device=self.device)
+        features = seq.encoded.image_features
+        embeds = self.model.embed_inputs(input_ids, image_features=features)
+        cache = DynamicCache()
+        out = self.llm(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones_like(input_ids),
+            position_ids=torch.arange(len(ids), device=self.device)[None],
+            use_cache=True,
+            **{self.cache_arg: cache},
+            logits_to_keep=1,
+        )
+        if pending is None:
+            pending = seq.choose(out.logits[0, -1].float().cpu())
+            if seq.accept(pending):
+                return True
+        self._join(seq, cache, len(ids), pending)
+        return False
+
+    def _join(self, seq: Sequence, cache: DynamicCache, length: int, pending: int) -> None:
+        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        token = torch.tensor([pending], device=self.device)
+        if self.cache is None:
+            self.seqs, self.cache, self.mask, self.pending = [seq], cache, mask, token
+            return
+        width = max(self.mask.shape[1], length)
+        for old, new in zip(self.cache.layers, cache.layers):
+            old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
+            old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
+        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0))])
+        self.pending = torch.cat([self.pending, token])
+        self.seqs.append(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[Sequence]:
+        """One decode step for every row; returns the sequences that finished (removed).
+
+        On out-of-memory the batch is left as it was before the step (the layers that already
+        stored this step's keys and values drop them), so the caller can evict rows and go on."""
+        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
+        length = self.mask.shape[1]
+        try:
+            out = self.llm(
+                input_ids=self.pending[:, None],
+                attention_mask=mask,
+                position_ids=mask.sum(dim=1, keepdim=True) - 1,
+                use_cache=True,
+                **{self.cache_arg: self.cache},
+            )
+        except torch.OutOfMemoryError:
+            for layer in self.cache.layers:
+                if layer.keys is not None and layer.keys.shape[-2] > length:
+                    layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
+            raise
+        self.mask = mask
+        logits = out.logits[:, -1].float().cpu()
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        chosen, done = [], []
+        for i, seq in enumerate(self.seqs):
+            simple = seq.settings.greedy and len(seq.tokens) >= seq.settings.min_new_tokens
+            token = greedy[i] if simple else seq.choose(logits[i])
+            chosen.append(token)
+            if seq.accept(token):
+                done.append(i)
+        self.pending = torch.tensor(chosen, device=self.device)
+        return self.remove(done)
+
+    def remove(self, rows: list[int]) -> list[Sequence]:
+        """Take `rows` out of the batch (finished, cancelled or evicted); returns their sequences."""
+        if not rows:
+            return []
+        gone = [self.seqs[i] for i in rows]
+        keep = [i for i in range(len(self.seqs)) if i not in set(rows)]
+        if not keep:
+            self.seqs, self.cache, self.mask, self.pending = [], None, None, None
+            return gone
+        index = torch.tensor(keep, device=self.device)
+        self.cache.batch_select_indices(index)
+        self.seqs = [self.seqs[i] for i in keep]
+        self.mask, self.pending = self.mask[index], self.pending[index]
+        # Columns that are padding in every remaining row cost attention for nothing.
+        first = int(self.mask.any(dim=0).nonzero()[0])
+        if first:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        return gone
+
+
+def _pad_left(states: torch.Tensor, width: int) -> torch.Tensor:
+    """`(rows, heads, length, dim)` states left-padded with zeros to `width` positions."""
+    return F.pad(states, (0, 0, width - states.shape[-2], 0))

@@ -1,0 +1,292 @@
+"""`InferenceEngine`: one model, many callers; the chat, the API, `vlm caption` and `vlm eval` run on it.
+
+Two ways in:
+
+- `generate(requests)`: offline work known up front (captioning, eval). Requests with the same
+  settings go through `model.generate` in batches (`batches.py`), in the caller's thread.
+- `submit(request) -> Stream`: online serving. A scheduler thread keeps a running batch
+  (`decode.py`); a request that arrives while others decode joins at the next step, streams its
+  own tokens and stops on its own end of sequence, stop strings, `max_new_tokens` or
+  cancellation. Settings the decode loop does not run (beam search, repetition penalty) are
+  generated as a batch of their own between steps.
+
+Both share the image feature cache (`cache.py`): a picture seen before costs no vision-tower pass.
+Out-of-memory is handled here, once: offline batches are split and retried; in the running batch
+the newest half of the sequences is evicted and later resumed from the tokens it had.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+
+import torch
+
+from ..errors import VLMError
+from .batches import BatchGenerator, free_memory
+from .cache import FeatureCache
+from .decode import RunningBatch, Sequence
+from .encode import Encoder
+from .request import Completion, Request, Stream
+
+logger = logging.getLogger(__name__)
+
+# End-of-turn tokens of common chat templates: generation stops at them as well as at EOS.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+DEFAULT_CONTEXT = 2048
+
+
+class EngineBusy(VLMError):
+    """The waiting queue is full: the caller should try again later (HTTP 503)."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine hit an error it cannot recover from (a bug, or a CUDA error that leaves the
+    device unusable); every request after it fails with this."""
+
+
+def stop_token_ids(model, processor) -> list[int]:
+    """EOS ids of the model and tokenizer, plus chat end-of-turn tokens when there is a chat template."""
+    tokenizer = processor.tokenizer
+    eos = model.generation_config.eos_token_id
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    if processor.has_chat_template:
+        vocab = tokenizer.get_vocab()
+        ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
+    return sorted(set(ids))
+
+
+def context_length(model, tokenizer) -> int:
+    """Tokens the LLM reads at most (its position limit, or the tokenizer's when smaller)."""
+    text_config = getattr(model.config, "text_config", model.config)
+    n = getattr(text_config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+    tok_max = getattr(tokenizer, "model_max_length", None)
+    if tok_max and tok_max < 1_000_000:  # tokenizers without a limit report ~1e30
+        n = min(n, tok_max)
+    return int(n)
+
+
+class InferenceEngine:
+    """Batched generation for one loaded `(model, processor)`; safe to call from many threads.
+
+    Args:
+        max_batch_size: sequences decoded together (online) / requests per `generate` call (offline).
+        feature_cache_bytes: memory for encoded images (on the model's device).
+        max_waiting: requests allowed to wait for a place in the running batch; `submit` raises
+            `EngineBusy` beyond that.
+    """
+
+    def __init__(self, model, processor, max_batch_size: int = 16, feature_cache_bytes: int = 1 << 30,
+                 max_waiting: int = 64):
+        if max_batch_size < 1 or max_waiting < 0:
+            raise VLMError(f"max_batch_size must be >= 1 and max_waiting >= 0, got {max_batch_size}, {max_waiting}")
+        self.model, self.processor = model, processor
+        self.max_batch_size, self.max_waiting = int(max_batch_size), int(max_waiting)
+        self.encoder = Encoder(model, processor, FeatureCache(feature_cache_bytes))
+        self.stop_token_ids = stop_token_ids(model, processor)
+        self.context_length = context_length(model, processor.tokenizer)
+        self.batches = BatchGenerator(model, processor, self.encoder, self.stop_token_ids)
+        self._model_lock = threading.RLock()  # one forward pass at a time, online or offline
+        self._wake = threading.Condition()
+        self._waiting: deque[Stream | Sequence] = deque()
+        self._running = RunningBatch(model)
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.failure: BaseException | None = None
+        self.stats = {"requests": 0, "completion_tokens": 0, "decode_steps": 0, "peak_batch": 0,
+                      "evicted": 0, "out_of_memory": 0}
+
+    @property
+    def feature_cache(self) -> FeatureCache:
+        return self.encoder.cache
+
+    # -- offline -------------------------------------------------------------------------------
+    def generate(self, requests: Iterable[Request], batch_size: int | None = None,
+                 on_batch: Callable[[int], None] | None = None) -> list[Completion]:
+        """Completions for `requests`, in order, `batch_size` (default `max_batch_size`) per
+        `model.generate` call. `on_batch(n)` is called after each batch (progress bars)."""
+        requests = list(requests)
+        size = batch_size or self.max_batch_size
+        out: list[Completion | None] = [None] * len(requests)
+        groups: dict = {}
+        for i, request in enumerate(requests):  # equal settings share batches, order kept within
+            groups.setdefault(request.settings, []).append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), size):
+                chunk = indices[start:start + size]
+                with self._model_lock:
+                    results = self.batches.run([requests[i] for i in chunk])
+                for i, result in zip(chunk, results):
+                    out[i] = result
+                if on_batch is not None:
+                    on_batch(len(chunk))
+        self.stats["requests"] += len(requests)
+        return out
+
+    # -- online --------------------------------------------------------------------------------
+    def submit(self, request: Request) -> Stream:
+        """Queue `request` for the running batch; iterate the returned `Stream` for its text."""
+        if self.failure is not None:
+            raise EngineFailed(f"the inference engine stopped after an error: {self.failure}")
+        stream = Stream(request)
+        with self._wake:
+            if self._closed:
+                raise VLMError("the inference engine is closed")
+            if len(self._waiting) >= self.max_waiting:
+                raise EngineBusy(f"the server is busy ({len(self._waiting)} requests waiting); try again shortly")
+            self._waiting.append(stream)
+            self.stats["requests"] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
+                self._thread.start()
+            self._wake.notify()
+        return stream
+
+    def close(self) -> None:
+        """Stop the scheduler thread; waiting and running requests end as cancelled."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._running)
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._closed and not self._waiting and not len(self._running):
+                        self._wake.wait()
+                    if self._closed:
+                        break
+                with self._model_lock:
+                    self._admit()
+                    if len(self._running):
+                        self._step()
+        except BaseException as e:  # noqa: BLE001 - a bug or a dead device: fail every request loudly
+            logger.exception("the inference engine stopped")
+            self.failure = e
+        self._end_all(self.failure)
+
+    def _end_all(self, error: BaseException | None) -> None:
+        with self._wake:
+            waiting, self._waiting = list(self._waiting), deque()
+        for item in waiting:
+            stream = item.stream if isinstance(item, Sequence) else item
+            stream.finish(Completion("", "error" if error else "cancelled", error=_failed(error)))
+        for seq in self._running.remove(list(range(len(self._running)))):
+            seq.stream.finish(seq.completion("error" if error else "cancelled", _failed(error)))
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def _admit(self) -> None:
+        """Move waiting requests into the running batch while there is room."""
+        while len(self._running) < self.max_batch_size:
+            with self._wake:
+                if not self._waiting:
+                    return
+                item = self._waiting.popleft()
+            stream = item.stream if isinstance(item, Sequence) else item
+            if stream.cancelled:
+                stream.finish(item.completion("cancelled") if isinstance(item, Sequence)
+                              else Completion("", "cancelled"))
+                continue
+            if not stream.request.settings.batchable:
+                self._run_alone(stream)
+                continue
+            if not self._prefill(item):
+                return
+
+    def _prefill(self, item: Stream | Sequence) -> bool:
+        """Encode and prefill one request; False when memory ran out and it must wait."""
+        try:
+            seq = item if isinstance(item, Sequence) else self._sequence(item)
+            if seq is None:
+                return True
+            if self._running.prefill(seq):
+                seq.stream.finish(seq.completion())
+                self._count(seq)
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._running))
+            return True
+        except torch.OutOfMemoryError:
+            pass
+        self._out_of_memory()
+        if not len(self._running):  # nothing to wait for: it does not fit even alone
+            stream = item.stream if isinstance(item, Sequence) else item
+            stream.finish(Completion("", "error", error=VLMError("out of memory for this request even alone")))
+            return True
+        with self._wake:
+            self._waiting.appendleft(item)
+        return False
+
+    def _sequence(self, stream: Stream) -> Sequence | None:
+        """The request encoded (images through the cache); None when its input is bad (the
+        stream then ends with the error)."""
+        try:
+            encoded = self.encoder.encode(stream.request)
+        except (VLMError, ValueError) as e:
+            stream.finish(Completion("", "error", error=e if isinstance(e, VLMError) else VLMError(str(e))))
+            return None
+        return Sequence(stream, encoded, self.stop_token_ids, self.processor.tokenizer, self.context_length)
+
+    def _run_alone(self, stream: Stream) -> None:
+        completion = self.batches.run([stream.request])[0]
+        stream.push(completion.text)
+        stream.finish(completion)
+        self.stats["completion_tokens"] += completion.completion_tokens
+
+    def _step(self) -> None:
+        cancelled = [i for i, seq in enumerate(self._running.seqs) if seq.stream.cancelled]
+        for seq in self._running.remove(cancelled):
+            seq.stream.finish(seq.completion("cancelled"))
+        if not len(self._running):
+            return
+        try:
+            finished = self._running.step()
+            self.stats["decode_steps"] += 1
+        except torch.OutOfMemoryError:
+            finished = None
+        if finished is None:
+            self._evict_half()
+            return
+        for seq in finished:
+            seq.stream.finish(seq.completion())
+            self._count(seq)
+
+    def _evict_half(self) -> None:
+        """After an out-of-memory decode step: the newest half waits and resumes later."""
+        self._out_of_memory()
+        rows = len(self._running)
+        if rows == 1:
+            (seq,) = self._running.remove([0])
+            seq.stream.finish(seq.completion("error", VLMError("out of memory while generating")))
+            return
+        evicted = self._running.remove(list(range(rows - rows // 2, rows)))
+        self.stats["evicted"] += len(evicted)
+        with self._wake:
+            self._waiting.extendleft(reversed(evicted))
+
+    def _out_of_memory(self) -> None:
+        self.stats["out_of_memory"] += 1
+        self.feature_cache.clear()
+        free_memory()
+
+    def _count(self, seq: Sequence) -> None:
+        self.stats["completion_tokens"] += len(seq.tokens)
+
+
+def _failed(error: BaseException | None) -> BaseException | None:
+    return None if error is None else EngineFailed(f"the inference engine stopped after an error: {error}")
+
+
+__all__ = ["EngineBusy", "EngineFailed", "InferenceEngine", "context_length", "stop_token_ids"]
