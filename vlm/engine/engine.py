@@ -95,6 +95,7 @@ class InferenceEngine:
         self._waiting: deque[Stream | Sequence] = deque()
         self._running = RunningBatch(model)
         self._thread: threading.Thread | None = None
+        self._admitting: Stream | Sequence | None = None  # taken from the queue, not yet running
         self._closed = False
         self.failure: BaseException | None = None
         self.stats = {"requests": 0, "completion_tokens": 0, "decode_steps": 0, "peak_batch": 0,
@@ -182,6 +183,8 @@ class InferenceEngine:
     def _end_all(self, error: BaseException | None) -> None:
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
+        if self._admitting is not None:  # the request whose prefill failed
+            waiting.insert(0, self._admitting)
         for item in waiting:
             stream = item.stream if isinstance(item, Sequence) else item
             stream.finish(Completion("", "error" if error else "cancelled", error=_failed(error)))
@@ -196,16 +199,17 @@ class InferenceEngine:
                 if not self._waiting:
                     return
                 item = self._waiting.popleft()
+            self._admitting = item
             stream = item.stream if isinstance(item, Sequence) else item
             if stream.cancelled:
                 stream.finish(item.completion("cancelled") if isinstance(item, Sequence)
                               else Completion("", "cancelled"))
-                continue
-            if not stream.request.settings.batchable:
+            elif not stream.request.settings.batchable:
                 self._run_alone(stream)
-                continue
-            if not self._prefill(item):
+            elif not self._prefill(item):
+                self._admitting = None
                 return
+            self._admitting = None
 
     def _prefill(self, item: Stream | Sequence) -> bool:
         """Encode and prefill one request; False when memory ran out and it must wait."""

@@ -114,6 +114,7 @@ class Stream:
         self.request = request
         self._pieces: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
+        self._drained = False  # the end marker was read: iterating again yields nothing
         self.completion: Completion | None = None
 
     # -- engine side -----------------------------------------------------------------------------
@@ -134,9 +135,10 @@ class Stream:
         return self._cancelled.is_set()
 
     def _pieces_until_done(self) -> Iterator[str]:
-        while True:
+        while not self._drained:
             piece = self._pieces.get()
             if piece is None:
+                self._drained = True
                 return
             yield piece
 

@@ -1,0 +1,261 @@
+"""The inference engine: batched output equals alone, continuous batching, streams, stops, OOM paths."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+import tiny
+from vlm import load_pretrained
+from vlm.engine import EngineBusy, EngineFailed, FeatureCache, GenerationSettings, InferenceEngine, Request
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+GREEDY = GenerationSettings(max_new_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def mid_blip2_dir(tmp_path_factory):
+    """A mid-size random BLIP-2 OPT (wider and deeper than the tiny one): batching must not change replies."""
+    return tiny.save_official_blip2(tmp_path_factory.mktemp("mid-blip2"), "opt", num_query_tokens=8,
+                                    text={"hidden_size": 128, "ffn_dim": 256, "word_embed_proj_dim": 128,
+                                          "num_hidden_layers": 4}, seed=3)
+
+
+@pytest.fixture(scope="module")
+def engine(mid_blip2_dir):
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    engine = InferenceEngine(model, processor, max_batch_size=8)
+    yield engine
+    engine.close()
+
+
+def questions(n: int, settings=GREEDY) -> list[Request]:
+    """Prompts of different lengths, each about its own image."""
+    return [Request("Question: what is " + "the shape " * i + "here? Short answer:", [tiny.random_image(i)], settings)
+            for i in range(n)]
+
+
+def test_static_and_continuous_batches_equal_each_request_alone(engine):
+    requests = questions(8)
+    alone = [engine.generate([r])[0] for r in requests]
+    assert len({c.text for c in alone}) > 4  # distinct replies: the comparison means something
+    assert [c.text for c in engine.generate(requests)] == [c.text for c in alone]
+    streams = [engine.submit(r) for r in requests]  # 8 at once: one running batch
+    assert [s.result().text for s in streams] == [c.text for c in alone]
+    assert engine.stats["peak_batch"] == 8
+    # The same as transformers' BLIP-2 on the same weights.
+    model, processor = engine.model, engine.processor
+    inputs = processor(images=requests[3].images, text=[requests[3].prompt])
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+    assert processor.decode_generated(out, inputs["input_ids"]) == [alone[3].text]
+
+
+def test_requests_join_a_running_batch_and_stop_on_their_own(engine):
+    requests = questions(6)
+    short = GenerationSettings(max_new_tokens=3)
+    alone_long = [engine.generate([r])[0].text for r in requests[:3]]
+    alone_short = [engine.generate([Request(r.prompt, r.images, short)])[0] for r in requests[3:]]
+    first = [engine.submit(r) for r in requests[:3]]
+    next(iter(first[0]))  # the batch is running
+    later = [engine.submit(Request(r.prompt, r.images, short)) for r in requests[3:]]
+    assert [s.result().text for s in first] == alone_long
+    results = [s.result() for s in later]
+    assert [c.text for c in results] == [c.text for c in alone_short]
+    assert all(c.finish_reason == "length" and c.completion_tokens == 3 for c in results)
+    assert engine.stats["peak_batch"] >= 4  # the later ones decoded alongside the first
+
+
+def test_stream_pieces_add_up_and_stop_strings_cut(engine):
+    (request,) = questions(1)
+    full = engine.generate([request])[0].text
+    stream = engine.submit(request)
+    pieces = list(stream)
+    assert len(pieces) > 2 and "".join(pieces) == full == stream.completion.text
+    word = full.split()[1] if len(full.split()) > 1 else full[2:4]
+    stop = GenerationSettings(max_new_tokens=10, stop=(word,))
+    cut = engine.submit(Request(request.prompt, request.images, stop))
+    text = "".join(cut)
+    assert text == full[: full.find(word)].strip() == cut.completion.text
+    assert cut.completion.finish_reason == "stop" and word not in text
+    assert engine.generate([Request(request.prompt, request.images, stop)])[0].text == text
+
+
+def test_cancel_stops_one_request_only(engine):
+    requests = questions(3, GenerationSettings(max_new_tokens=40))
+    alone = engine.generate([requests[1]])[0].text
+    streams = [engine.submit(r) for r in requests]
+    next(iter(streams[0]))
+    streams[0].cancel()
+    assert streams[0].result().finish_reason == "cancelled"
+    assert streams[1].result().text == alone
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(engine):
+    requests = questions(4, GenerationSettings(max_new_tokens=8, temperature=0.9, top_p=0.9, top_k=50, seed=7))
+    once = engine.submit(requests[2]).result().text
+    streams = [engine.submit(r) for r in requests]
+    assert streams[2].result().text == once
+    greedy = engine.generate([Request(requests[2].prompt, requests[2].images, GREEDY)])[0].text
+    assert once != greedy  # it sampled
+
+
+def test_beam_search_requests_run_beside_the_batch(engine):
+    (request,) = questions(1)
+    beams = GenerationSettings(max_new_tokens=6, num_beams=3)
+    want = engine.generate([Request(request.prompt, request.images, beams)])[0].text
+    streams = [engine.submit(r) for r in questions(3)] + [engine.submit(Request(request.prompt, request.images, beams))]
+    assert streams[-1].result().text == want
+    assert all(s.result().finish_reason in ("stop", "length") for s in streams)
+
+
+def test_each_image_is_encoded_once(mid_blip2_dir):
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    engine = InferenceEngine(model, processor)
+    image = tiny.random_image(11)
+    prompts = ["Question: what is it? Short answer:", "Question: what colour? Short answer:"]
+    engine.generate([Request(p, [image], GREEDY) for p in prompts])
+    engine.submit(Request(prompts[0], [image.copy()], GREEDY)).result()  # same pixels, another object
+    assert engine.encoder.vision_encodes == 1
+    engine.generate([Request(prompts[0], [tiny.random_image(12)], GREEDY)])
+    assert engine.encoder.vision_encodes == 2
+
+
+def test_feature_cache_is_bounded_in_bytes():
+    cache = FeatureCache(max_bytes=3 * 400)
+    for i in range(5):
+        cache.put(str(i), torch.zeros(100))  # 400 bytes each
+    assert len(cache) == 3 and cache.nbytes == 1200 and cache.get("0") is None and cache.get("4") is not None
+    cache.get("2")
+    cache.put("5", torch.zeros(100))
+    assert cache.get("2") is not None and cache.get("3") is None  # least recently used left first
+    cache.put("big", torch.zeros(1000))
+    assert cache.get("big") is None and cache.nbytes <= 1200
+
+
+def test_full_queue_is_refused_and_the_engine_recovers(mid_blip2_dir):
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    engine = InferenceEngine(model, processor, max_batch_size=1, max_waiting=1)
+    long = GenerationSettings(max_new_tokens=30)
+    streams = [engine.submit(questions(1, long)[0])]
+    next(iter(streams[0]))  # running; the queue is empty again
+    streams.append(engine.submit(questions(1, long)[0]))
+    with pytest.raises(EngineBusy, match="busy"):
+        engine.submit(questions(1, long)[0])
+    assert all(s.result().finish_reason == "length" for s in streams)
+    assert engine.submit(questions(1)[0]).result().text
+    engine.close()
+
+
+def test_bad_request_fails_alone(engine):
+    good = questions(2)
+    bad = Request("two <image> markers <image> for one image", [tiny.random_image(0)], GREEDY)
+    streams = [engine.submit(good[0]), engine.submit(bad), engine.submit(good[1])]
+    assert streams[1].result().finish_reason == "error"
+    with pytest.raises(Exception, match="2 <image> markers for 1 images"):
+        list(streams[1])
+    assert all(s.result().text for s in (streams[0], streams[2]))
+
+
+# -- out-of-memory and other device errors, injected with forward hooks ---------------------------
+class InjectFault:
+    """Raise `error` from the LLM's first layer whenever `when(batch_rows, tokens)` is true."""
+
+    def __init__(self, model, error, when):
+        self.error, self.when, self.raised = error, when, 0
+        layer = model.language_model.model.decoder.layers[0]
+        self.handle = layer.register_forward_pre_hook(self)
+
+    def __call__(self, module, args):
+        hidden = args[0]
+        if self.when(hidden.shape[0], hidden.shape[1]):
+            self.raised += 1
+            raise self.error
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def test_out_of_memory_in_a_batch_splits_it(engine):
+    requests = questions(4)
+    alone = [c.text for c in engine.generate(requests)]
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with InjectFault(engine.model, oom, lambda rows, tokens: rows > 1) as fault:
+        out = engine.generate(requests)
+    assert fault.raised >= 3 and [c.text for c in out] == alone  # halved down to single rows
+    with InjectFault(engine.model, oom, lambda rows, tokens: True):
+        out = engine.generate(requests[:2])
+    assert [c.finish_reason for c in out] == ["error", "error"]
+    assert all(isinstance(c.error, torch.OutOfMemoryError) for c in out)
+
+
+def test_out_of_memory_while_decoding_evicts_and_resumes(engine):
+    requests = questions(4, GenerationSettings(max_new_tokens=12))
+    alone = [c.text for c in engine.generate(requests)]
+    evicted_before = engine.stats["evicted"]
+    oom = torch.OutOfMemoryError("CUDA out of memory.")
+    count = {"steps": 0}
+
+    def when(rows, tokens):  # the 3rd decode step of a 4-row batch fails, once
+        if rows == 4 and tokens == 1:
+            count["steps"] += 1
+            return count["steps"] == 3
+        return False
+
+    with InjectFault(engine.model, oom, when):
+        streams = [engine.submit(r) for r in requests]
+        texts = [s.result().text for s in streams]
+    assert texts == alone  # the evicted half resumed from its tokens: same replies
+    assert engine.stats["evicted"] - evicted_before == 2
+
+
+def test_a_cuda_error_that_is_not_oom_stops_the_engine(mid_blip2_dir):
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    engine = InferenceEngine(model, processor)
+    assert engine.submit(questions(1)[0]).result().text
+    error = RuntimeError("CUDA error: device-side assert triggered")
+    with InjectFault(model, error, lambda rows, tokens: True):
+        with pytest.raises(RuntimeError, match="device-side assert"):
+            engine.generate(questions(2))  # offline: the run stops, no retries
+        stream = engine.submit(questions(1)[0])
+        assert stream.result().finish_reason == "error"
+    with pytest.raises(EngineFailed, match="device-side assert"):
+        list(stream)
+    with pytest.raises(EngineFailed, match="stopped after an error"):
+        engine.submit(questions(1)[0])
+
+
+def test_instructblip_and_chat_models_run_on_the_engine(instructblip_dir, tiny_vlm_dir):
+    for folder, prompt in ((instructblip_dir, "what is this?"), (tiny_vlm_dir, "<image> a <image> b")):
+        model, processor = load_pretrained(str(folder), device="cpu")
+        engine = InferenceEngine(model, processor)
+        images = [tiny.random_image(1), tiny.random_image(2)][: prompt.count("<image>") or 1]
+        request = Request(prompt, images, GREEDY)
+        want = engine.generate([request])[0].text
+        inputs = processor(images=images, text=[prompt])
+        out = model.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=engine.stop_token_ids)
+        assert processor.decode_generated(out, inputs["input_ids"]) == [want]
+        assert engine.submit(request).result().text == want
+        engine.close()
+
+
+def test_many_threads_submit_at_once(engine):
+    requests = questions(8)
+    alone = [c.text for c in engine.generate(requests)]
+    results = [None] * 8
+
+    def ask(i):
+        time.sleep(0.01 * (i % 3))
+        results[i] = engine.submit(requests[i]).result().text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results == alone
