@@ -170,46 +170,65 @@ def exit_status(summary: Summary, max_error_rate: float) -> int:
 
 def run(args: argparse.Namespace, fmt: str) -> Summary:
     """Load the model, caption everything pending, merge multi-process parts; print a summary."""
-    import torch
-    from tqdm import tqdm
-
+    from vlm.engine import GenerationSettings, InferenceEngine
     from vlm.loading import load_pretrained
 
-    from .pipeline import BatchBuilder, Captioner, PendingBatches, batch_loader, count_pending
+    from .pipeline import BatchBuilder, PendingBatches
 
     rank, world, state = _distributed(args.device)
+    done = _prepare_outputs(args, fmt, state)
+    writer = _make_writer(fmt, part_path(args.out, rank) if (world > 1 and args.out) else args.out,
+                          args.overwrite, part=world > 1)
+    device = args.device or (str(state.device) if state is not None else None)
+    model, processor = load_pretrained(args.model, quantization=args.quantization, device=device, dtype=args.dtype)
+    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+    builder = BatchBuilder(processor, prompt=args.prompt, question=args.question, allow_questions=fmt != "txt",
+                           settings=settings)
+    skip = (lambda item: writer.exists(item.path)) if fmt == "txt" else None
+    pending = PendingBatches(args.inputs, done, args.batch_size, builder.key, rank, world, skip)
+    # Captioning rarely sees an image twice across batches: a small feature cache is enough.
+    engine = InferenceEngine(model, processor, max_batch_size=args.batch_size, feature_cache_bytes=256 << 20)
+
+    start = time.perf_counter()
+    summary = _caption_all(args, fmt, engine, builder, pending, writer, rank, world, done)
+    summary.skipped = pending.skipped_done + pending.skipped_here
+    if state is not None:
+        _sum_over_processes(summary, pending, state)
+    summary.seconds = time.perf_counter() - start
+    if rank == 0:
+        _finish(args, fmt, summary, engine.batches.oom_splits)
+    return summary
+
+
+def _prepare_outputs(args: argparse.Namespace, fmt: str, state) -> set[tuple]:
+    """Clear the outputs for --overwrite, then read what is already done (the same in every process)."""
     out = args.out
-    if rank == 0 and args.overwrite and out:
+    if (state is None or state.is_main_process) and args.overwrite and out:
         for stale in [out, *part_paths(out)]:
             if os.path.exists(stale):
                 os.unlink(stale)
     if state is not None:
         state.wait_for_everyone()  # nobody reads the done-set before a fresh start cleared it
-    done_files = [out, *part_paths(out)] if out else []
-    done = read_done(done_files, fmt)
+    done = read_done([out, *part_paths(out)] if out else [], fmt)
     if state is not None:
         state.wait_for_everyone()  # every process holds the same done-set before anyone writes
-    own_path = part_path(out, rank) if (world > 1 and out) else out
-    writer = _make_writer(fmt, own_path, args.overwrite, part=world > 1)
+    return done
 
-    device = args.device or (str(state.device) if state is not None else None)
-    model, processor = load_pretrained(args.model, quantization=args.quantization, device=device, dtype=args.dtype)
-    builder = BatchBuilder(processor, prompt=args.prompt, question=args.question, allow_questions=fmt != "txt")
-    skip = (lambda item: writer.exists(item.path)) if fmt == "txt" else None
-    pending = PendingBatches(args.inputs, done, args.batch_size, builder.key, rank, world, skip)
-    total = count_pending(args.inputs, done, builder.key, world) if not args.no_progress else None
-    workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
-    captioner = Captioner(model, processor, {
-        "max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": False,
-    })
+
+def _caption_all(args, fmt, engine, builder, pending, writer, rank: int, world: int, done) -> Summary:
+    """Caption every pending batch, writing each batch's rows as soon as it is done."""
+    from tqdm import tqdm
+
+    from .pipeline import batch_loader, caption_rows, count_pending
 
     summary = Summary()
-    start = time.perf_counter()
+    total = count_pending(args.inputs, done, builder.key, world) if not args.no_progress else None
+    workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     bar = tqdm(total=total, unit="img", desc=f"caption[{rank}]" if world > 1 else "caption",
                disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
     try:
         for batch in batch_loader(pending, builder, workers):
-            rows = captioner.rows(batch, builder)
+            rows = caption_rows(engine, batch, builder)
             rows = writer.write(rows, [it.path for it in batch.items]) if fmt == "txt" else writer.write(rows)
             errors = sum("error" in r for r in rows)
             summary.errors += errors
@@ -219,28 +238,32 @@ def run(args: argparse.Namespace, fmt: str) -> Summary:
     finally:
         bar.close()
         writer.close()
-    summary.skipped = pending.skipped_done + pending.skipped_here
+    return summary
 
-    if state is not None:
-        counts = torch.tensor([summary.captioned, summary.errors, pending.skipped_here], device=state.device)
-        torch.distributed.all_reduce(counts)
-        summary.captioned, summary.errors = int(counts[0]), int(counts[1])
-        summary.skipped = pending.skipped_done + int(counts[2])
-        state.wait_for_everyone()  # all parts complete before the merge
-    summary.seconds = time.perf_counter() - start
-    if rank == 0 and out:
-        final = _make_writer(fmt, out)
+
+def _sum_over_processes(summary: Summary, pending, state) -> None:
+    import torch
+
+    counts = torch.tensor([summary.captioned, summary.errors, pending.skipped_here], device=state.device)
+    torch.distributed.all_reduce(counts)
+    summary.captioned, summary.errors = int(counts[0]), int(counts[1])
+    summary.skipped = pending.skipped_done + int(counts[2])
+    state.wait_for_everyone()  # all parts complete before the merge
+
+
+def _finish(args: argparse.Namespace, fmt: str, summary: Summary, oom_splits: int) -> None:
+    """Merge the process parts into --out and print the summary (main process)."""
+    if args.out:
+        final = _make_writer(fmt, args.out)
         try:
-            merge_parts(out, fmt, final)
+            merge_parts(args.out, fmt, final)
         finally:
             final.close()
-    if rank == 0:
-        if captioner.oom_splits:
-            print(f"out of memory {captioner.oom_splits} times: batches were split and retried", file=sys.stderr)
-        print(summary.line() + (f" -> {out}" if out else ""), file=sys.stderr)
-        if summary.captioned == 0 and summary.errors == 0 and summary.skipped == 0:
-            print("no images found in the inputs", file=sys.stderr)
-    return summary
+    if oom_splits:
+        print(f"out of memory {oom_splits} times: batches were split and retried", file=sys.stderr)
+    print(summary.line() + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
+    if summary.captioned == 0 and summary.errors == 0 and summary.skipped == 0:
+        print("no images found in the inputs", file=sys.stderr)
 
 
 if __name__ == "__main__":

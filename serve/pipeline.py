@@ -1,32 +1,32 @@
-"""The captioning pipeline: streamed work items -> decode/preprocess workers -> batched model.
+"""The captioning pipeline: streamed work items -> decode/preprocess workers -> the engine.
 
 - `PendingBatches` (the DataLoader's sampler, main process) lists the inputs lazily, skips
   what is already done, takes this process's share and groups items into batches.
 - `BatchBuilder` (the DataLoader's dataset, run in worker processes) decodes each distinct image
-  of a batch once, preprocesses it and tokenizes the prompts; a file that fails becomes an
-  error row there and never reaches the model.
-- `Captioner` (main process) encodes the distinct images once, generates for the whole batch
-  with left padding, and on out-of-memory splits the batch and retries, so one item can fail
-  alone. Expected failures (a bad file, a prompt the template rejects, out-of-memory) become
-  error rows; anything else is a bug and stops the run with its traceback.
+  of a batch once and preprocesses it; a file that fails becomes an error row there and never
+  reaches the model. The rest become engine `Request`s (prompt + pixels).
+- `caption_rows` (main process) runs a batch's requests through `vlm.engine.InferenceEngine`,
+  which encodes each distinct image once, generates the batch left-padded and splits it on
+  out-of-memory. Expected failures (a bad file, a prompt the template rejects, an image that does
+  not fit in memory even alone) become error rows; anything else is a bug and stops the run with
+  its traceback.
 """
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 import torch
+from jinja2 import TemplateError
 from torch.utils.data import DataLoader, Dataset
 
+from vlm.engine import GenerationSettings, InferenceEngine, Request
 from vlm.errors import VLMError
 from vlm.images import load_image
-
-from jinja2 import TemplateError
+from vlm.preprocess import make_preprocess
 
 from .inputs import Item, iter_items, row_key
-from vlm.preprocess import make_preprocess
 
 
 @dataclass
@@ -34,16 +34,14 @@ class Batch:
     """A batch as the workers hand it over.
 
     `rows[i]` is already filled (an error row) for items that will not be generated; the other
-    items are `todo`, in order, with `image_index` pointing into `pixel_values` (one row per
-    distinct image) and `encoding` holding their left-padded prompts.
+    items are `todo`, in order, with `requests` holding their engine requests (an image named
+    twice in a batch is decoded once and its pixels shared).
     """
 
     items: list[Item]
     rows: list[dict | None]
     todo: list[int] = field(default_factory=list)
-    pixel_values: torch.Tensor | None = None
-    image_index: torch.Tensor | None = None
-    encoding: dict | None = None
+    requests: list[Request] = field(default_factory=list)
 
 
 class PendingBatches:
@@ -105,30 +103,17 @@ def count_pending(inputs: list[str], done: set[tuple], key: Callable[[Item], tup
     return -(-total // world)
 
 
-class _Prepared:
-    """Stands in for a PIL image in the processor call: its pixels are already computed."""
-
-
-class _NoImageProcessing:
-    """Image processor for the text-only processor call: the workers did the images already."""
-
-    def __call__(self, images, return_tensors=None, **kwargs):
-        return {"pixel_values": torch.empty(0)}
-
-
 class BatchBuilder(Dataset):
     """Turns a list of `Item`s into a `Batch` (runs inside DataLoader worker processes)."""
 
-    def __init__(self, processor, prompt: str | None = None, question: str | None = None, allow_questions=True):
+    def __init__(self, processor, prompt: str | None = None, question: str | None = None, allow_questions=True,
+                 settings: GenerationSettings | None = None):
         self.processor = processor
         self.prompt = processor.caption_prompt if prompt is None else prompt
         self.question = question
         self.allow_questions = allow_questions
+        self.settings = settings or GenerationSettings()
         self.preprocess = make_preprocess(processor.image_processor)
-        # The processor's own text path (image tokens, BOS, left padding, Q-Former text),
-        # with the image step replaced: pixels come from `preprocess`, one per distinct image.
-        self.text_processor = copy.copy(processor)
-        self.text_processor.image_processor = _NoImageProcessing()
 
     def question_for(self, item: Item) -> str | None:
         """The item's effective question: its own, else --question unless it has its own prompt."""
@@ -161,10 +146,9 @@ class BatchBuilder(Dataset):
         return batch
 
     def _build(self, batch: Batch) -> None:
-        items = batch.items
         marker = self.processor.image_token
-        pixels, slot_of_path, image_index, prompts = [], {}, [], []
-        for i, item in enumerate(items):
+        pixels: dict[str, torch.Tensor | VLMError] = {}
+        for i, item in enumerate(batch.items):
             if item.error:
                 batch.rows[i] = self.error_row(item, item.error)
                 continue
@@ -180,105 +164,30 @@ class BatchBuilder(Dataset):
                 batch.rows[i] = self.error_row(
                     item, f"prompt has {prompt.count(marker)} {marker} markers; each row captions one image")
                 continue
-            slot = slot_of_path.get(item.path)
-            if slot is None:
+            if item.path not in pixels:
                 try:
-                    tensor = self.preprocess(load_image(item.path))
+                    pixels[item.path] = self.preprocess(load_image(item.path))
                 except VLMError as e:  # load_image names the file and the decode error
-                    slot = slot_of_path[item.path] = e
-                else:
-                    slot = slot_of_path[item.path] = len(pixels)
-                    pixels.append(tensor)
-            if isinstance(slot, Exception):
-                batch.rows[i] = self.error_row(item, str(slot))
+                    pixels[item.path] = e
+            if isinstance(pixels[item.path], VLMError):
+                batch.rows[i] = self.error_row(item, str(pixels[item.path]))
                 continue
             batch.todo.append(i)
-            image_index.append(slot)
-            prompts.append(prompt)
-        if batch.todo:
-            encoding = self._encode(prompts)
-            batch.encoding = encoding
-            batch.pixel_values = torch.stack(pixels)
-            batch.image_index = torch.tensor(image_index)
-
-    def _encode(self, prompts: list[str]) -> dict:
-        # One image list per prompt: the processor then places each prompt's image on its own
-        # (in front without a marker, in place of its one marker), so mixed prompts can share a batch.
-        encoding = self.text_processor(images=[[_Prepared()] for _ in prompts], text=prompts)
-        encoding.pop("pixel_values", None)
-        return dict(encoding)
+            batch.requests.append(Request(prompt, [pixels[item.path]], self.settings))
 
 
-def _trim_left_padding(encoding: dict) -> dict:
-    """Drop columns that are padding in every row (left after taking a subset of a batch)."""
-    mask = encoding["attention_mask"]
-    keep = int(mask.any(dim=0).nonzero()[0]) if mask.any() else 0
-    if keep == 0:
-        return encoding
-    out = dict(encoding)
-    for key in ("input_ids", "attention_mask"):
-        out[key] = encoding[key][:, keep:]
-    return out
-
-
-
-def split_on_oom(run: Callable[[list[int]], list], indices: list[int], on_oom: Callable[[], None] = lambda: None):
-    """`run(indices)`, halving the batch on out-of-memory until single items fail alone.
-
-    Returns one result per index: `run`'s output, or the out-of-memory error of an item that
-    does not fit even alone. The retry happens after the `except` block has ended, so the failed
-    try's activations (held by the traceback) are freed first; `on_oom` runs in between (it
-    empties the CUDA cache). Any other error propagates: a CUDA error such as a device-side
-    assert leaves the device unusable, and retrying it would only repeat it.
-    """
-    try:
-        return list(run(indices))
-    except torch.OutOfMemoryError as e:
-        if len(indices) == 1:
-            return [e]
-    on_oom()
-    half = len(indices) // 2
-    return split_on_oom(run, indices[:half], on_oom) + split_on_oom(run, indices[half:], on_oom)
-
-
-class Captioner:
-    """Generates text for `Batch`es with a loaded model; returns one output row per item."""
-
-    def __init__(self, model, processor, generate_kwargs: dict):
-        self.model, self.processor, self.generate_kwargs = model, processor, generate_kwargs
-        self.oom_splits = 0
-
-    def _on_oom(self) -> None:
-        self.oom_splits += 1
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    @torch.inference_mode()
-    def generate(self, batch: Batch, positions: list[int]) -> list[str]:
-        """Texts for `batch.todo[p]` for each p in `positions`; each distinct image encoded once."""
-        select = torch.tensor(positions)
-        distinct, inverse = torch.unique(batch.image_index[select], return_inverse=True)
-        features = self.model.get_vision_features(batch.pixel_values[distinct])[inverse.to(self.model.device)]
-        encoding = _trim_left_padding({k: v[select] for k, v in batch.encoding.items()})
-        out = self.model.generate(**encoding, vision_features=features, **self.generate_kwargs)
-        return self.processor.decode_generated(out, encoding["input_ids"])
-
-    def rows(self, batch: Batch, builder: BatchBuilder) -> list[dict]:
-        """The batch's output rows, in item order (an unexpected failure gives error rows)."""
-        rows = list(batch.rows)
-        if batch.todo:
-            texts = split_on_oom(lambda p: self.generate(batch, p), list(range(len(batch.todo))), self._on_oom)
-            for i, text in zip(batch.todo, texts):
-                rows[i] = _row(builder, batch.items[i], text)
-        return rows
-
-
-def _row(builder: BatchBuilder, item: Item, text) -> dict:
-    if isinstance(text, Exception):
-        return builder.error_row(item, "generation failed: out of memory even for one image")
-    row = builder.fields(item)
-    row["answer" if "question" in row else "caption"] = text
-    return row
+def caption_rows(engine: InferenceEngine, batch: Batch, builder: BatchBuilder) -> list[dict]:
+    """The batch's output rows, in item order: generated by `engine` for the items still to do."""
+    rows = list(batch.rows)
+    for i, completion in zip(batch.todo, engine.generate(batch.requests)):
+        item = batch.items[i]
+        if completion.error is not None:
+            rows[i] = builder.error_row(item, "generation failed: out of memory even for one image")
+            continue
+        row = builder.fields(item)
+        row["answer" if "question" in row else "caption"] = completion.text
+        rows[i] = row
+    return rows
 
 
 def _worker_init(_: int) -> None:

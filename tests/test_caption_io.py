@@ -12,7 +12,8 @@ import torch
 import tiny
 from vlm.serve.caption import main
 from vlm.serve.inputs import iter_items
-from vlm.serve.pipeline import BatchBuilder, split_on_oom
+from vlm.engine import InferenceEngine, split_on_oom
+from vlm.serve.pipeline import BatchBuilder, caption_rows
 from vlm.preprocess import FastPreprocess, make_preprocess
 from vlm.serve.writers import CsvWriter, JsonlWriter, complete_length, iter_rows, read_done
 
@@ -110,10 +111,14 @@ def test_questions_share_one_image_encoding(tmp_path, blip2_opt_dir):
     questions = ["is there a cat?", "what colour is the shape?", "what shape is it?"]
     lines = [{"image": "cat.png", "question": q} for q in questions] + [{"image": "dog.png"}]
     listing.write_text("".join(json.dumps(x) + "\n" for x in lines))
-    _, processor = load_pretrained(str(blip2_opt_dir))
-    batch = BatchBuilder(processor, prompt="a photo of")[list(iter_items([str(listing)]))]
-    assert batch.pixel_values.shape[0] == 2  # the cat is decoded and encoded once for 3 questions
-    assert batch.image_index.tolist() == [0, 0, 0, 1]
+    model, processor = load_pretrained(str(blip2_opt_dir))
+    builder = BatchBuilder(processor, prompt="a photo of")
+    batch = builder[list(iter_items([str(listing)]))]
+    cats = [r.images[0] for r in batch.requests[:3]]
+    assert cats[0] is cats[1] is cats[2]  # the cat is decoded once for 3 questions
+    engine = InferenceEngine(model, processor)
+    rows = caption_rows(engine, batch, builder)
+    assert engine.encoder.vision_encodes == 2 and [bool(r.get("answer")) for r in rows] == [True, True, True, False]
 
     out = tmp_path / "out.csv"
     assert main([str(listing), "--out", str(out), "--model", str(blip2_opt_dir), "--max-new-tokens", "3",

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def generation_kwargs(task: str, args: argparse.Namespace) -> dict:
-    """Decoding settings: the flags, else BLIP-2's paper defaults for the task."""
+    """Decoding settings (`GenerationSettings` fields, greedy or beam search): the flags, else
+    BLIP-2's paper defaults for the task."""
     out = {}
     for key in ("num_beams", "max_new_tokens", "min_new_tokens", "length_penalty"):
         value = getattr(args, key)
@@ -68,8 +69,7 @@ def generation_kwargs(task: str, args: argparse.Namespace) -> dict:
     # A minimum above the maximum only makes transformers warn and stop at the maximum; cap it.
     out["min_new_tokens"] = min(out["min_new_tokens"], out["max_new_tokens"])
     if out["num_beams"] == 1:
-        out.pop("length_penalty")  # only used by beam search; transformers warns otherwise
-    out["do_sample"] = False
+        out.pop("length_penalty")  # only beam search uses it
     return out
 
 
@@ -90,35 +90,25 @@ def caption_items(examples: Sequence) -> list[tuple]:
 
 
 def predict(model, processor, examples: Sequence, task: str, batch_size: int, gen_kwargs: dict) -> list[str]:
-    """Generated text for each example, in left-padded batches, with the checkpoint's prompts."""
-    import torch
+    """Generated text for each example, in batches on the inference engine, with the checkpoint's
+    prompts; each image is decoded once and encoded once however many questions it has."""
     from tqdm.auto import tqdm
 
     from vlm.data import open_example_image
+    from vlm.engine import GenerationSettings, InferenceEngine, Request
 
-    device = model.get_input_embeddings().weight.device
-    predictions = []
-    with tqdm(total=len(examples), desc="generating", unit="sample", file=sys.stderr) as bar:
-        for start in range(0, len(examples), batch_size):
-            batch = examples[start : start + batch_size]
-            # VQA data asks several questions per image: run the vision tower once per image.
-            keys = [e.image if isinstance(e.image, str) else id(e.image) for e in batch]
-            distinct = list(dict.fromkeys(keys))
-            opened = {k: open_example_image(batch[keys.index(k)]) for k in distinct}
-            if task == "caption":
-                prompts = [processor.caption_prompt or "" for _ in batch]
-            else:
-                prompts = [processor.format_question(e.question) for e in batch]
-            inputs = processor(images=[opened[k] for k in keys], text=prompts).to(device)
-            inputs.pop("pixel_values")
-            pixel_values = processor.image_processor([opened[k] for k in distinct], return_tensors="pt")["pixel_values"]
-            with torch.inference_mode():
-                vision = model.get_vision_features(pixel_values.to(device))
-                index = torch.tensor([distinct.index(k) for k in keys], device=vision.device)
-                sequences = model.generate(**inputs, vision_features=vision[index], **gen_kwargs)
-            predictions += processor.decode_generated(sequences, inputs["input_ids"])
-            bar.update(len(batch))
-    return predictions
+    settings = GenerationSettings(**gen_kwargs)
+    engine = InferenceEngine(model, processor, max_batch_size=batch_size)
+    opened: dict = {}
+    requests = []
+    for e in examples:
+        key = e.image if isinstance(e.image, str) else id(e.image)
+        if key not in opened:
+            opened[key] = engine.encoder.pixels(open_example_image(e))
+        prompt = processor.caption_prompt or "" if task == "caption" else processor.format_question(e.question)
+        requests.append(Request(prompt, [opened[key]], settings))
+    with tqdm(total=len(requests), desc="generating", unit="sample", file=sys.stderr) as bar:
+        return [c.text for c in engine.generate(requests, on_batch=bar.update)]
 
 
 def score(task: str, examples: Sequence, references: Sequence[list[str]], predictions: Sequence[str]) -> tuple[dict, list[dict]]:

@@ -49,9 +49,10 @@ def split_on_oom(run: Callable[[list[int]], list], indices: list[int], on_oom: C
 class BatchGenerator:
     """Runs lists of requests with equal settings through `model.generate`."""
 
-    def __init__(self, model, processor, encoder: Encoder, stop_token_ids: list[int]):
+    def __init__(self, model, processor, encoder: Encoder, stop_token_ids: list[int], context_length: int):
         self.model, self.processor, self.encoder = model, processor, encoder
         self.stop_token_ids = stop_token_ids
+        self.context_length = context_length
         self.oom_splits = 0
 
     def _on_oom(self) -> None:
@@ -73,6 +74,9 @@ class BatchGenerator:
         device = self.encoder.device
         input_ids = encoding["input_ids"].to(device)
         kwargs = settings.generate_kwargs()
+        # No more tokens than the LLM's context holds, prompt included.
+        kwargs["max_new_tokens"] = max(1, min(settings.max_new_tokens, self.context_length - input_ids.shape[1]))
+        kwargs["min_new_tokens"] = min(kwargs["min_new_tokens"], kwargs["max_new_tokens"])
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         if settings.stop:

@@ -89,7 +89,7 @@ class InferenceEngine:
         self.encoder = Encoder(model, processor, FeatureCache(feature_cache_bytes))
         self.stop_token_ids = stop_token_ids(model, processor)
         self.context_length = context_length(model, processor.tokenizer)
-        self.batches = BatchGenerator(model, processor, self.encoder, self.stop_token_ids)
+        self.batches = BatchGenerator(model, processor, self.encoder, self.stop_token_ids, self.context_length)
         self._model_lock = threading.RLock()  # one forward pass at a time, online or offline
         self._wake = threading.Condition()
         self._waiting: deque[Stream | Sequence] = deque()
