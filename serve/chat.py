@@ -1,65 +1,55 @@
-"""`vlm chat`: a Gradio web chat about images, with a `/chat` API endpoint.
+"""`vlm chat`: a Gradio web chat about images at `/`, and the OpenAI-compatible API at `/v1`.
 
-Binds to 127.0.0.1 unless told otherwise. Loads the model once; 4-bit NF4 on CUDA by default
-(vision tower and Q-Former stay full precision), no quantization on CPU unless asked.
+One process, one inference engine: the page's users and the API's clients are decoded together.
+Binds to 127.0.0.1 unless told otherwise. On CUDA, LLMs of 1B+ parameters load in 4-bit NF4 by
+default (vision tower and Q-Former stay full precision); smaller ones and CPU runs keep full
+precision unless asked.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import sys
 
 from vlm.errors import VLMError
 
-LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+from .server import add_model_arguments, bind, is_loopback, model_name, run_server
 
 EPILOG = """examples:
-  vlm chat                                  # demo model, http://127.0.0.1:7860
+  vlm chat                                  # demo model, http://127.0.0.1:7860 (API at /v1)
   vlm chat --model ./my-finetune --port 8080
   vlm chat --model Salesforce/blip2-opt-2.7b --quantization 4bit
-  vlm chat --host 0.0.0.0 --auth alice:s3cret   # reachable from the network: set --auth
+  vlm chat --host 0.0.0.0 --auth alice:s3cret --api-key KEY   # reachable from the network
 
 API (gradio_client):
   from gradio_client import Client, handle_file
   c = Client("http://127.0.0.1:7860/")
   c.predict(message={"text": "What is this?", "files": [handle_file("cat.jpg")]}, api_name="/chat")
   c.predict(message={"text": "And its colour?", "files": []}, api_name="/chat")  # same conversation
+
+OpenAI-compatible API on the same port: http://127.0.0.1:7860/v1 (see `vlm serve --help`). Off a
+loopback address it is served only with --api-key.
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlm chat",
-        description="Web chat about images (Gradio): multi-turn, several images per conversation, streaming.",
+        description="Web chat about images (Gradio): multi-turn, several images per conversation, streaming; "
+                    "plus the OpenAI-compatible API under /v1.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        help="checkpoint folder or hub id (vlm, BLIP-2, InstructBLIP or a "
-        "LoRA adapter folder); default: the offline demo model",
-    )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
-    p.add_argument(
-        "--quantization",
-        choices=["4bit", "8bit", "none"],
-        default=None,
-        help="quantize the LLM with bitsandbytes (default: 4bit NF4 on CUDA, none on CPU)",
-    )
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: CUDA when available)")
-    p.add_argument(
-        "--dtype",
-        default=None,
-        choices=["float32", "bfloat16", "float16"],
-        help="weights dtype (default: bf16 on GPUs that support it, fp32 on CPU)",
-    )
-    p.add_argument("--share", action="store_true", help="also publish a public *.gradio.live link (opt-in)")
-    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login on the page and API")
-    p.add_argument("--concurrency", type=int, default=2, help="replies generated at the same time (default 2)")
+    add_model_arguments(p, default_port=7860)
+    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], default=None,
+                   help="quantize the LLM with bitsandbytes (default: 4-bit NF4 on CUDA for LLMs of 1B+ parameters, "
+                        "none otherwise; the header says which)")
+    p.add_argument("--share", action="store_true",
+                   help="also publish a public *.gradio.live link (opt-in; the /v1 API is not served then)")
+    p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login on the page")
+    p.add_argument("--concurrency", type=int, default=16,
+                   help="replies generated at the same time, decoded together in one batch (default 16)")
     p.add_argument(
         "--max-queue",
         type=int,
@@ -75,16 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def is_loopback(host: str) -> bool:
-    """True for addresses only this machine can reach."""
-    if host.lower() in LOOPBACK_NAMES:
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
 def parse_auth(value: str | None) -> tuple[str, str] | None:
     if value is None:
         return None
@@ -96,9 +76,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject impossible values with one line naming the flag."""
-    if not 0 < args.port < 65536:
-        raise VLMError(f"--port must be 1..65535; got {args.port}")
-    for flag in ("concurrency", "max_queue", "max_file_size", "max_new_tokens"):
+    for flag in ("concurrency", "max_queue", "max_file_size", "max_new_tokens", "max_request_mb"):
         if getattr(args, flag) < 1:
             raise VLMError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     if args.temperature < 0:
@@ -107,35 +85,28 @@ def check_args(args: argparse.Namespace) -> None:
         raise VLMError(f"--top-p must be in (0, 1]; got {args.top_p}")
 
 
-def exposure_warnings(host: str, share: bool, auth) -> list[str]:
+def exposure_warnings(host: str, share: bool, auth, api_key: str | None = None) -> list[str]:
     """Warnings to print before serving beyond this machine without a login."""
     out = []
     if not is_loopback(host) and auth is None:
         out.append(f"warning: serving on {host} without --auth: anyone who can reach this port can use the model")
+    if not is_loopback(host) and api_key is None:
+        out.append(f"note: the /v1 API is off on {host} without --api-key")
     if share and auth is None:
         out.append("warning: --share publishes a public link; set --auth USER:PASS to restrict it")
     return out
 
 
-def load(args: argparse.Namespace):
-    """Load the model; returns `(model, processor, settings)`."""
-    import torch
-
-    from vlm.loading import default_device, default_dtype, load_pretrained
-
+def settings_for(args: argparse.Namespace, loaded):
+    """What the page shows and the defaults of its controls."""
     from .app import ChatSettings
 
-    device = args.device or default_device()
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise VLMError(f"--device {device}: CUDA is not available on this machine")
-    quantization = args.quantization or ("4bit" if device.startswith("cuda") else "none")
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    model, processor = load_pretrained(args.model, quantization=quantization, device=device, dtype=dtype)
-    settings = ChatSettings(
+    quantization = {"4bit": "NF4 4-bit (LLM only)", "8bit": "8-bit (LLM only)"}.get(loaded.quantization, "none")
+    return ChatSettings(
         model_name=args.model or "demo (offline default)",
-        device=device,
-        dtype=str(dtype).replace("torch.", ""),
-        quantization="NF4 4-bit (LLM only)" if quantization == "4bit" else quantization,
+        device=loaded.device,
+        dtype=loaded.dtype,
+        quantization=f"{quantization} ({loaded.llm_parameters / 1e9:.2f}B-parameter LLM)",
         system_prompt=args.system_prompt,
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -143,14 +114,13 @@ def load(args: argparse.Namespace):
         concurrency=args.concurrency,
         examples=not args.no_examples,
     )
-    return model, processor, settings
 
 
-def make_engine(model, processor, args: argparse.Namespace):
-    """The `ChatEngine` for `args`: `--max-file-size` is its upload limit (the page's and the engine's)."""
-    from .engine import ChatEngine
+def make_frontend(engine, args: argparse.Namespace):
+    """The `ChatFrontend` for `args`: `--max-file-size` is its upload limit (the page's and the frontend's)."""
+    from .frontend import ChatFrontend
 
-    return ChatEngine(model, processor, max_upload_bytes=args.max_file_size * 1024 * 1024)
+    return ChatFrontend(engine, max_upload_bytes=args.max_file_size * 1024 * 1024)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -158,38 +128,40 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
     auth = parse_auth(args.auth)
-    for line in exposure_warnings(args.host, args.share, auth):
+    for line in exposure_warnings(args.host, args.share, auth, args.api_key):
         print(line, file=sys.stderr)
+    sock = None if args.share else bind(args.host, args.port)  # a taken port fails before the model loads
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    model, processor, settings = load(args)
-    from .app import build_app, offline_theme
+    from vlm.engine import InferenceEngine
 
-    engine = make_engine(model, processor, args)
-    demo = build_app(engine, settings)
+    from .api import ApiSettings, make_app
+    from .app import build_app, offline_theme
+    from .loader import load_for_serving
+
+    loaded = load_for_serving(args)
+    settings = settings_for(args, loaded)
+    engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.concurrency,
+                             max_waiting=args.max_queue)
+    demo = build_app(make_frontend(engine, args), settings)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
-    print(
-        f"vlm chat: {settings.model_name} on {settings.device} ({settings.dtype}, {settings.quantization}); "
-        f"open http://{args.host}:{args.port}/",
-        flush=True,
-    )
-    try:
-        demo.launch(
-            server_name=args.host,
-            server_port=args.port,
-            share=args.share,
-            auth=auth,
-            max_file_size=f"{args.max_file_size}mb",
-            allowed_paths=[],  # serve uploads and Gradio's own cache only
-            show_error=True,
-            ssr_mode=False,
-            theme=offline_theme(),
-            quiet=True,
-        )
-    except OSError as e:
-        raise VLMError(f"--port {args.port}: cannot listen on {args.host}:{args.port} ({e})") from None
+    page = dict(auth=auth, max_file_size=f"{args.max_file_size}mb", allowed_paths=[], show_error=True,
+                ssr_mode=False, theme=offline_theme())
+    print(f"vlm chat: {settings.model_name} on {loaded.description}; open http://{args.host}:{args.port}/",
+          flush=True)
+    if args.share:  # Gradio's own server makes the share tunnel; the API needs ours
+        demo.launch(server_name=args.host, server_port=args.port, share=True, quiet=True, **page)
+        return 0
+    import gradio as gr
+
+    with_api = is_loopback(args.host) or args.api_key is not None
+    api = ApiSettings(model_name(args), api_key=args.api_key, allow_remote_images=args.allow_remote_images,
+                      max_body_bytes=args.max_request_mb * 2**20)
+    app = gr.mount_gradio_app(make_app(engine, api, with_api=with_api), demo, path="/", **page)
+    run_server(app, sock)
+    engine.close()
     return 0
 
 

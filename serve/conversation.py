@@ -1,23 +1,19 @@
-"""Chat state: Gradio history -> model messages, image placement, trimming, image-feature cache.
+"""Chat state: Gradio history -> model messages, image placement, trimming.
 
 Gradio's history (messages format) is the source of truth for a conversation, so undo,
 regenerate, edit and clear on the page, and per-session state for API clients, need no
 bookkeeping here. What this module adds is what the model needs on top: where each image
-sits, which earlier turns still fit in the LLM's context, and a per-session cache so each
-image is encoded once per conversation instead of on every turn.
+sits, and which earlier turns still fit in the LLM's context. (Each image is encoded once
+however many turns mention it: the inference engine's feature cache is keyed by content.)
 """
 
 from __future__ import annotations
 
-import hashlib
-import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import torch
+from vlm.errors import VLMError
 
 # Assistant replies that start with this are our own error notes, not model output: the turn
 # that produced one is left out of what the model sees next time.
@@ -28,7 +24,7 @@ NOTICE_PREFIX = "⚠️ "
 class Turn:
     """One user message (text + images, in the order sent) and the assistant's reply, if any."""
 
-    images: list[str] = field(default_factory=list)  # file paths, in the order sent
+    images: list = field(default_factory=list)  # file paths (chat) or PIL images (API), in the order sent
     parts: list[dict[str, Any]] = field(default_factory=list)  # [{"type": "image"} | {"type": "text", ...}]
     reply: str | None = None
 
@@ -139,6 +135,24 @@ def plain_prompt(
     return prompt
 
 
+def render_prompt(processor, turns: list[Turn], system_prompt: str | None = None) -> str:
+    """The exact prompt text the model reads for `turns` (the chat page's and the API's rule).
+
+    With a chat template: the template, an `<image>` marker where each image was sent.
+    Without one (official BLIP-2/InstructBLIP LLMs): the prompts the model was trained with
+    (`processor.format_question`, `processor.caption_prompt`), no markers, so the processor
+    puts the images in front, before BOS, as BLIP-2 saw them.
+    """
+    marker = processor.image_token
+    for turn in turns:
+        for part in turn.parts:
+            if part.get("type") == "text" and marker in part.get("text", ""):
+                raise VLMError(f"the message text may not contain {marker}; attach images as images")
+    if processor.has_chat_template:
+        return processor.format_chat(turns_to_messages(turns, system_prompt))
+    return plain_prompt(turns, processor.format_question, processor.caption_prompt or "", marker, system_prompt)
+
+
 def fit_to_context(turns: list[Turn], count_tokens: Callable[[list[Turn]], int], budget: int) -> tuple[list[Turn], int]:
     """Drop the oldest turns until the prompt fits in `budget` tokens.
 
@@ -151,58 +165,3 @@ def fit_to_context(turns: list[Turn], count_tokens: Callable[[list[Turn]], int],
         turns = turns[1:]
         dropped += 1
     return turns, dropped
-
-
-def file_digest(path: str | Path) -> str:
-    """Content hash of a file: the cache key, so a re-uploaded copy of an image is a hit."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-class FeatureCache:
-    """Per-session LRU of encoded images: `session -> {image digest -> features}`.
-
-    Bounded both in sessions and in images per session, so API clients that never say goodbye
-    cannot grow server memory without limit. Thread-safe: Gradio runs handlers in threads.
-    """
-
-    def __init__(self, max_sessions: int = 64, max_images_per_session: int = 16):
-        self.max_sessions = max_sessions
-        self.max_images = max_images_per_session
-        self._sessions: OrderedDict[str, OrderedDict[str, torch.Tensor]] = OrderedDict()
-        self._lock = threading.Lock()
-        self.hits = 0
-        self.misses = 0
-
-    def get(self, session: str, digest: str) -> torch.Tensor | None:
-        with self._lock:
-            images = self._sessions.get(session)
-            if images is None or digest not in images:
-                self.misses += 1
-                return None
-            self._sessions.move_to_end(session)
-            images.move_to_end(digest)
-            self.hits += 1
-            return images[digest]
-
-    def put(self, session: str, digest: str, features: torch.Tensor) -> None:
-        with self._lock:
-            images = self._sessions.setdefault(session, OrderedDict())
-            self._sessions.move_to_end(session)
-            images[digest] = features
-            while len(images) > self.max_images:
-                images.popitem(last=False)
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-
-    def drop(self, session: str) -> None:
-        """Forget a session (its page was closed)."""
-        with self._lock:
-            self._sessions.pop(session, None)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return sum(len(v) for v in self._sessions.values())

@@ -182,7 +182,7 @@ def caption_rows(engine: InferenceEngine, batch: Batch, builder: BatchBuilder) -
     for i, completion in zip(batch.todo, engine.generate(batch.requests)):
         item = batch.items[i]
         if completion.error is not None:
-            rows[i] = builder.error_row(item, "generation failed: out of memory even for one image")
+            rows[i] = builder.error_row(item, f"generation failed: {completion.error}")
             continue
         row = builder.fields(item)
         row["answer" if "question" in row else "caption"] = completion.text

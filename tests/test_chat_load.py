@@ -1,7 +1,8 @@
 """Load: 16 concurrent `gradio_client` users x 3 turns against one `vlm chat` subprocess.
 
-Every turn must be answered (no error, no notice), and the server's resident memory must come
-back near where it started once the users are gone (no per-session leak).
+Every turn must be answered (no error, no notice), replies must be decoded in batches (the
+engine's peak batch), and the server's resident memory must come back near where it started once
+the users are gone (no per-session leak).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import psutil
 import pytest
 from gradio_client import Client, handle_file
@@ -22,7 +24,7 @@ USERS, TURNS = 16, 3
 @pytest.fixture(scope="module")
 def server(tiny_vlm_dir, tmp_path_factory):
     srv = ChatServer(
-        tiny_vlm_dir, tmp_path_factory.mktemp("chat-load") / "server.log", "--concurrency", "4", "--max-queue", "64"
+        tiny_vlm_dir, tmp_path_factory.mktemp("chat-load") / "server.log", "--concurrency", "16", "--max-queue", "64"
     )
     yield srv
     srv.stop()
@@ -77,3 +79,7 @@ def test_16_users_3_turns_all_answered_and_memory_settles(server, tmp_path):
     print(f"\n{USERS} users x {TURNS} turns in {seconds:.1f}s; server RSS {before:.0f} MB -> {after:.0f} MB")
     assert after - before < max(60.0, 0.15 * before), f"server RSS grew {before:.0f} -> {after:.0f} MB"
     assert server.alive()
+    # Answered in batches: the engine decoded several users' replies together.
+    metrics = dict(line.split() for line in httpx.get(server.url + "metrics").text.splitlines())
+    print(f"peak batch {metrics['vlm_peak_batch_size']}, {metrics['vlm_decode_steps_total']} decode steps")
+    assert int(metrics["vlm_peak_batch_size"]) >= 4

@@ -11,13 +11,14 @@ import torch
 from PIL import Image
 from tiny import random_image
 
-from vlm.serve.app import make_respond
-from vlm.serve.chat import build_parser, exposure_warnings, is_loopback, main, make_engine, parse_auth
-from vlm.serve.conversation import NOTICE_PREFIX, FeatureCache, history_to_turns, new_turn
-from vlm.serve.engine import ChatEngine
-from vlm.serve.uploads import open_upload
 from vlm import load_pretrained
+from vlm.engine import GenerationSettings, InferenceEngine
 from vlm.errors import VLMError
+from vlm.serve.app import make_respond
+from vlm.serve.chat import build_parser, exposure_warnings, is_loopback, main, make_frontend, parse_auth
+from vlm.serve.conversation import NOTICE_PREFIX, history_to_turns, new_turn
+from vlm.serve.frontend import ChatFrontend
+from vlm.serve.uploads import open_upload
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,14 @@ def loaded(tiny_vlm_dir):
     return load_pretrained(str(tiny_vlm_dir), device="cpu")
 
 
+def frontend_for(model, processor, upload_dirs=None) -> ChatFrontend:
+    return ChatFrontend(InferenceEngine(model, processor), upload_dirs=upload_dirs)
+
+
 @pytest.fixture()
 def engine(loaded, tmp_path):
-    model, processor = loaded
-    return ChatEngine(model, processor, upload_dirs=[str(tmp_path)])  # the test images stand in for uploads
+    """The chat's front end on a fresh inference engine (the test images stand in for uploads)."""
+    return frontend_for(*loaded, upload_dirs=[str(tmp_path)])
 
 
 @pytest.fixture()
@@ -88,9 +93,9 @@ def test_turns_answered_by_a_notice_are_left_out():
 def test_images_placed_per_turn_match_direct_generate(engine, loaded, images):
     model, processor = loaded
     first = new_turn("what colour is the shape?", [images[0]])
-    first.reply = engine.reply("s", [first], max_new_tokens=6)
+    first.reply = engine.reply([first], max_new_tokens=6)
     second = new_turn("describe the image.", [images[1]])
-    answer = engine.reply("s", [first, second], max_new_tokens=10)
+    answer = engine.reply([first, second], max_new_tokens=10)
     messages = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour is the shape?"}]},
         {"role": "assistant", "content": first.reply},
@@ -102,22 +107,24 @@ def test_images_placed_per_turn_match_direct_generate(engine, loaded, images):
     assert answer != swapped, "the answer should depend on which image sits in which turn"
 
 
-def test_each_image_encoded_once_per_conversation(engine, loaded, images):
+def test_each_image_encoded_once(engine, loaded, images, tmp_path):
     model, _ = loaded
     calls = []
     hook = model.vision_model.register_forward_hook(lambda *a: calls.append(1))
     try:
         turns = [new_turn("describe", [images[0]])]
         for question in ("and the colour?", "and the shape?"):
-            turns[-1].reply = engine.reply("conv-1", turns, max_new_tokens=3)
+            turns[-1].reply = engine.reply(turns, max_new_tokens=3)
             turns.append(new_turn(question, []))
-        turns[-1].reply = engine.reply("conv-1", turns, max_new_tokens=3)
+        turns[-1].reply = engine.reply(turns, max_new_tokens=3)
         assert len(calls) == 1, "three turns about one image must run the vision tower once"
         turns.append(new_turn("compare", [images[1]]))
-        engine.reply("conv-1", turns, max_new_tokens=3)
+        engine.reply(turns, max_new_tokens=3)
         assert len(calls) == 2
-        engine.reply("conv-2", [new_turn("describe", [images[0]])], max_new_tokens=3)
-        assert len(calls) == 3, "another conversation encodes its own images"
+        copy = tmp_path / "same-picture-another-name.png"
+        copy.write_bytes(open(images[0], "rb").read())
+        engine.reply([new_turn("describe", [str(copy)])], max_new_tokens=3)
+        assert len(calls) == 2, "the same picture in another conversation is found by content"
     finally:
         hook.remove()
 
@@ -127,23 +134,23 @@ def test_long_conversation_is_trimmed_oldest_first_not_crashing(engine, images):
     turns = []
     for i in range(12):
         turns.append(new_turn(f"question {i} about the quick brown fox", [images[i % 2]] if i % 3 == 0 else []))
-        prepared = engine.prepare("long", turns, max_new_tokens=16)
+        prepared = engine.prepare(turns, settings=GenerationSettings(max_new_tokens=16))
         assert prepared.input_ids.shape[1] <= engine.context_length - 16
         turns[-1].reply = "a blue square and a green triangle"
     assert prepared.dropped_turns > 0
-    assert engine.reply("long", turns, max_new_tokens=16)
+    assert engine.reply(turns, max_new_tokens=16)
     with pytest.raises(VLMError, match="tokens"):
-        engine.prepare("long", [new_turn("fox " * 300, [])], max_new_tokens=16)
+        engine.prepare([new_turn("fox " * 300, [])], settings=GenerationSettings(max_new_tokens=16))
 
 
-def _reference(model, processor, engine, prompt, image_paths, max_new_tokens):
+def _reference(model, processor, engine, prompt, image_paths, max_new_tokens, qformer_text=None):
     """Direct `generate` on `processor(images, text=prompt)`: no chat code involved."""
-    enc = processor(images=[Image.open(p).convert("RGB") for p in image_paths], text=prompt)
+    enc = processor(images=[Image.open(p).convert("RGB") for p in image_paths], text=prompt, qformer_text=qformer_text)
     out = model.generate(
         **enc,
         max_new_tokens=max_new_tokens,
         do_sample=False,
-        eos_token_id=engine.eos_token_ids,
+        eos_token_id=engine.engine.stop_token_ids,
         pad_token_id=processor.tokenizer.pad_token_id,
     )
     return enc, processor.decode_generated(out, enc["input_ids"])[0]
@@ -152,23 +159,23 @@ def _reference(model, processor, engine, prompt, image_paths, max_new_tokens):
 def test_blip2_without_chat_template_is_asked_in_its_trained_prompt(blip2_opt_dir, images):
     model, processor = load_pretrained(str(blip2_opt_dir), device="cpu")
     assert not processor.has_chat_template
-    engine = ChatEngine(model, processor, upload_dirs=[str(Path(images[0]).parent)])
+    engine = frontend_for(model, processor, upload_dirs=[str(Path(images[0]).parent)])
     question, n = "what colour is the shape?", processor.num_query_tokens
     # BLIP-2's own VQA prompt, then a template saved by `vlm train`.
     for template in (None, "Question: {} Answer:"):
         processor.question_template = template
         turn = new_turn(question, [images[0]])
         assert engine.prompt_text([turn]) == processor.format_question(question)
-        prepared = engine.prepare(f"blip2-{template}", [turn], max_new_tokens=8)
+        prepared = engine.prepare([turn], settings=GenerationSettings(max_new_tokens=8))
         enc, expected = _reference(model, processor, engine, processor.format_question(question), images[:1], 8)
         assert torch.equal(prepared.input_ids, enc["input_ids"])
         ids = prepared.input_ids[0].tolist()  # image in front, then BOS, as BLIP-2 was trained
         assert ids[:n] == [processor.image_token_id] * n and ids[n] == processor.tokenizer.bos_token_id
-        answer = engine.reply(f"blip2-{template}", [turn], max_new_tokens=8)
+        answer = engine.reply([turn], max_new_tokens=8)
         assert answer and answer == expected
         # Later turns: every image of the conversation in front, no marker anywhere after BOS.
         turn.reply = answer
-        later = engine.prepare(f"blip2-{template}", [turn, new_turn("and this one?", [images[1]])], max_new_tokens=8)
+        later = engine.prepare([turn, new_turn("and this one?", [images[1]])], settings=GenerationSettings(max_new_tokens=8))
         ids = later.input_ids[0].tolist()
         assert ids[: 2 * n] == [processor.image_token_id] * (2 * n) and processor.image_token_id not in ids[2 * n :]
         assert ids[2 * n] == processor.tokenizer.bos_token_id
@@ -176,43 +183,64 @@ def test_blip2_without_chat_template_is_asked_in_its_trained_prompt(blip2_opt_di
 
 def test_instructblip_qformer_reads_what_the_processor_gives_it(instructblip_dir, images):
     model, processor = load_pretrained(str(instructblip_dir), device="cpu")
-    engine = ChatEngine(model, processor, upload_dirs=[str(Path(images[0]).parent)])
-    assert engine.reads_instruction
+    engine = frontend_for(model, processor, upload_dirs=[str(Path(images[0]).parent)])
+    assert engine.engine.encoder.reads_instruction
     question = "what colour is the shape?"
     turn = new_turn(question, [images[0]])
     prompt = engine.prompt_text([turn])
     assert processor.qformer_instruction(prompt) != question  # the full prompt, not the bare question
-    prepared = engine.prepare("ib", [turn], max_new_tokens=8)
     enc, expected = _reference(model, processor, engine, prompt, images[:1], 8)
-    assert torch.equal(prepared.image_kwargs["qformer_input_ids"], enc["qformer_input_ids"])
-    answer = engine.reply("ib", [turn], max_new_tokens=8)
+    other, different = _reference(model, processor, engine, prompt, images[:1], 8, qformer_text=[question])
+    assert not torch.equal(enc["qformer_input_ids"], other["qformer_input_ids"])
+    answer = engine.reply([turn], max_new_tokens=8)
     assert answer and answer == expected
 
 
-def test_stop_event_ends_generation_early(engine, images):
-    prepared = engine.prepare("stop", [new_turn("describe", [images[0]])], max_new_tokens=60)
-    stop = threading.Event()
-    pieces = []
-    for text in engine.stream(prepared, stop=stop):
-        pieces.append(text)
-        stop.set()
-    tokens = len(engine.tokenizer(pieces[-1], add_special_tokens=False)["input_ids"])
-    assert tokens < 20, f"generation went on for {tokens} tokens after stop"
+def test_cancel_ends_generation_early(engine, images):
+    prepared = engine.prepare([new_turn("describe", [images[0]])], settings=GenerationSettings(max_new_tokens=60))
+    stream = engine.submit(prepared)
+    for _ in stream:
+        stream.cancel()
+    completion = stream.result()
+    assert completion.finish_reason == "cancelled" and completion.completion_tokens < 20
 
 
 def test_respond_turns_errors_into_readable_messages(engine, images, tmp_path):
     respond = make_respond(engine)
-    empty = list(respond({"text": "  ", "files": []}, [], "", 0.0, 1.0, 8, None))
+    empty = list(respond({"text": "  ", "files": []}, [], "", 0.0, 1.0, 8))
     assert empty == [NOTICE_PREFIX + "Empty message: type a question, attach an image, or both."]
     fake = tmp_path / "notes.png"
     fake.write_text("not a picture")
-    bad = list(respond({"text": "what?", "files": [str(fake)]}, [], "", 0.0, 1.0, 8, None))
+    bad = list(respond({"text": "what?", "files": [str(fake)]}, [], "", 0.0, 1.0, 8))
     assert bad[-1].startswith(NOTICE_PREFIX) and "notes.png" in bad[-1] and str(tmp_path) not in bad[-1]
-    # top_p=-0.5 is refused by transformers inside the generation thread: a message, not a crash.
-    failed = list(respond({"text": "hi", "files": [images[0]]}, [], "", 1.0, -0.5, 8, None))
-    assert failed[-1].startswith(NOTICE_PREFIX + "Generation failed")
-    ok = list(respond({"text": "hi", "files": [images[0]]}, [], "be brief", 0.0, 1.0, 8, None))
+    failed = list(respond({"text": "hi", "files": [images[0]]}, [], "", 1.0, -0.5, 8))
+    assert failed == [NOTICE_PREFIX + "top_p must be in (0, 1], got -0.5"]
+    marker = list(respond({"text": "what is <image>?", "files": [images[0]]}, [], "", 0.0, 1.0, 8))
+    assert marker[-1].startswith(NOTICE_PREFIX) and "may not contain <image>" in marker[-1]
+    ok = list(respond({"text": "hi", "files": [images[0]]}, [], "be brief", 0.0, 1.0, 8))
     assert ok and not ok[-1].startswith(NOTICE_PREFIX)
+
+
+def test_out_of_memory_is_a_notice_and_the_chat_goes_on(loaded, images, tmp_path):
+    """An out-of-memory reply (injected at the LLM's first layer) gets a notice; memory is freed
+    (the feature cache emptied) and the next reply works."""
+    model, processor = loaded
+    frontend = frontend_for(model, processor, upload_dirs=[str(tmp_path)])
+    respond = make_respond(frontend)
+    assert not list(respond({"text": "hi", "files": [images[0]]}, [], "", 0.0, 1.0, 4))[-1].startswith(NOTICE_PREFIX)
+    assert len(frontend.engine.feature_cache) == 1
+
+    def fail(module, args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    handle = model.language_model.model.layers[0].register_forward_pre_hook(fail)
+    try:
+        out = list(respond({"text": "hi", "files": [images[0]]}, [], "", 0.0, 1.0, 4))
+    finally:
+        handle.remove()
+    assert out == [NOTICE_PREFIX + "Generation failed: out of memory for this request even alone"]
+    assert len(frontend.engine.feature_cache) == 0
+    assert not list(respond({"text": "hi", "files": [images[0]]}, [], "", 0.0, 1.0, 4))[-1].startswith(NOTICE_PREFIX)
 
 
 # -- uploads ----------------------------------------------------------------------------------------
@@ -225,17 +253,18 @@ def test_max_file_size_flag_is_the_limit_of_the_page_and_the_engine(loaded, tmp_
     assert big.stat().st_size > 21 * 2**20
     message = {"text": "what is this?", "files": [str(big)]}
     model, processor = loaded
-    default = make_engine(model, processor, build_parser().parse_args([]))
-    refused = list(make_respond(default)(message, [], "", 0.0, 1.0, 2, None))
+    engine = InferenceEngine(model, processor)
+    default = make_frontend(engine, build_parser().parse_args([]))
+    refused = list(make_respond(default)(message, [], "", 0.0, 1.0, 2))
     assert refused == [NOTICE_PREFIX + "big.bmp: 21.5 MB is over the 20 MB upload limit"]
-    raised = make_engine(model, processor, build_parser().parse_args(["--max-file-size", "30"]))
+    raised = make_frontend(engine, build_parser().parse_args(["--max-file-size", "30"]))
     assert raised.max_upload_bytes == 30 * 2**20
     # The app's check and the engine's (the history image is encoded on every turn) both pass.
     history = [
         {"role": "user", "content": [{"path": str(big)}, "what is this?"]},
         {"role": "assistant", "content": "x"},
     ]
-    reply = list(make_respond(raised)(message, history, "", 0.0, 1.0, 2, None))
+    reply = list(make_respond(raised)(message, history, "", 0.0, 1.0, 2))
     assert reply and not reply[-1].startswith(NOTICE_PREFIX), reply
 
 
@@ -248,7 +277,7 @@ def test_history_paths_outside_the_upload_folder_are_never_read(loaded, tmp_path
     secret = tmp_path / "private.png"
     random_image(5).save(secret)
     (uploads / "link.png").symlink_to(secret)  # a link in the folder still points outside it
-    engine = ChatEngine(*loaded)
+    engine = frontend_for(*loaded)
     assert engine.upload_dirs == [str(uploads)]
     respond = make_respond(engine)
     for path in ("/dev/zero", str(secret), str(uploads / "link.png"), str(uploads / ".." / "private.png")):
@@ -256,7 +285,7 @@ def test_history_paths_outside_the_upload_folder_are_never_read(loaded, tmp_path
         out: list = []
         worker = threading.Thread(
             target=lambda h=history, out=out: out.extend(
-                respond({"text": "and now?", "files": []}, h, "", 0.0, 1.0, 2, None)
+                respond({"text": "and now?", "files": []}, h, "", 0.0, 1.0, 2)
             ),
             daemon=True,
         )
@@ -270,7 +299,7 @@ def test_history_paths_outside_the_upload_folder_are_never_read(loaded, tmp_path
     fifo = uploads / "pipe.png"
     os.mkfifo(fifo)  # inside the folder but not a regular file: opening it would block
     with pytest.raises(VLMError, match="pipe.png: that file is not an upload"):
-        engine.encode_images("s", [str(fifo)])
+        engine.open_upload(str(fifo))
 
 
 def test_upload_checks(tmp_path):
@@ -294,22 +323,13 @@ def test_upload_checks(tmp_path):
     assert open_upload(good).size == (300, 300)
 
 
-def test_feature_cache_is_bounded():
-    cache = FeatureCache(max_sessions=2, max_images_per_session=2)
-    for s in range(3):
-        for i in range(3):
-            cache.put(f"s{s}", f"d{i}", torch.zeros(1))
-    assert len(cache) == 4 and cache.get("s0", "d2") is None and cache.get("s2", "d0") is None
-    assert cache.get("s2", "d2") is not None
-
-
-# -- CLI --------------------------------------------------------------------------------------------
 def test_cli_flags_and_exposure_warnings(capsys):
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
     assert exposure_warnings("127.0.0.1", False, None) == []
     assert "without --auth" in exposure_warnings("0.0.0.0", False, None)[0]
-    assert exposure_warnings("0.0.0.0", False, ("a", "b")) == []
+    assert exposure_warnings("0.0.0.0", False, ("a", "b"), "key") == []
+    assert exposure_warnings("0.0.0.0", False, ("a", "b")) == ["note: the /v1 API is off on 0.0.0.0 without --api-key"]
     assert "--share" in exposure_warnings("127.0.0.1", True, None)[0]
     assert parse_auth("alice:s3:cret") == ("alice", "s3:cret")
     for argv, match in (

@@ -11,7 +11,8 @@ from .errors import VLMError
 
 # name -> (module, one-line help). Each module has `main(argv: list[str]) -> int`.
 SUBCOMMANDS = {
-    "chat": ("vlm.serve.chat", "web chat about images (Gradio)"),
+    "chat": ("vlm.serve.chat", "web chat about images (Gradio), with the OpenAI-compatible API under /v1"),
+    "serve": ("vlm.serve.server", "the OpenAI-compatible API alone (/v1/chat/completions, /v1/models)"),
     "caption": ("vlm.serve.caption", "caption or ask questions about many images, to JSONL/CSV/txt"),
     "train": ("vlm.train.cli", "fine-tune: bridge, LoRA, QLoRA or full"),
     "eval": ("vlm.train.evaluate", "score a model on caption or VQA data"),

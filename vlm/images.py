@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from pathlib import Path
@@ -41,20 +42,32 @@ def load_image(path: str | os.PathLike, max_pixels: int = MAX_IMAGE_PIXELS) -> I
         raise VLMError(f"{path}: is a folder, not an image")
     if path.stat().st_size == 0:
         raise VLMError(f"{path}: empty file")
+    return _decode(lambda: Image.open(path), str(path), max_pixels)
+
+
+def load_image_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode an image sent as bytes (an API request's data URL) with the same checks as files;
+    `name` says which image in the `VLMError`."""
+    if not data:
+        raise VLMError(f"{name}: empty image")
+    return _decode(lambda: Image.open(io.BytesIO(data)), name, max_pixels)
+
+
+def _decode(opener, name: str, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
+            with opener() as image:
                 width, height = image.size
                 if width * height > max_pixels:
-                    raise VLMError(f"{path}: {width}x{height} pixels is over the {max_pixels:,} limit")
+                    raise VLMError(f"{name}: {width}x{height} pixels is over the {max_pixels:,} limit")
                 image.load()
                 return to_rgb(image)
     except VLMError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise VLMError(f"{path}: refused as a decompression bomb") from None
+        raise VLMError(f"{name}: refused as a decompression bomb") from None
     except UnidentifiedImageError:
-        raise VLMError(f"{path}: not an image (cannot identify the format)") from None
+        raise VLMError(f"{name}: not an image (cannot identify the format)") from None
     except (OSError, SyntaxError, ValueError) as e:
-        raise VLMError(f"{path}: cannot decode image ({e})") from None
+        raise VLMError(f"{name}: cannot decode image ({e})") from None

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -35,9 +36,12 @@ def default_device() -> str:
 
 
 def default_dtype(device: str) -> torch.dtype:
-    """bf16 on a GPU that supports it, fp16 on older GPUs, fp32 on CPU."""
+    """The compute dtype for `device`: bf16 on GPUs with native bf16 (Ampere and newer), fp16 on
+    older GPUs (T4, V100: their bf16 is emulated and slow), fp32 on CPU. The one rule for loading,
+    training and the recipes."""
     if str(device).startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     return torch.float32
 
 
@@ -45,6 +49,10 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype) ->
     """A `BitsAndBytesConfig` that quantizes the LLM only (NF4 for 4-bit)."""
     if quantization in (None, "none"):
         return None
+    if quantization not in ("4bit", "8bit"):
+        raise VLMError(f"--quantization must be one of 4bit, 8bit, none; got {quantization!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise VLMError(f"--quantization {quantization} needs bitsandbytes: pip install 'vlm[quant]'")
     if quantization == "4bit":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -53,9 +61,7 @@ def quantization_config(quantization: str | None, compute_dtype: torch.dtype) ->
             bnb_4bit_use_double_quant=True,
             llm_int8_skip_modules=NOT_QUANTIZED,
         )
-    if quantization == "8bit":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
-    raise VLMError(f"--quantization must be one of 4bit, 8bit, none; got {quantization!r}")
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED)
 
 
 def read_config_dict(name_or_path: str) -> dict:
@@ -147,7 +153,7 @@ def load_pretrained(
 
     adapter_dir = None
     if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
-        adapter_dir, name_or_path = name_or_path, resolve_model(_adapter_base(name_or_path))
+        adapter_dir, name_or_path = name_or_path, resolve_model(adapter_base(name_or_path))
     config, model_type = read_vlm_config(name_or_path)
     model = _load_weights(name_or_path, config, quantization, device, dtype)
     processor = load_processor(name_or_path, config, model_type)
@@ -196,7 +202,7 @@ def _load_weights(
     return model
 
 
-def _adapter_base(adapter_dir: str) -> str:
+def adapter_base(adapter_dir: str) -> str:
     """The base checkpoint of an adapter folder: a config.json beside it wins over peft's record."""
     if os.path.isfile(os.path.join(adapter_dir, "config.json")):
         return adapter_dir

@@ -9,7 +9,7 @@
 
 from .batches import split_on_oom
 from .cache import FeatureCache, pixel_digest
-from .engine import EngineBusy, EngineFailed, InferenceEngine, context_length, stop_token_ids
+from .engine import EngineBusy, EngineFailed, InferenceEngine, OutOfMemory, context_length, stop_token_ids
 from .request import Completion, GenerationSettings, ImageInput, Request, Stream
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "GenerationSettings",
     "ImageInput",
     "InferenceEngine",
+    "OutOfMemory",
     "Request",
     "Stream",
     "context_length",

@@ -12,8 +12,14 @@ from collections.abc import Callable
 
 import torch
 
+from ..errors import VLMError
 from .encode import Encoder
 from .request import Completion, Request
+
+
+class OutOfMemory(VLMError):
+    """A request that does not fit in the accelerator's memory even alone (the engine freed what
+    it could and goes on with the others)."""
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -65,7 +71,9 @@ class BatchGenerator:
         error completion, the others their text."""
         results = split_on_oom(lambda idx: self._generate([requests[i] for i in idx]),
                                list(range(len(requests))), self._on_oom)
-        return [r if isinstance(r, Completion) else Completion("", "error", error=r) for r in results]
+        return [r if isinstance(r, Completion) else
+                Completion("", "error", error=OutOfMemory(f"out of memory for this request even alone ({r})"))
+                for r in results]
 
     @torch.inference_mode()
     def _generate(self, requests: list[Request]) -> list[Completion]:

@@ -70,8 +70,9 @@ class Sequence:
     def accept(self, token: int) -> bool:
         """Record `token` and stream the text that is final; True when the sequence is done.
 
-        The streamed pieces add up to the completion's text: leading and trailing whitespace is
-        left out, and text that could still turn into a stop string is held back."""
+        The streamed pieces add up to the completion's text, which is the decoded tokens as
+        generated (not stripped: a chat history must hold what the model said); text that could
+        still turn into a stop string, or ends inside a character, is held back."""
         if token in self.stop_token_ids:
             self.ended_by_stop_token = True
             return self._finish()
@@ -84,28 +85,25 @@ class Sequence:
             return self._finish()
         if len(self.tokens) >= self.max_new_tokens:
             return self._finish()
-        visible = self.text.lstrip()
-        hold = max((len(s) - 1 for s in self.settings.stop), default=0)
-        final = min(len(visible.rstrip()), len(visible) - hold)
-        while final > self.sent and visible[final - 1] == REPLACEMENT_CHAR:
+        final = len(self.text) - max((len(s) - 1 for s in self.settings.stop), default=0)
+        while final > self.sent and self.text[final - 1] == REPLACEMENT_CHAR:
             final -= 1
         if final > self.sent:
-            self.stream.push(visible[self.sent:final])
+            self.stream.push(self.text[self.sent:final])
             self.sent = final
         return False
 
     def _finish(self) -> bool:
-        final = self.text.strip()
-        if len(final) > self.sent:
-            self.stream.push(final[self.sent:])
-        self.sent = len(final)
+        if len(self.text) > self.sent:
+            self.stream.push(self.text[self.sent:])
+        self.sent = len(self.text)
         return True
 
     def completion(self, reason: str | None = None, error: BaseException | None = None) -> Completion:
         if reason is None:
             reason = "stop" if self.ended_by_stop_token else "length"
         generated = len(self.tokens) + self.ended_by_stop_token
-        return Completion(self.text.strip(), reason, self.prompt_tokens, generated, error)
+        return Completion(self.text, reason, self.prompt_tokens, generated, error)
 
     def resume_inputs(self) -> tuple[list[int], int | None]:
         """What a (re-)prefill feeds the LLM, and the token pending for the next decode step:

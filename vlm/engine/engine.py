@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..errors import VLMError
-from .batches import BatchGenerator, free_memory
+from .batches import BatchGenerator, OutOfMemory, free_memory
 from .cache import FeatureCache
 from .decode import RunningBatch, Sequence
 from .encode import Encoder
@@ -227,7 +227,7 @@ class InferenceEngine:
         self._out_of_memory()
         if not len(self._running):  # nothing to wait for: it does not fit even alone
             stream = item.stream if isinstance(item, Sequence) else item
-            stream.finish(Completion("", "error", error=VLMError("out of memory for this request even alone")))
+            stream.finish(Completion("", "error", error=OutOfMemory("out of memory for this request even alone")))
             return True
         with self._wake:
             self._waiting.appendleft(item)
@@ -273,7 +273,7 @@ class InferenceEngine:
         rows = len(self._running)
         if rows == 1:
             (seq,) = self._running.remove([0])
-            seq.stream.finish(seq.completion("error", VLMError("out of memory while generating")))
+            seq.stream.finish(seq.completion("error", OutOfMemory("out of memory while generating this reply alone")))
             return
         evicted = self._running.remove(list(range(rows - rows // 2, rows)))
         self.stats["evicted"] += len(evicted)
@@ -293,4 +293,4 @@ def _failed(error: BaseException | None) -> BaseException | None:
     return None if error is None else EngineFailed(f"the inference engine stopped after an error: {error}")
 
 
-__all__ = ["EngineBusy", "EngineFailed", "InferenceEngine", "context_length", "stop_token_ids"]
+__all__ = ["EngineBusy", "EngineFailed", "InferenceEngine", "OutOfMemory", "context_length", "stop_token_ids"]

@@ -94,7 +94,8 @@ class Request:
 
 @dataclass
 class Completion:
-    """The outcome of a request."""
+    """The outcome of a request. `text` is stripped for offline batches (`generate`, as BLIP-2's
+    captions are) and as generated for streams (`submit`: a chat history keeps what was said)."""
 
     text: str
     finish_reason: FinishReason

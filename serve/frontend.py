@@ -1,0 +1,106 @@
+"""`ChatFrontend`: turns of a conversation -> one inference-engine request, for the chat page.
+
+It renders the prompt the model was trained with (the chat template with an `<image>` marker
+where each image was sent, or BLIP-2's prompts for LLMs without a template), drops the oldest
+turns that no longer fit in the LLM's context, and opens the images only after checking that they
+are uploads to this chat. Generation, batching with other users and the image-feature cache
+belong to the shared `vlm.engine.InferenceEngine`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from vlm.engine import GenerationSettings, InferenceEngine, Request, Stream
+from vlm.errors import VLMError
+
+from .conversation import Turn, fit_to_context, render_prompt
+from .uploads import MAX_UPLOAD_BYTES, check_upload_file, open_upload
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prepared:
+    """The request for one reply, plus what trimming did."""
+
+    request: Request
+    input_ids: torch.Tensor  # the prompt as the model reads it (image blocks in place)
+    dropped_turns: int
+
+
+class ChatFrontend:
+    """Builds engine requests from chat turns; safe to call from Gradio's handler threads."""
+
+    def __init__(self, engine: InferenceEngine, max_upload_bytes: int = MAX_UPLOAD_BYTES,
+                 upload_dirs: list[str] | None = None):
+        """`upload_dirs`: the only folders images may be read from (default: Gradio's upload
+        folder, `gradio.utils.get_upload_folder()`); `max_upload_bytes`: the upload size limit."""
+        self.engine = engine
+        self.processor = engine.processor
+        self.max_upload_bytes = int(max_upload_bytes)
+        if upload_dirs is None:
+            from gradio.utils import get_upload_folder  # where Gradio stores uploads and its file cache
+
+            upload_dirs = [get_upload_folder()]
+        self.upload_dirs = [str(d) for d in upload_dirs]
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.context_length
+
+    # -- prompt --------------------------------------------------------------------------------
+    def prompt_text(self, turns: list[Turn], system_prompt: str | None = None) -> str:
+        """The exact prompt text the model reads for `turns` (see `conversation.render_prompt`)."""
+        return render_prompt(self.processor, turns, system_prompt)
+
+    def _input_ids(self, turns: list[Turn], system_prompt: str | None) -> torch.Tensor:
+        images = sum(len(t.images) for t in turns)
+        return self.processor(text=self.prompt_text(turns, system_prompt), images_per_text=[images])["input_ids"]
+
+    def prepare(self, turns: list[Turn], system_prompt: str | None = None,
+                settings: GenerationSettings | None = None) -> Prepared:
+        """Trim `turns` to the context, open their images, and build the request.
+
+        Raises `VLMError` for a last turn that cannot fit even alone, or an image that cannot be
+        opened any more.
+        """
+        settings = settings or GenerationSettings()
+        max_new_tokens = max(1, min(settings.max_new_tokens, self.context_length // 2))
+        budget = self.context_length - max_new_tokens
+        turns, dropped = fit_to_context(turns, lambda kept: self._input_ids(kept, system_prompt).shape[1], budget)
+        input_ids = self._input_ids(turns, system_prompt)
+        if input_ids.shape[1] > budget:
+            raise VLMError(
+                f"this message needs {input_ids.shape[1]} tokens (images included) but the model reads at most "
+                f"{budget} before its {max_new_tokens}-token answer; shorten it or send fewer images"
+            )
+        if dropped:
+            log.info("left out the %d oldest turn(s) to fit %d tokens", dropped, budget)
+        images = [self.open_upload(path) for turn in turns for path in turn.images]
+        settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens)
+        return Prepared(Request(self.prompt_text(turns, system_prompt), images, settings), input_ids, dropped)
+
+    def open_upload(self, path: str):
+        """Open an upload as an RGB image after the folder and size checks; `VLMError` otherwise.
+
+        Paths can come from a client-sent history: they are checked before a byte is read."""
+        check_upload_file(path, self.upload_dirs, self.max_upload_bytes)
+        return open_upload(path, max_bytes=self.max_upload_bytes)
+
+    # -- generation ----------------------------------------------------------------------------
+    def submit(self, prepared: Prepared) -> Stream:
+        """Queue the reply on the engine (`EngineBusy` when its queue is full)."""
+        return self.engine.submit(prepared.request)
+
+    def reply(self, turns: list[Turn], system_prompt: str | None = None, **settings) -> str:
+        """The whole reply at once, stripped (for scripts and benchmarks); `settings` are
+        `GenerationSettings` fields."""
+        completion = self.submit(self.prepare(turns, system_prompt, GenerationSettings(**settings))).result()
+        if completion.error is not None:
+            raise completion.error
+        return completion.text.strip()

@@ -1,0 +1,139 @@
+"""`vlm serve`: the OpenAI-compatible API alone; and the HTTP plumbing `vlm chat` shares with it."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import socket
+import sys
+from pathlib import Path
+
+from vlm.errors import VLMError
+
+LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
+
+EPILOG = """examples:
+  vlm serve                                            # the demo model, http://127.0.0.1:8000/v1
+  vlm serve --model Salesforce/blip2-opt-2.7b --quantization 4bit
+  vlm serve --host 0.0.0.0 --api-key "$(openssl rand -hex 16)"   # beyond this machine: a key is required
+
+from Python (pip install openai):
+  from openai import OpenAI
+  client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused-on-loopback")
+  image = "data:image/png;base64," + base64.b64encode(open("cat.png", "rb").read()).decode()
+  client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, messages=[
+      {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                   {"type": "text", "text": "What is in this picture?"}]}])
+
+Requests from many clients are decoded together (continuous batching); each image is encoded
+once (follow-ups that resend it cost no vision pass). GET /metrics gives counters for monitoring.
+"""
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def add_model_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
+    """Flags `vlm serve` and `vlm chat` share: the model, the address, the engine's limits."""
+    p.add_argument("--model", default=None, help="checkpoint folder, hub id or registered name (vlm, BLIP-2, "
+                   "InstructBLIP or a LoRA adapter folder); default: the offline demo model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: CUDA when available)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU)")
+    p.add_argument("--api-key", default=None, metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1 (required when --host is not loopback)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="let API requests name http(s) image URLs, fetched by the server (off: data: URLs only)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the model id the API lists and expects (default: the --model name, or vlm-demo)")
+    p.add_argument("--max-request-mb", type=int, default=64, help="largest API request body (default 64)")
+
+
+def model_name(args: argparse.Namespace) -> str:
+    if args.served_model_name:
+        return args.served_model_name
+    return Path(args.model.rstrip("/")).name if args.model and Path(args.model).exists() else (args.model or "vlm-demo")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a one-line VLMError naming the flag (port taken, bad address)."""
+    if not 0 < port < 65536:
+        raise VLMError(f"--port must be 1..65535; got {port}")
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(info[0], socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(info[4])
+    except OSError as e:
+        raise VLMError(f"--port {port}: cannot listen on {host}:{port} ({e})") from None
+    return sock
+
+
+def run_server(app, sock: socket.socket) -> None:
+    """Serve `app` (ASGI) on `sock` until interrupted."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="vlm serve",
+        description="Serve the OpenAI-compatible API (POST /v1/chat/completions with image_url parts, "
+                    "GET /v1/models) for one model.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(p, default_port=8000)
+    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], default=None,
+                   help="quantize the LLM (default: 4-bit NF4 on CUDA for LLMs of 1B+ parameters, else none)")
+    p.add_argument("--max-batch-size", type=int, default=16, help="replies decoded together (default 16)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait; beyond that the API answers 503 (default 64)")
+    return p
+
+
+def check_exposure(args: argparse.Namespace) -> None:
+    if not is_loopback(args.host) and not args.api_key:
+        raise VLMError(f"--host {args.host} makes the API reachable from other machines: set --api-key KEY")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `vlm serve`."""
+    from .api import ApiSettings, make_app
+    from .loader import load_for_serving
+
+    args = build_parser().parse_args(argv)
+    check_exposure(args)
+    for flag in ("max_batch_size", "max_queue", "max_request_mb"):
+        if getattr(args, flag) < 1:
+            raise VLMError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
+    sock = bind(args.host, args.port)  # fail on a taken port before the (slow) model load
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    loaded = load_for_serving(args)
+    from vlm.engine import InferenceEngine
+
+    engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.max_batch_size,
+                             max_waiting=args.max_queue)
+    settings = ApiSettings(model_name(args), api_key=args.api_key, allow_remote_images=args.allow_remote_images,
+                           max_body_bytes=args.max_request_mb * 2**20)
+    print(f"vlm serve: {settings.model_name} on {loaded.description}; "
+          f"API at http://{args.host}:{args.port}/v1", flush=True)
+    run_server(make_app(engine, settings), sock)
+    engine.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
