@@ -11,12 +11,8 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +20,7 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
+from server_process import ServerProcess
 from tiny import random_image
 
 from vlm import load_pretrained
@@ -34,57 +31,11 @@ CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/
 
 
 # -- running a server -------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ChatServer:
+class ChatServer(ServerProcess):
     """`vlm chat` in a subprocess; `.url`, `.pid`, `.log()`."""
 
     def __init__(self, model_dir: Path, log_path: Path, *extra: str, timeout: float = 180.0):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log_path = log_path
-        vlm_script = Path(sys.executable).with_name("vlm")
-        command = [str(vlm_script)] if vlm_script.exists() else [sys.executable, "-m", "vlm.cli"]
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
-        self._log = open(log_path, "w")  # noqa: SIM115 -- open for the server's whole life
-        self.proc = subprocess.Popen(
-            [*command, "chat", "--model", str(model_dir), "--port", str(self.port), *extra],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-        self.pid = self.proc.pid
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vlm chat exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
-            try:
-                urllib.request.urlopen(self.url + "gradio_api/info", timeout=2)
-                return
-            except (urllib.error.URLError, OSError):
-                time.sleep(0.3)
-        self.stop()
-        raise RuntimeError(f"vlm chat did not answer within {timeout:.0f}s:\n{self.log()[-3000:]}")
-
-    def log(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self._log.close()
+        super().__init__("chat", model_dir, log_path, *extra, ready="gradio_api/info", timeout=timeout)
 
 
 def ask(client: Client, text: str, files=(), **settings) -> str:
