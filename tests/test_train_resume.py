@@ -149,11 +149,7 @@ def test_two_processes_match_one_process(no_dropout_base, data_file, tmp_path):
     assert vlm_main(["train", *args, "--batch-size", "4"]) == 0
 
     double = tmp_path / "double"
-    cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "-m", "vlm.cli", "train", *train_args(no_dropout_base, data_file, double, *common), "--batch-size", "2",
-    ]
+    cmd = accelerate_cpu(2, "train", *train_args(no_dropout_base, data_file, double, *common), "--batch-size", "2")
     env = subprocess_env()
     env["ACCELERATE_USE_CPU"] = "true"
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -163,6 +159,34 @@ def test_two_processes_match_one_process(no_dropout_base, data_file, tmp_path):
     # ignores) into full-size steps, so allow 2e-4; each step moves weights by ~lr = 5e-3, so a
     # wrong split of the global batch or loss scaling shows up as ~1e-2.
     assert_same_weights(final_weights(double), final_weights(single), atol=2e-4)
+
+
+def accelerate_cpu(nproc: int, *vlm_args: str) -> list[str]:
+    """`accelerate launch` of `vlm ...` on `nproc` CPU processes (gloo; ACCELERATE_USE_CPU=true)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(nproc),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm.cli", *vlm_args]
+
+
+def test_ddp_with_text_only_rows_and_batch_one_finishes(base_dir, data_file, tmp_path):
+    """LLaVA-style data: text-only rows between image rows. With batch 1 a process often holds a
+    batch without an image, whose forward never reaches the Q-Former: DDP must not wait for its
+    gradients (before the fix: no progress for 10 minutes)."""
+    data = tmp_path / "mixed.jsonl"
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    text = [{"messages": [{"role": "user", "content": f"say {w}"}, {"role": "assistant", "content": w}]} for w in WORDS]
+    for row in rows:
+        row["image"] = str(data_file.parent / row["image"])
+    data.write_text("".join(json.dumps(r) + "\n" for pair in zip(rows, text) for r in pair))
+    out = tmp_path / "out"
+    args = train_args(base_dir, data, out, "--max-steps", "6", "--batch-size", "1", "data.num_workers=0")
+    env = {**subprocess_env(), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(accelerate_cpu(2, "train", *args), env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from vlm import load_pretrained
+
+    model, processor = load_pretrained(str(out), device="cpu")
+    inputs = processor(images=[tiny.random_image(0)], text=["a photo of"])
+    assert model.generate(**inputs, max_new_tokens=3).shape[1] > inputs["input_ids"].shape[1]
 
 
 def kill_during(action, delay: float) -> None:

@@ -5,7 +5,8 @@
 - `bridge`: BLIP-2 stage 2. Q-Former, query tokens and projection train; vision tower and LLM frozen.
 - `lora`: peft LoRA on the LLM's attention and MLP projections (only inside `language_model`),
   plus the bridge unless `lora.train_bridge: false`.
-- `qlora`: the same on an NF4 4-bit LLM (bitsandbytes; vision tower and Q-Former stay full precision).
+- `qlora`: the same on an NF4 4-bit LLM (bitsandbytes; the vision tower stays in the compute
+  dtype, the Q-Former in full precision).
 - `full`: the parameters whose names start with one of `unfreeze` train.
 """
 
@@ -18,26 +19,48 @@ from torch import nn
 
 from vlm import load_pretrained
 from vlm.errors import VLMError
+from vlm.loading import default_dtype
 
 from .config import BRIDGE_MODULES, TrainConfig
 
 LLM_PREFIX = "language_model"
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, cuda: bool) -> str:
+    """`precision` with "auto" resolved: the compute dtype `vlm.loading.default_dtype` picks (bf16
+    on GPUs with native bf16, fp16 on older ones), fp32 on CPU. fp16 needs a GPU."""
+    if precision == "auto":
+        precision = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(default_dtype("cuda" if cuda else "cpu"), "fp32")
+    if precision == "fp16" and not cuda:
+        raise VLMError("precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    return precision
 
 
 def prepare_model(config: TrainConfig, device: str | None = None):
     """Load the model named by `config.model` and set it up for `config.recipe`.
 
-    Returns `(model, processor)`; the model is a `peft.PeftModel` for lora/qlora. The processor
-    carries the training prompts (`config.prompt`), which are saved with the output.
+    Frozen weights (vision tower, LLM) load in the compute dtype of `config.precision` (bf16 halves
+    a frozen 7B LLM to 14 GB); the weights that train are kept in fp32, as peft and LLaVA keep them,
+    and mixed precision (autocast) does the rest. Returns `(model, processor)`; the model is a
+    `peft.PeftModel` for lora/qlora. The processor carries the training prompts (`config.prompt`),
+    which are saved with the output.
     """
     quantization = "4bit" if config.recipe == "qlora" else None
-    dtype = torch.float32  # master weights in fp32; mixed precision is autocast's job
-    if quantization and str(device or "").startswith("cuda"):
-        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    dtype = PRECISION_DTYPES[resolve_precision(config.precision, str(device or "").startswith("cuda"))]
     model, processor = load_pretrained(config.model, quantization=quantization, device=device, dtype=dtype)
     apply_prompts(processor, config)
     model = apply_recipe(model, config)
+    trainable_in_fp32(model)
     return model, processor
+
+
+def trainable_in_fp32(model) -> None:
+    """Master copies of the parameters that train in fp32 (optimizer updates lost in bf16's
+    8-bit mantissa otherwise); frozen ones stay in the compute dtype."""
+    for param in model.parameters():
+        if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+            param.data = param.data.float()
 
 
 def apply_prompts(processor, config: TrainConfig) -> None:
@@ -62,12 +85,9 @@ def apply_recipe(model, config: TrainConfig):
             raise VLMError("unfreeze: the full recipe needs at least one module prefix to train")
         _unfreeze(model, config.unfreeze, "unfreeze")
     elif recipe in ("lora", "qlora"):
-        if recipe == "qlora":
-            from peft import prepare_model_for_kbit_training
-
-            # Upcasts the non-quantized weights to fp32 and keeps layer norms stable.
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-            model.requires_grad_(False)
+        # QLoRA: no peft `prepare_model_for_kbit_training`: it would upcast every non-quantized
+        # weight (the frozen vision tower included) to fp32. The LoRA weights are fp32 (peft's
+        # autocast_adapter_dtype), the 4-bit layers compute in the compute dtype.
         model = wrap_lora(model, config)
         if config.lora.train_bridge:
             _unfreeze(model.get_base_model(), BRIDGE_MODULES, "bridge")

@@ -37,7 +37,8 @@ from vlm.errors import VLMError
 
 from .align import bag_of_words_loss
 from .collate import IGNORE_INDEX
-from .config import TrainConfig
+from .config import BRIDGE_MODULES, TrainConfig
+from .recipes import resolve_precision
 from .save import STAGING_DIR, TRAINABLE_WEIGHTS, base_model, load_trainable, replace_dir, save_trainable
 from .vision_cache import VisionFeatureCache
 
@@ -74,7 +75,17 @@ class VLMTrainer(Trainer):
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
             inputs["logits_to_keep"] = keep
             inputs["shift_labels"] = targets[:, keep]
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        has_image = "pixel_values" in inputs or "vision_features" in inputs
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if has_image or self.args.world_size == 1:
+            return result
+        # A batch of text-only rows never reaches the bridge; under DDP every process must produce
+        # a gradient for every trainable parameter, or the all-reduce waits forever. Zero-weighted.
+        loss, outputs = result if return_outputs else (result, None)
+        image_path = ("vision_model", *BRIDGE_MODULES)
+        untouched = [p for n, p in bare.named_parameters() if p.requires_grad and n.split(".")[0] in image_path]
+        loss = loss + 0.0 * sum(p.sum() for p in untouched)
+        return (loss, outputs) if return_outputs else loss
 
     def _llm_keeps_logits(self, model) -> bool:
         """Whether the LLM's forward takes `logits_to_keep` (Llama, Qwen2, OPT, ... in transformers 5)."""
@@ -158,11 +169,7 @@ def find_resume_checkpoint(output_dir: str, resume: str) -> str | None:
 def training_arguments(config: TrainConfig, has_eval: bool) -> TrainingArguments:
     """`TrainingArguments` for `config` (precision resolved, TensorBoard when installed)."""
     cuda = torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower() not in ("1", "true")
-    precision = config.precision
-    if precision == "auto":
-        precision = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if cuda else "fp32"
-    if precision == "fp16" and not cuda:
-        raise VLMError("precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+    precision = resolve_precision(config.precision, cuda)
     kwargs = dict(
         output_dir=config.output_dir,
         per_device_train_batch_size=config.batch_size,

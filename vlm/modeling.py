@@ -7,6 +7,7 @@ Module names match transformers' `Blip2ForConditionalGeneration` and
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -51,6 +52,13 @@ def build_vision_tower(config) -> PreTrainedModel:
 def build_qformer(config) -> PreTrainedModel:
     """An untrained BLIP-2 or InstructBLIP Q-Former for `config`."""
     return _QFORMER_CLASSES[config.model_type]._from_config(config)
+
+
+def _no_fp16_autocast(device_type: str):
+    """Autocast off when it is fp16 (V100/T4 training, FSDP's fp16 mixed precision): BLIP-2 keeps
+    the Q-Former out of fp16, where it is unstable. bf16 autocast stays on, as in transformers."""
+    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    return torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext()
 
 
 class VisionLanguageModel(PreTrainedModel, GenerationMixin):
@@ -154,6 +162,9 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
             vision_features = self.get_vision_features(pixel_values)
         num_images = vision_features.shape[0]
         query_tokens = self.query_tokens.expand(num_images, -1, -1)
+        # The Q-Former computes in its own weights' dtype (fp32 when the model loads in fp16, as
+        # BLIP-2 keeps it), whatever dtype the frozen vision tower outputs.
+        vision_features = vision_features.to(query_tokens.dtype)
         image_attention_mask = torch.ones(vision_features.shape[:-1], dtype=torch.long, device=vision_features.device)
         qformer_kwargs = {}
         if self.config.qformer_reads_instruction:
@@ -170,13 +181,14 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
                 "input_ids": qformer_input_ids.to(query_tokens.device),
                 "attention_mask": torch.cat([query_mask, qformer_attention_mask.to(query_mask.device)], dim=1),
             }
-        query_output = self.qformer(
-            query_embeds=query_tokens,
-            encoder_hidden_states=vision_features,
-            encoder_attention_mask=image_attention_mask,
-            return_dict=True,
-            **qformer_kwargs,
-        ).last_hidden_state[:, : self.config.num_query_tokens, :]
+        with _no_fp16_autocast(vision_features.device.type):
+            query_output = self.qformer(
+                query_embeds=query_tokens,
+                encoder_hidden_states=vision_features,
+                encoder_attention_mask=image_attention_mask,
+                return_dict=True,
+                **qformer_kwargs,
+            ).last_hidden_state[:, : self.config.num_query_tokens, :]
         projection = self.language_projection.weight
         return self.language_projection(query_output.to(projection.dtype))
 
