@@ -99,10 +99,13 @@ def train(
     if skipped and args.should_log:
         print(f"skipped {skipped} rows with missing or broken images", flush=True)
     trainer.accelerator.wait_for_everyone()
+    # Under FSDP / DeepSpeed the full weights exist only once gathered, which every process joins.
+    sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
     if not args.should_save:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
-    return save_trained(model, processor, config.output_dir, config)
+    return save_trained(model, processor, config.output_dir, config, state_dict)
 
 
 def check_align_data(examples: Sequence) -> None:

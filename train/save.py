@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
 
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS
@@ -25,6 +26,7 @@ from vlm.files import BRIDGE_WEIGHTS
 from .config import BRIDGE_MODULES, TrainConfig, save_config
 
 TRAINABLE_WEIGHTS = "trainable.safetensors"
+PEFT_PREFIX = "base_model.model."  # a peft model's state-dict names, before the base model's
 TRAIN_CONFIG = "train_config.yaml"
 # Half-written checkpoints and output files; cleared when a run starts.
 STAGING_DIR = ".partial"
@@ -71,22 +73,34 @@ def load_trainable(model, directory: str | os.PathLike) -> None:
     missing = sorted(n for n, p in params.items() if p.requires_grad and n not in state)
     if missing:
         raise VLMError(f"{path}: lacks trained weights ({missing[0]}...); was the recipe changed?")
+    if any(isinstance(p, DTensor) for p in params.values()):
+        # FSDP2: each process keeps its shard of the full tensors the checkpoint holds.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, strict=False))
+        return
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.to(params[name].device, params[name].dtype))
 
 
-def bridge_state(model) -> dict[str, torch.Tensor]:
-    """Q-Former, query tokens and projection of a (peft-wrapped or plain) model, base names."""
-    base = base_model(model)
+def bridge_state(model, state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Q-Former, query tokens and projection of a (peft-wrapped or plain) model, base names.
+
+    `state_dict`: the model's gathered state (FSDP/DeepSpeed hold only shards in the model)."""
+    if state_dict is None:
+        state_dict = base_model(model).state_dict()
+    elif is_peft(model):
+        state_dict = {k.removeprefix(PEFT_PREFIX): v for k, v in state_dict.items()}
     return {
         name: tensor.detach().to("cpu").contiguous()
-        for name, tensor in base.state_dict().items()
+        for name, tensor in state_dict.items()
         if name.split(".", 1)[0] in BRIDGE_MODULES
     }
 
 
-def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainConfig) -> Path:
+def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainConfig,
+                 state_dict: dict | None = None) -> Path:
     """Write the loadable output folder (see module doc); returns its path.
 
     The folder also holds the run's checkpoints, so it cannot be swapped whole: the files are
@@ -94,6 +108,7 @@ def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainC
     `load_pretrained` treat the folder as a model (`adapter_config.json`, `config.json`) last.
     A kill at any point leaves either the previous complete output, or a folder without those
     files (an error when loaded), never a half-written model that loads (e.g. an untrained bridge).
+    `state_dict`: the full weights gathered from every process (FSDP/DeepSpeed), else the model's.
     """
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -101,13 +116,11 @@ def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainC
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
+        model.save_pretrained(staging, state_dict=state_dict)
         if is_peft(model):
-            model.save_pretrained(staging)
             if config.lora.train_bridge:
-                save_file(bridge_state(model), staging / BRIDGE_WEIGHTS, metadata={"format": "pt"})
+                save_file(bridge_state(model, state_dict), staging / BRIDGE_WEIGHTS, metadata={"format": "pt"})
             _absolute_base_path(staging)
-        else:
-            model.save_pretrained(staging)
         processor.save_pretrained(staging)
         save_config(config, staging / TRAIN_CONFIG)
         _move_into(staging, out)
