@@ -2,11 +2,12 @@
 
 Both sides load the SAME official-format `Blip2ForConditionalGeneration` checkpoint (random
 weights, built here offline), answer the same image + question greedily with exactly
-`--new-tokens` tokens (min = max, so EOS cannot shorten one side), and stream through
-`TextIteratorStreamer`. Measured from the request (raw PIL image + text) to:
+`--new-tokens` tokens (min = max, so EOS cannot shorten one side); transformers streams through
+`TextIteratorStreamer`, vlm through its inference engine's stream (the path `vlm chat` and the API
+take). Measured from the request (raw image + text) to:
 
-- TTFT: the first streamed text;
-- decode tokens/s: (tokens - 1) / (last text - first text).
+- TTFT: the first streamed token (transformers) / text piece (vlm's engine stream);
+- decode tokens/s: (tokens - 1) / (last - first).
 
 Printed as ratios (>= 1.0 means `vlm` is at least as fast). The vlm side is measured on the
 second turn of a conversation too, where the image is already encoded (the chat's cache).
@@ -113,7 +114,7 @@ def timed_stream(start_generation, tokenizer) -> tuple[float, float, int]:
     thread.join()
     times = streamer.token_times
     tokens = int(result["out"])
-    return times[0] - t0, (len(times) - 1) / max(times[-1] - times[0], 1e-9), tokens
+    return times[0] - t0, (tokens - 1) / max(times[-1] - times[0], 1e-9), tokens
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
     from tiny import random_image
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    from vlm.serve.conversation import new_turn
-    from vlm.serve.engine import ChatEngine
     from vlm import load_pretrained
+    from vlm.engine import GenerationSettings, InferenceEngine
     from vlm.loading import default_dtype, quantization_config
+    from vlm.serve.conversation import new_turn
+    from vlm.serve.frontend import ChatFrontend
 
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(args.device)
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,7 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         question = "what shape is in the picture?"
 
         model, processor = load_pretrained(str(folder), quantization=args.quantization, device=args.device, dtype=dtype)
-        engine = ChatEngine(model, processor, upload_dirs=[tmp])  # the image lives here, not in an upload
+        engine = InferenceEngine(model, processor)
+        frontend = ChatFrontend(engine, upload_dirs=[tmp])  # the image lives here, not in an upload
         hf_kwargs = {"dtype": dtype}
         if args.quantization:
             hf_kwargs.update(
@@ -171,21 +174,18 @@ def main(argv: list[str] | None = None) -> int:
                 out = hf_model.generate(**inputs, streamer=streamer, **gen)
             return out.shape[1] - inputs["input_ids"].shape[1] if out.shape[1] > n else out.shape[1]
 
-        def vlm_run(session):
-            def run(streamer):
+        def vlm_run(fresh: bool):
+            """The chat's path: turns -> request -> the engine's running batch (exactly n tokens)."""
+            def run(timed):
+                if fresh:
+                    engine.feature_cache.clear()  # a new image: the vision tower runs
                 turn = new_turn(question, [str(image_path)])
-                prepared = engine.prepare(session, [turn], max_new_tokens=n)
-                kwargs = engine.generation_kwargs(0.0, 1.0, n)
-                kwargs.update(
-                    input_ids=prepared.input_ids,
-                    attention_mask=prepared.attention_mask,
-                    streamer=streamer,
-                    min_new_tokens=n,
-                    **prepared.image_kwargs,
-                )
-                kwargs["eos_token_id"] = None  # same stopping as the transformers side: exactly n tokens
-                out = model.generate(**kwargs)
-                return out.shape[1] - prepared.input_ids.shape[1]
+                settings = GenerationSettings(max_new_tokens=n, min_new_tokens=n)
+                stream = frontend.submit(frontend.prepare([turn], settings=settings))
+                for _ in stream:
+                    timed.token_times.append(time.perf_counter())
+                timed.end()
+                return stream.completion.completion_tokens
 
             return run
 
@@ -193,8 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         for i in range(args.repeats + 1):  # the first round warms up
             r = {
                 "transformers": timed_stream(hf_run, hf_processor.tokenizer),
-                "vlm (new image)": timed_stream(vlm_run(f"fresh-{i}"), processor.tokenizer),
-                "vlm (cached image)": timed_stream(vlm_run("warm"), processor.tokenizer),
+                "vlm (new image)": timed_stream(vlm_run(fresh=True), processor.tokenizer),
+                "vlm (cached image)": timed_stream(vlm_run(fresh=False), processor.tokenizer),
             }
             if i:
                 for k, v in r.items():

@@ -42,11 +42,13 @@ def train(
     config: TrainConfig,
     train_examples: Sequence | None = None,
     eval_examples: Sequence | None = None,
+    callbacks: Sequence | None = None,
 ) -> Path | None:
     """Train per `config`; returns the output folder (None on non-main processes).
 
     `train_examples` / `eval_examples` (lists of `vlm.data.Example`) replace `config.data.train`
-    / `config.data.eval` when given (library use without files).
+    / `config.data.eval` when given (library use without files). `callbacks`: extra
+    `transformers.TrainerCallback`s (progress reporting, timing).
     """
     args = training_arguments(config, has_eval=bool(eval_examples or config.data.eval))
     # Everything that can be wrong with the input fails here, before the model loads.
@@ -81,6 +83,7 @@ def train(
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=make_collator(processor),
+        callbacks=list(callbacks or []),
     )
     trainer.vision_cache = make_vision_cache(config, trainer)
     if config.recipe == "align":
