@@ -35,7 +35,21 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+
+def _import_from_checkout() -> None:
+    """Run from a checkout that was never installed (the lent GPU machine builds nothing offline):
+    `vlm.train` / `vlm.serve` / `vlm.configs` live in the top-level folders train/, serve/, configs/."""
+    import vlm
+
+    try:
+        import vlm.train  # noqa: F401
+    except ImportError:
+        vlm.__path__.append(str(ROOT))
+
+
+_import_from_checkout()
 
 # (vision, qformer, llm) shapes. `full` is what users run; `smoke` keeps widths multiples of 64
 # (bitsandbytes' CPU kernels need them) and runs on 2 CPU cores in seconds.
