@@ -6,11 +6,21 @@ import argparse
 import os
 import sys
 import time
-from dataclasses import dataclass
 
-
+from .batch_run import (
+    Summary,
+    add_run_arguments,
+    distributed,
+    exit_status,
+    finish_outputs,
+    make_writer,
+    positive,
+    prepare_outputs,
+    sum_over_processes,
+    worker_count,
+)
 from .inputs import check_inputs
-from .writers import FORMATS, CsvWriter, JsonlWriter, TxtWriter, merge_parts, part_path, part_paths, read_done
+from .writers import FORMATS, part_path
 
 DESCRIPTION = """\
 Caption images, or answer a question about each, in batches. Resumable: re-run the same
@@ -62,83 +72,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or .txt/.csv/.jsonl lists")
     p.add_argument("--out", help="output file (required unless --format txt); re-running with it resumes")
     p.add_argument("--format", choices=FORMATS, help="output format (default: from --out's extension, else jsonl)")
-    p.add_argument("--model", help="checkpoint folder or hub id (default: the offline demo model)")
     what = p.add_mutually_exclusive_group()
     what.add_argument("--prompt", help="caption prompt, e.g. 'a photo of' (default: the model's saved caption prompt)")
     what.add_argument("--question", help="ask this question about every image (VQA); rows get question/answer")
-    p.add_argument("--batch-size", type=_positive, default=16, help="images per model call (default 16)")
-    p.add_argument("--max-new-tokens", type=_positive, default=30, help="longest caption in tokens (default 30)")
-    p.add_argument("--num-beams", type=_positive, default=1, help="beam search width; 1 = greedy (default)")
+    add_run_arguments(p, batch_default=16, what="images")
+    p.add_argument("--max-new-tokens", type=positive, default=30, help="longest caption in tokens (default 30)")
+    p.add_argument("--num-beams", type=positive, default=1, help="beam search width; 1 = greedy (default)")
     p.add_argument("--quantization", choices=["4bit", "8bit", "none"], help="load the LLM in 4-bit or 8-bit")
-    p.add_argument("--num-workers", type=_non_negative, default=None,
-                   help="processes decoding and resizing images (default: min(4, CPUs - 1); 0 = inline)")
     p.add_argument("--overwrite", action="store_true",
                    help="start --out afresh instead of resuming; with --format txt, replace caption files")
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bf16 on GPUs that support it, fp32 on CPU; bfloat16 is faster on "
-                        "CPUs with AVX512-BF16/AMX, but its greedy captions can differ from fp32 ones)")
-    p.add_argument("--max-error-rate", type=_fraction, default=0.5, metavar="F",
-                   help="exit non-zero when more than this fraction of the run's images fail (default 0.5)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
-def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-@dataclass
-class Summary:
-    """What a run did (summed over processes)."""
-
-    captioned: int = 0
-    errors: int = 0
-    skipped: int = 0
-    seconds: float = 0.0
-
-    def line(self) -> str:
-        rate = self.captioned / self.seconds if self.seconds else 0.0
-        return (f"captioned {self.captioned}, errors {self.errors}, skipped {self.skipped} (already done) "
-                f"in {self.seconds:.1f}s ({rate:.2f} images/s)")
-
-
-def _distributed(device: str | None):
-    """(rank, world, accelerate state or None); a state only under a multi-process launcher."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0, 1, None
-    import torch
-    from accelerate import PartialState
-
-    # accelerate only sets up CPU processes (gloo) when asked to; without CUDA there is no choice.
-    cpu = (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-           or not torch.cuda.is_available() or (device or "").startswith("cpu"))
-    state = PartialState(cpu=cpu)
-    return state.process_index, state.num_processes, state
-
-
-def _make_writer(fmt: str, path: str | None, overwrite: bool = False, part: bool = False):
-    """The writer for `path`; part files (multi-process) are always JSONL, merged at the end."""
-    if fmt == "txt":
-        return TxtWriter(JsonlWriter(path) if path else None, overwrite)
-    return CsvWriter(path) if fmt == "csv" and not part else JsonlWriter(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,18 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     return exit_status(summary, args.max_error_rate)
 
 
-def exit_status(summary: Summary, max_error_rate: float) -> int:
-    """0 for a run whose failures stay within `max_error_rate`, 1 otherwise or when nothing was found."""
-    attempted = summary.captioned + summary.errors
-    if attempted == 0:
-        return 0 if summary.skipped > 0 else 1
-    if summary.errors / attempted > max_error_rate:
-        print(f"error: {summary.errors} of {attempted} images failed, over --max-error-rate {max_error_rate}",
-              file=sys.stderr)
-        return 1
-    return 0
-
-
 def run(args: argparse.Namespace, fmt: str) -> Summary:
     """Load the model, caption everything pending, merge multi-process parts; print a summary."""
     from vlm.engine import GenerationSettings, InferenceEngine
@@ -175,10 +106,10 @@ def run(args: argparse.Namespace, fmt: str) -> Summary:
 
     from .pipeline import BatchBuilder, PendingBatches
 
-    rank, world, state = _distributed(args.device)
-    done = _prepare_outputs(args, fmt, state)
-    writer = _make_writer(fmt, part_path(args.out, rank) if (world > 1 and args.out) else args.out,
-                          args.overwrite, part=world > 1)
+    rank, world, state = distributed(args.device)
+    done = prepare_outputs(args.out, args.overwrite, fmt, state)
+    writer = make_writer(fmt, part_path(args.out, rank) if (world > 1 and args.out) else args.out,
+                         args.overwrite, part=world > 1)
     device = args.device or (str(state.device) if state is not None else None)
     model, processor = load_pretrained(args.model, quantization=args.quantization, device=device, dtype=args.dtype)
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
@@ -193,26 +124,11 @@ def run(args: argparse.Namespace, fmt: str) -> Summary:
     summary = _caption_all(args, fmt, engine, builder, pending, writer, rank, world, done)
     summary.skipped = pending.skipped_done + pending.skipped_here
     if state is not None:
-        _sum_over_processes(summary, pending, state)
+        sum_over_processes(summary, pending.skipped_done, pending.skipped_here, state)
     summary.seconds = time.perf_counter() - start
     if rank == 0:
-        _finish(args, fmt, summary, engine.batches.oom_splits)
+        finish_outputs(args.out, fmt, summary, engine.batches.oom_splits)
     return summary
-
-
-def _prepare_outputs(args: argparse.Namespace, fmt: str, state) -> set[tuple]:
-    """Clear the outputs for --overwrite, then read what is already done (the same in every process)."""
-    out = args.out
-    if (state is None or state.is_main_process) and args.overwrite and out:
-        for stale in [out, *part_paths(out)]:
-            if os.path.exists(stale):
-                os.unlink(stale)
-    if state is not None:
-        state.wait_for_everyone()  # nobody reads the done-set before a fresh start cleared it
-    done = read_done([out, *part_paths(out)] if out else [], fmt)
-    if state is not None:
-        state.wait_for_everyone()  # every process holds the same done-set before anyone writes
-    return done
 
 
 def _caption_all(args, fmt, engine, builder, pending, writer, rank: int, world: int, done) -> Summary:
@@ -223,47 +139,21 @@ def _caption_all(args, fmt, engine, builder, pending, writer, rank: int, world: 
 
     summary = Summary()
     total = count_pending(args.inputs, done, builder.key, world) if not args.no_progress else None
-    workers = args.num_workers if args.num_workers is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
     bar = tqdm(total=total, unit="img", desc=f"caption[{rank}]" if world > 1 else "caption",
                disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
     try:
-        for batch in batch_loader(pending, builder, workers):
+        for batch in batch_loader(pending, builder, worker_count(args.num_workers)):
             rows = caption_rows(engine, batch, builder)
             rows = writer.write(rows, [it.path for it in batch.items]) if fmt == "txt" else writer.write(rows)
             errors = sum("error" in r for r in rows)
             summary.errors += errors
-            summary.captioned += len(rows) - errors
+            summary.done += len(rows) - errors
             bar.update(len(rows))
             bar.set_postfix(errors=summary.errors, refresh=False)
     finally:
         bar.close()
         writer.close()
     return summary
-
-
-def _sum_over_processes(summary: Summary, pending, state) -> None:
-    import torch
-
-    counts = torch.tensor([summary.captioned, summary.errors, pending.skipped_here], device=state.device)
-    torch.distributed.all_reduce(counts)
-    summary.captioned, summary.errors = int(counts[0]), int(counts[1])
-    summary.skipped = pending.skipped_done + int(counts[2])
-    state.wait_for_everyone()  # all parts complete before the merge
-
-
-def _finish(args: argparse.Namespace, fmt: str, summary: Summary, oom_splits: int) -> None:
-    """Merge the process parts into --out and print the summary (main process)."""
-    if args.out:
-        final = _make_writer(fmt, args.out)
-        try:
-            merge_parts(args.out, fmt, final)
-        finally:
-            final.close()
-    if oom_splits:
-        print(f"out of memory {oom_splits} times: batches were split and retried", file=sys.stderr)
-    print(summary.line() + (f" -> {args.out}" if args.out else ""), file=sys.stderr)
-    if summary.captioned == 0 and summary.errors == 0 and summary.skipped == 0:
-        print("no images found in the inputs", file=sys.stderr)
 
 
 if __name__ == "__main__":

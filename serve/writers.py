@@ -155,17 +155,17 @@ class JsonlWriter:
 
 
 class CsvWriter(JsonlWriter):
-    """Appends CSV records (header written once) with the columns in `CSV_FIELDS`.
+    """Appends CSV records (header written once) with the columns `fields` (`CSV_FIELDS`: caption rows).
 
     Appending to an existing file keeps that file's header (columns it lacks are left out), so
     resuming never shifts columns under an older header.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, fields: list[str] = CSV_FIELDS):
         self.path = path
         _check_folder(path)
         _truncate_partial(path, quoted=True)
-        fields = _csv_header(path) or CSV_FIELDS
+        fields = _csv_header(path) or fields
         self.file = open(path, "a", encoding="utf-8", newline="")
         self.csv = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
         if self.file.tell() == 0:

@@ -134,6 +134,29 @@ def save_official_blip2(
     return _save_random(Blip2ForConditionalGeneration, config, processor, path, seed)
 
 
+def save_official_retrieval(path: Path, num_query_tokens: int = 4, seed: int = 0, width: int = 32,
+                            image_text_hidden_size: int = 16, layers: int = 2) -> Path:
+    """A random-weight `Blip2ForImageTextRetrieval` checkpoint (BERT tokenizer), as transformers saves it."""
+    from transformers import Blip2ForImageTextRetrieval
+
+    bert_dir = path / "_bert"
+    bert_dir.mkdir(parents=True, exist_ok=True)
+    make_bert(bert_dir)
+    tokenizer = BertTokenizerFast.from_pretrained(bert_dir)
+    processor = Blip2Processor(image_processor(), tokenizer, num_query_tokens=num_query_tokens)
+    qcfg = qformer_config(width) | {"vocab_size": len(tokenizer), "use_qformer_text_input": True,
+                                    "num_hidden_layers": layers, "cross_attention_frequency": 2}
+    config = Blip2Config(
+        vision_config=vision_config(),
+        qformer_config=qcfg,
+        num_query_tokens=num_query_tokens,
+        image_text_hidden_size=image_text_hidden_size,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    config.architectures = ["Blip2ForImageTextRetrieval"]
+    return _save_random(Blip2ForImageTextRetrieval, config, processor, path, seed)
+
+
 def save_official_instructblip(path: Path, num_query_tokens: int = 4, seed: int = 0) -> Path:
     """A random-weight `InstructBlipForConditionalGeneration` checkpoint (Llama LLM)."""
     tokenizer = make_tokenizer("llama")

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from vlm.errors import VLMError
 
-RECIPES = ("align", "bridge", "lora", "qlora", "full")
+RECIPES = ("stage1", "align", "bridge", "lora", "qlora", "full")
 BRIDGE_MODULES = ("query_tokens", "qformer", "language_projection")
 
 
@@ -59,6 +59,17 @@ class LoraSettings(_Section):
     train_bridge: bool = True  # also train Q-Former, queries and projection
 
 
+class Stage1Settings(_Section):
+    """BLIP-2 stage 1 (`recipe: stage1`): the weight of each objective, and the hard negatives."""
+
+    itc: float = 1.0
+    itm: float = 1.0
+    itg: float = 1.0
+    # "sample": drawn from the ITC similarities (LAVIS); "hardest": the most similar (deterministic)
+    hard_negatives: Literal["sample", "hardest"] = "sample"
+    max_text_length: int = 32  # caption tokens (BERT) per pair
+
+
 class PromptConfig(_Section):
     """The prompts used in training; saved with the processor so inference uses the same."""
 
@@ -69,11 +80,12 @@ class PromptConfig(_Section):
 class TrainConfig(_Section):
     """One training run. Field names are the YAML keys; see configs/train/*.yaml."""
 
-    recipe: Literal["align", "bridge", "lora", "qlora", "full"] = "lora"
+    recipe: Literal["stage1", "align", "bridge", "lora", "qlora", "full"] = "lora"
     model: str | None = None  # vlm/BLIP-2/InstructBLIP folder or hub id; None: the demo default
     output_dir: str = "runs/vlm"
     data: DataConfig = Field(default_factory=DataConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
+    stage1: Stage1Settings = Field(default_factory=Stage1Settings)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     # full recipe: parameter-name prefixes to train, e.g. ["language_model", "qformer"].
     unfreeze: list[str] = Field(default_factory=lambda: list(BRIDGE_MODULES))

@@ -1,5 +1,7 @@
 """Training recipes: which parts of the model train, and how.
 
+- `stage1`: BLIP-2 stage 1 (`stage1.py`): queries, Q-Former, its text side and the ITC/ITM/ITG
+  heads train on captions; the vision tower is frozen and no LLM is loaded.
 - `align`: the bridge alone, scored against the LLM's word embeddings on captions, no LLM layer
   run (`align.py`): a cheap first stage for a bridge that starts from scratch.
 - `bridge`: BLIP-2 stage 2. Q-Former, query tokens and projection train; vision tower and LLM frozen.
@@ -19,11 +21,14 @@ from torch import nn
 
 from vlm import load_pretrained
 from vlm.errors import VLMError
-from vlm.loading import default_dtype
+from vlm.image_text import IMAGE_TEXT_MODULES, ImageTextModel
+from vlm.loading import default_dtype, model_class, read_vlm_config
 
 from .config import BRIDGE_MODULES, TrainConfig
 
 LLM_PREFIX = "language_model"
+# What stage 1 trains: everything but the (frozen) vision tower.
+STAGE1_MODULES = ("query_tokens", "qformer", *IMAGE_TEXT_MODULES)
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -48,7 +53,10 @@ def prepare_model(config: TrainConfig, device: str | None = None):
     """
     quantization = "4bit" if config.recipe == "qlora" else None
     dtype = PRECISION_DTYPES[resolve_precision(config.precision, str(device or "").startswith("cuda"))]
-    model, processor = load_pretrained(config.model, quantization=quantization, device=device, dtype=dtype)
+    if config.recipe == "stage1":
+        model, processor = load_image_text_model(config.model, device=device, dtype=dtype)
+    else:
+        model, processor = load_pretrained(config.model, quantization=quantization, device=device, dtype=dtype)
     apply_prompts(processor, config)
     model = apply_recipe(model, config)
     trainable_in_fp32(model)
@@ -61,6 +69,24 @@ def trainable_in_fp32(model) -> None:
     for param in model.parameters():
         if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
             param.data = param.data.float()
+
+
+def load_image_text_model(name_or_path: str | None, device: str | None, dtype: torch.dtype):
+    """The stage-1 model (no LLM) of a checkpoint: an official `Blip2ForImageTextRetrieval`, a stage-1
+    output, or a `vlm` checkpoint with the stage-1 parts (`vlm build --qformer-init`), its LLM left unread."""
+    from vlm.registry import DEFAULT_MODEL, resolve_model
+
+    path = resolve_model(name_or_path or DEFAULT_MODEL)
+    config, _ = read_vlm_config(path)
+    if model_class(config) is ImageTextModel:
+        return load_pretrained(path, device=device, dtype=dtype)
+    if not config.has_image_text_heads:
+        raise VLMError(f"{path}: has no Q-Former text side or ITC/ITM/ITG heads for the stage1 recipe; build it with "
+                       "`vlm build --qformer-init BERT_CHECKPOINT` or start from a Blip2ForImageTextRetrieval checkpoint")
+    from vlm.processing import VLMProcessor
+
+    model = ImageTextModel.from_pretrained(path, config=config, dtype=dtype).to(device or "cpu")
+    return model, VLMProcessor.from_pretrained(path)
 
 
 def apply_prompts(processor, config: TrainConfig) -> None:
@@ -78,7 +104,9 @@ def apply_recipe(model, config: TrainConfig):
     """Freeze/unfreeze (and wrap with LoRA) per `config.recipe`; returns the model to train."""
     recipe = config.recipe
     model.requires_grad_(False)
-    if recipe in ("align", "bridge"):
+    if recipe == "stage1":
+        _unfreeze(model, STAGE1_MODULES, "stage1")
+    elif recipe in ("align", "bridge"):
         _unfreeze(model, BRIDGE_MODULES, "bridge")
     elif recipe == "full":
         if not config.unfreeze:
@@ -92,7 +120,7 @@ def apply_recipe(model, config: TrainConfig):
         if config.lora.train_bridge:
             _unfreeze(model.get_base_model(), BRIDGE_MODULES, "bridge")
     else:
-        raise VLMError(f"recipe: unknown recipe {recipe!r} (expected align, bridge, lora, qlora or full)")
+        raise VLMError(f"recipe: unknown recipe {recipe!r} (expected stage1, align, bridge, lora, qlora or full)")
     if config.gradient_checkpointing:
         # Non-reentrant: works when the checkpointed block's inputs need no grad (frozen parts).
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

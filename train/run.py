@@ -14,7 +14,8 @@ from vlm.errors import VLMError
 from .collate import TrainDataset, make_collator
 from .config import TrainConfig, save_config
 from .recipes import prepare_model, trainable_parameter_count
-from .save import TRAIN_CONFIG, base_model, save_trained
+from .save import TRAIN_CONFIG, base_model, save_stage1, save_trained
+from .stage1_data import Stage1Collator, Stage1Dataset, decoder_start_id, qformer_tokenizer
 from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
 from .vision_cache import VisionFeatureCache, cache_blocker
 
@@ -71,8 +72,7 @@ def train(
             f"examples" + (f"; resuming from {resume_from}" if resume_from else ""),
             flush=True,
         )
-    train_dataset = TrainDataset(train_examples, processor, config.data.max_length)
-    eval_dataset = TrainDataset(eval_examples, processor, config.data.max_length) if eval_examples else None
+    train_dataset, eval_dataset, collator = make_datasets(config, processor, train_examples, eval_examples)
     if args.should_save:
         os.makedirs(config.output_dir, exist_ok=True)
         clean_staging(config.output_dir)
@@ -82,12 +82,17 @@ def train(
         args=args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=make_collator(processor),
+        data_collator=collator,
         callbacks=list(callbacks or []),
     )
     trainer.vision_cache = make_vision_cache(config, trainer)
     if config.recipe == "align":
         trainer.use_align_loss(processor.tokenizer.all_special_ids)
+    if config.recipe == "stage1":
+        tokenizer = qformer_tokenizer(processor)
+        weights = {"itc": config.stage1.itc, "itm": config.stage1.itm, "itg": config.stage1.itg}
+        trainer.use_stage1_loss(decoder_start_id(tokenizer), tokenizer.pad_token_id, weights,
+                                config.stage1.hard_negatives)
     result = trainer.train(resume_from_checkpoint=resume_from)
     cache = trainer.vision_cache
     if cache is not None and args.should_log:
@@ -108,7 +113,20 @@ def train(
     if not args.should_save:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
+    if config.recipe == "stage1":
+        return save_stage1(model, processor, config, state_dict)
     return save_trained(model, processor, config.output_dir, config, state_dict)
+
+
+def make_datasets(config: TrainConfig, processor, train_examples, eval_examples):
+    """(train dataset, eval dataset or None, collator) for the recipe."""
+    if config.recipe == "stage1":
+        collator = Stage1Collator(qformer_tokenizer(processor), config.stage1.max_text_length)
+        train = Stage1Dataset(train_examples, processor)
+        return train, Stage1Dataset(eval_examples, processor) if eval_examples else None, collator
+    train = TrainDataset(train_examples, processor, config.data.max_length)
+    evaluation = TrainDataset(eval_examples, processor, config.data.max_length) if eval_examples else None
+    return train, evaluation, make_collator(processor)
 
 
 def check_align_data(examples: Sequence) -> None:

@@ -129,6 +129,28 @@ def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainC
     return out
 
 
+def save_stage1(model, processor, config: TrainConfig, state_dict: dict | None = None) -> Path:
+    """The output of a `stage1` run: a checkpoint that also carries the base's LLM, when it had one.
+
+    Stage 1 never loads the LLM; stage 2 (`bridge`, `lora`) needs it, and starts from this folder.
+    So for a `vlm` base the full model is loaded now, the stage-1 weights put in, and saved whole; a
+    base without an LLM (an official retrieval checkpoint) gives a stage-1 model again.
+    """
+    from vlm.image_text import ImageTextModel
+    from vlm.loading import load_pretrained, model_class, read_vlm_config
+    from vlm.registry import DEFAULT_MODEL, resolve_model
+
+    base_path = resolve_model(config.model or DEFAULT_MODEL)
+    base_config, _ = read_vlm_config(base_path)
+    trained = state_dict if state_dict is not None else model.state_dict()
+    if model_class(base_config) is not ImageTextModel:
+        full, _ = load_pretrained(base_path, device="cpu", dtype=next(model.parameters()).dtype)
+        known = full.state_dict()
+        full.load_state_dict({k: v.to(known[k].dtype) for k, v in trained.items() if k in known}, strict=False)
+        model, trained = full, None
+    return save_trained(model, processor, config.output_dir, config, trained)
+
+
 def _move_into(staging: Path, out: Path) -> None:
     """Move every entry of `staging` into `out`, the files that mark a loadable folder last."""
     for marker in MODEL_MARKERS:  # the old output stops loading before its files are replaced

@@ -40,6 +40,7 @@ from .collate import IGNORE_INDEX
 from .config import BRIDGE_MODULES, TrainConfig
 from .recipes import resolve_precision
 from .save import STAGING_DIR, TRAINABLE_WEIGHTS, base_model, load_trainable, replace_dir, save_trainable
+from .stage1 import stage1_losses
 from .vision_cache import VisionFeatureCache
 
 logger = logging.getLogger(__name__)
@@ -54,6 +55,32 @@ class VLMTrainer(Trainer):
     # `align` recipe: the tokens its bag-of-words loss leaves out; None for the LLM's own loss.
     align_ignore_ids: list[int] | None = None
 
+    stage1_settings: dict | None = None  # `stage1` recipe: stage1_losses keyword arguments
+
+    def use_stage1_loss(self, decoder_start_id: int, pad_id: int, weights: dict, negatives: str) -> None:
+        """Train with BLIP-2's stage-1 losses (ITC + ITM + ITG, `stage1.py`), each logged."""
+        self.stage1_settings = {"decoder_start_id": decoder_start_id, "pad_id": pad_id, "weights": weights,
+                                "negatives": negatives}
+        self.loss_is_scaled_for_ga = False  # per-batch means: Trainer divides across accumulation steps
+        self._stage1_sums: dict[str, float] = {}
+        self._stage1_count = 0
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        """Trainer's log, plus the stage-1 losses averaged since the last log."""
+        if self.stage1_settings is not None and self._stage1_count and "loss" in logs:
+            for name, total in self._stage1_sums.items():
+                logs[f"loss_{name}"] = round(total / self._stage1_count, 4)
+            self._stage1_sums, self._stage1_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    def _stage1_loss(self, bare, inputs):
+        with self.accelerator.autocast():
+            losses = stage1_losses(bare, inputs, **self.stage1_settings)
+        for name in ("itc", "itm", "itg"):
+            self._stage1_sums[name] = self._stage1_sums.get(name, 0.0) + float(losses[name].detach())
+        self._stage1_count += 1
+        return losses["loss"]
+
     def use_align_loss(self, ignore_ids: list[int]) -> None:
         """Train with the `align` recipe's loss, leaving `ignore_ids` (special tokens) out of its targets."""
         self.align_ignore_ids = list(ignore_ids)
@@ -66,6 +93,9 @@ class VLMTrainer(Trainer):
         if self.vision_cache is not None and keys and "pixel_values" in inputs:
             with self.accelerator.autocast():  # what the model's own forward runs under
                 inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
+        if self.stage1_settings is not None:
+            loss = self._stage1_loss(bare, inputs)
+            return (loss, {"loss": loss}) if return_outputs else loss
         if self.align_ignore_ids is not None:
             with self.accelerator.autocast():
                 loss = bag_of_words_loss(bare, inputs, self.align_ignore_ids)

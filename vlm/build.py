@@ -25,7 +25,9 @@ from transformers import (
 
 from .configuration import SUPPORTED_VISION_TYPES, VLMConfig
 from .errors import VLMError
-from .modeling import VisionLanguageModel, build_qformer, vision_tower_class
+from .image_text import add_image_text_parts
+from .modeling import VisionLanguageModel
+from .towers import build_qformer, vision_tower_class
 from .processing import VLMProcessor
 from .registry import DEFAULT_MODEL, resolve_model
 
@@ -83,8 +85,10 @@ def qformer_config_from(
     return config, init
 
 
-def bert_to_qformer_state(bert_state: dict[str, torch.Tensor], reads_instruction: bool) -> dict[str, torch.Tensor]:
-    """Rename BERT weights to Q-Former names (BLIP-2's initialisation)."""
+def bert_to_qformer_state(bert_state: dict[str, torch.Tensor], reads_instruction: bool,
+                          text_side: bool = False) -> dict[str, torch.Tensor]:
+    """Rename BERT weights to Q-Former names (BLIP-2's initialisation). With `text_side` (a
+    Q-Former that reads text for stage 1), the text FFN is BERT's too."""
     out = {}
     for key, value in bert_state.items():
         key = re.sub(r"^(bert|roberta|electra)\.", "", key)
@@ -108,9 +112,34 @@ def bert_to_qformer_state(bert_state: dict[str, torch.Tensor], reads_instruction
         elif rest.startswith(("intermediate.", "output.")):
             part, tail = rest.split(".", 1)
             out[prefix + f"{part}_query." + tail] = value  # query FFN copied from the text FFN
-            if reads_instruction:
+            if reads_instruction or text_side:
                 out[prefix + rest] = value
     return out
+
+
+def bert_to_text_embeddings(bert_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BERT's word and position embeddings, named as the stage-1 text side's (`embeddings.*`)."""
+    out = {}
+    for key, value in bert_state.items():
+        key = re.sub(r"^(bert|roberta|electra)\.", "", key)
+        if key in ("embeddings.word_embeddings.weight", "embeddings.position_embeddings.weight"):
+            out[key] = value
+    return out
+
+
+def _load_parts(vision: str, llm: str, image_processor: str | None):
+    """(vision tower, LLM, LLM tokenizer, image processor), each error naming its flag."""
+    vision_tower = load_vision_tower(vision)
+    try:
+        language_model = AutoModelForCausalLM.from_pretrained(llm)
+        tokenizer = AutoTokenizer.from_pretrained(llm)
+    except (OSError, ValueError) as e:
+        raise VLMError(f"--llm {llm}: cannot load a causal LM and its tokenizer ({str(e).splitlines()[0]})") from None
+    try:
+        images = AutoImageProcessor.from_pretrained(image_processor or vision)
+    except (OSError, ValueError) as e:
+        raise VLMError(f"{image_processor or vision}: no image processor config ({str(e).splitlines()[0]})") from None
+    return vision_tower, language_model, tokenizer, images
 
 
 def compose_model(
@@ -121,6 +150,7 @@ def compose_model(
     qformer_num_layers: int | None = None,
     image_processor: str | None = None,
     qformer_reads_instruction: bool = False,
+    image_text_hidden_size: int | None = 256,
 ) -> tuple[VisionLanguageModel, VLMProcessor]:
     """Build an untrained `VisionLanguageModel` (and its processor) from pretrained parts.
 
@@ -132,55 +162,63 @@ def compose_model(
         qformer_num_layers: keep only the first N layers (BLIP-2 uses all 12 of BERT-base).
         image_processor: where to load the image processor from (defaults to `vision`).
         qformer_reads_instruction: build an InstructBLIP-style Q-Former that reads the prompt.
+        image_text_hidden_size: with a BERT `qformer_init` (and a Q-Former that does not read the
+            instruction), also build BLIP-2's stage-1 parts (text side from BERT, ITC/ITM/ITG heads)
+            with this ITC width, so `vlm train --recipe stage1` can train them; None or 0: none.
     """
-    vision_tower = load_vision_tower(vision)
-    try:
-        language_model = AutoModelForCausalLM.from_pretrained(llm)
-        tokenizer = AutoTokenizer.from_pretrained(llm)
-    except (OSError, ValueError) as e:
-        raise VLMError(f"--llm {llm}: cannot load a causal LM and its tokenizer ({str(e).splitlines()[0]})") from None
-    try:
-        images = AutoImageProcessor.from_pretrained(image_processor or vision)
-    except (OSError, ValueError) as e:
-        raise VLMError(f"{image_processor or vision}: no image processor config ({str(e).splitlines()[0]})") from None
-
+    vision_tower, language_model, tokenizer, images = _load_parts(vision, llm, image_processor)
     qconfig, bert_path = qformer_config_from(
         qformer_init, vision_tower.config.hidden_size, qformer_num_layers, qformer_reads_instruction
     )
+    text_side = bool(image_text_hidden_size) and bert_path is not None and not qformer_reads_instruction
+    qconfig.use_qformer_text_input = text_side
     qformer = build_qformer(qconfig)
-    qformer_tokenizer = None
-    if bert_path is not None:
-        bert_state = AutoModel.from_pretrained(bert_path).state_dict()
-        mapped = bert_to_qformer_state(bert_state, qformer_reads_instruction)
+    bert_state = AutoModel.from_pretrained(bert_path).state_dict() if bert_path is not None else {}
+    if bert_state:
+        mapped = bert_to_qformer_state(bert_state, qformer_reads_instruction, text_side)
         mapped = {k: v for k, v in mapped.items() if k in qformer.state_dict()}  # drop layers beyond N
         qformer.load_state_dict(mapped, strict=False)
-        if qformer_reads_instruction:
-            qformer_tokenizer = AutoTokenizer.from_pretrained(bert_path)
+    qformer_tokenizer = AutoTokenizer.from_pretrained(bert_path) if (qformer_reads_instruction or text_side) else None
 
     processor = VLMProcessor(images, tokenizer, num_query_tokens=num_query_tokens, qformer_tokenizer=qformer_tokenizer)
     if processor.image_token_id >= language_model.get_input_embeddings().num_embeddings:
         language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-
     config = VLMConfig(
         vision_config=vision_tower.config,
         qformer_config=qconfig,
         text_config=language_model.config,
         num_query_tokens=num_query_tokens,
         image_token_index=processor.image_token_id,
+        image_text_hidden_size=image_text_hidden_size if text_side else None,
     )
-    # Build the bridge for real, the big parts on meta, then drop in the pretrained parts.
+    model = _assemble(config, vision_tower, qformer, language_model, tokenizer)
+    if text_side:
+        model.embeddings.load_state_dict(
+            {k.removeprefix("embeddings."): v for k, v in bert_to_text_embeddings(bert_state).items()}, strict=False)
+        model.tie_weights()
+    return model.eval(), processor  # eval like from_pretrained; training turns dropout on
+
+
+def _assemble(config: VLMConfig, vision_tower, qformer, language_model, tokenizer) -> VisionLanguageModel:
+    """The model for `config` with the pretrained parts dropped in; the bridge (and stage-1 heads)
+    freshly initialised. The big parts are built on meta, so nothing is allocated twice."""
     with torch.device("meta"):
         model = VisionLanguageModel(config)
     model.vision_model = vision_tower
     model.language_model = language_model
     model.qformer = qformer
-    model.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qconfig.hidden_size) * config.initializer_range)
+    qconfig = config.qformer_config
+    model.query_tokens = nn.Parameter(torch.randn(1, config.num_query_tokens, qconfig.hidden_size)
+                                      * config.initializer_range)
     model.language_projection = nn.Linear(qconfig.hidden_size, language_model.config.hidden_size)
+    if config.has_image_text_heads:
+        add_image_text_parts(model, config)
+        model.itg_head.apply(model._init_weights)
     model.generation_config = language_model.generation_config
     if model.generation_config.pad_token_id is None:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.freeze_frozen_parts()
-    return model.eval(), processor  # eval like from_pretrained; training turns dropout on
+    return model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-query-tokens", type=int, default=32, help="learned queries per image (default 32)")
     p.add_argument("--image-processor", default=None, help="image processor folder/id (default: --vision)")
     p.add_argument("--instruction-aware", action="store_true", help="InstructBLIP-style Q-Former that reads the prompt")
+    p.add_argument("--image-text-size", type=int, default=256, metavar="N",
+                   help="with a BERT --qformer-init: also build BLIP-2's stage-1 parts (the Q-Former's text side "
+                        "from BERT, ITC/ITM/ITG heads, ITC width N; train them with `vlm train --recipe stage1`); "
+                        "0: leave them out (default 256)")
     p.add_argument("--output-dir", help="where to write the checkpoint")
     p.add_argument("--demo", action="store_true",
                    help="build the offline demo default into the user cache (and fetch the chat page's example photos)")
@@ -221,6 +263,7 @@ def main(argv: list[str]) -> int:
         qformer_num_layers=args.qformer_layers,
         image_processor=args.image_processor,
         qformer_reads_instruction=args.instruction_aware,
+        image_text_hidden_size=args.image_text_size or None,
     )
     out = Path(args.output_dir)
     model.save_pretrained(out)

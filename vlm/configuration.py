@@ -32,6 +32,9 @@ class VLMConfig(PreTrainedConfig):
         text_config: config of any causal LM that `AutoModelForCausalLM` can build.
         num_query_tokens: number of learned queries, i.e. soft-prompt tokens per image.
         image_token_index: id of the `<image>` placeholder token in the LLM vocabulary.
+        image_text_hidden_size: width of the image-text (ITC) embeddings when the model carries
+            BLIP-2's stage-1 parts (the Q-Former's text side, ITC/ITM/ITG heads: `vlm.image_text`);
+            None for a model without them.
     """
 
     model_type = "vlm"
@@ -47,16 +50,22 @@ class VLMConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     num_query_tokens: int = 32
     image_token_index: int | None = None
+    image_text_hidden_size: int | None = None
+    # Ties the stage-1 ITG head's decoder to the Q-Former's word embeddings, as BERT's LM head.
+    tie_word_embeddings: bool = True
     initializer_range: float = 0.02
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self.qformer_config.encoder_hidden_size = self.vision_config.hidden_size
+        if self.image_text_hidden_size:
+            self.qformer_config.use_qformer_text_input = True  # the Q-Former's text FFN, for ITC/ITM/ITG
 
     def validate_architecture(self):
         """Reject combinations the model cannot build, naming the offending sub-config."""
         super().validate_architecture()
-        for key, kind in (("num_query_tokens", int), ("image_token_index", (int, type(None)))):
+        for key, kind in (("num_query_tokens", int), ("image_token_index", (int, type(None))),
+                          ("image_text_hidden_size", (int, type(None)))):
             value = getattr(self, key)
             if not isinstance(value, kind) or isinstance(value, bool):
                 raise ValueError(f"{key} must be an integer, got {value!r}")
@@ -77,6 +86,11 @@ class VLMConfig(PreTrainedConfig):
             )
         if self.num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {self.num_query_tokens}")
+
+    @property
+    def has_image_text_heads(self) -> bool:
+        """True when the model carries BLIP-2's stage-1 parts (ITC/ITM scoring, stage-1 training)."""
+        return bool(self.image_text_hidden_size)
 
     @property
     def qformer_reads_instruction(self) -> bool:

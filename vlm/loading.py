@@ -5,6 +5,8 @@
   folder or hub id: same weight names as ours, so only the config is translated;
 - a LoRA adapter folder written by `vlm train` (peft format; its base is found from
   `adapter_config.json` or from a `config.json` beside it);
+- an official `Blip2ForImageTextRetrieval` checkpoint or a `vlm train --recipe stage1` output
+  from one: BLIP-2's stage 1, no LLM; loads as `vlm.image_text.ImageTextModel` (ITC/ITM scoring);
 - a registered model name (`vlm.registry`); no name: the default, the offline demo.
 """
 
@@ -22,11 +24,14 @@ from transformers import AutoImageProcessor, AutoTokenizer, BitsAndBytesConfig, 
 from .configuration import VLMConfig
 from .errors import VLMError
 from .files import BRIDGE_WEIGHTS
+from .image_text import ImageTextModel
 from .modeling import VisionLanguageModel
 from .processing import QFORMER_TOKENIZER_DIR, VLMProcessor
 from .registry import DEFAULT_MODEL, resolve_model
 
 OFFICIAL_TYPES = {"blip-2": "Blip2ForConditionalGeneration", "instructblip": "InstructBlipForConditionalGeneration"}
+# Checkpoints of BLIP-2's stage 1 (no LLM): official retrieval ones, and ours.
+IMAGE_TEXT_ARCHITECTURES = ("Blip2ForImageTextRetrieval", "ImageTextModel")
 # Modules kept out of 4/8-bit: BLIP-2 quality depends on a full-precision vision tower and Q-Former.
 NOT_QUANTIZED = ["vision_model", "qformer", "query_tokens", "language_projection", "lm_head"]
 
@@ -95,7 +100,9 @@ def vlm_config_from_official(config_dict: dict) -> VLMConfig:
     qformer = dict(config_dict.get("qformer_config") or {})
     vision.setdefault("model_type", "blip_2_vision_model" if model_type == "blip-2" else "instructblip_vision_model")
     qformer.setdefault("model_type", "blip_2_qformer" if model_type == "blip-2" else "instructblip_qformer")
-    text = dict(config_dict["text_config"])
+    retrieval = is_image_text(config_dict)
+    # A retrieval checkpoint has no LLM; its config may still describe BLIP-2's default one.
+    text = dict(config_dict.get("text_config") or {"model_type": "opt"})
     if text.get("is_encoder_decoder") or text.get("model_type") in ("t5", "mt5", "umt5"):
         raise VLMError(
             f"{config_dict.get('_name_or_path', 'checkpoint')}: encoder-decoder LLMs (FlanT5) are not supported; "
@@ -107,7 +114,14 @@ def vlm_config_from_official(config_dict: dict) -> VLMConfig:
         text_config=text,
         num_query_tokens=config_dict.get("num_query_tokens", 32),
         image_token_index=config_dict.get("image_token_index", config_dict.get("image_token_id")),
+        image_text_hidden_size=config_dict.get("image_text_hidden_size", 256) if retrieval else None,
+        architectures=["ImageTextModel"] if retrieval else None,
     )
+
+
+def is_image_text(config_dict: dict) -> bool:
+    """Whether a checkpoint's config is a stage-1 (image-text, no LLM) model."""
+    return bool(set(config_dict.get("architectures") or []) & set(IMAGE_TEXT_ARCHITECTURES))
 
 
 def load_processor(name_or_path: str, config: VLMConfig, model_type: str) -> VLMProcessor:
@@ -121,6 +135,10 @@ def load_processor(name_or_path: str, config: VLMConfig, model_type: str) -> VLM
     )
     if config.qformer_reads_instruction:
         processor.qformer_tokenizer = AutoTokenizer.from_pretrained(name_or_path, subfolder=QFORMER_TOKENIZER_DIR)
+    if config.architectures == ["ImageTextModel"]:
+        # An official retrieval checkpoint's tokenizer is the Q-Former's (BERT): it reads the texts.
+        processor.qformer_tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        return processor
     if processor.image_token_id != config.image_token_index:
         raise VLMError(
             f"{name_or_path}: tokenizer's {processor.image_token} id {processor.image_token_id} differs from "
@@ -134,7 +152,7 @@ def load_pretrained(
     quantization: str | None = None,
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
-) -> tuple[VisionLanguageModel, VLMProcessor]:
+) -> tuple[VisionLanguageModel | ImageTextModel, VLMProcessor]:
     """Load `(model, processor)` from any checkpoint kind `vlm` reads (see module doc).
 
     Args:
@@ -155,7 +173,10 @@ def load_pretrained(
     if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
         adapter_dir, name_or_path = name_or_path, resolve_model(adapter_base(name_or_path))
     config, model_type = read_vlm_config(name_or_path)
-    model = _load_weights(name_or_path, config, quantization, device, dtype)
+    cls = model_class(config)
+    if cls is ImageTextModel and quantization not in (None, "none"):
+        raise VLMError(f"{name_or_path}: a stage-1 (image-text) model has no LLM to quantize; drop --quantization")
+    model = _load_weights(name_or_path, config, quantization, device, dtype, cls)
     processor = load_processor(name_or_path, config, model_type)
     if adapter_dir is not None:
         model = apply_adapter(model, adapter_dir)
@@ -183,10 +204,14 @@ def read_vlm_config(name_or_path: str) -> tuple[VLMConfig, str]:
         raise VLMError(f"{name_or_path}: bad config.json: {reason}") from None
 
 
-def _load_weights(
-    name_or_path: str, config: VLMConfig, quantization: str | None, device: str, dtype: torch.dtype
-) -> VisionLanguageModel:
-    """`VisionLanguageModel.from_pretrained` in `dtype` on `device`, the LLM quantized if asked."""
+def model_class(config: VLMConfig) -> type:
+    """`ImageTextModel` for stage-1 checkpoints (no LLM), else `VisionLanguageModel`."""
+    return ImageTextModel if config.architectures == ["ImageTextModel"] else VisionLanguageModel
+
+
+def _load_weights(name_or_path: str, config: VLMConfig, quantization: str | None, device: str, dtype: torch.dtype,
+                  cls: type = VisionLanguageModel):
+    """`cls.from_pretrained` in `dtype` on `device`, the LLM quantized if asked."""
     load_kwargs = {"config": config, "dtype": dtype}
     qconfig = quantization_config(quantization, dtype)
     if qconfig is not None:
@@ -194,7 +219,7 @@ def _load_weights(
     if str(device).startswith("cuda") or qconfig is not None:
         load_kwargs["device_map"] = {"": device}
     try:
-        model = VisionLanguageModel.from_pretrained(name_or_path, **load_kwargs)
+        model = cls.from_pretrained(name_or_path, **load_kwargs)
     except OSError as e:
         raise VLMError(f"{name_or_path}: cannot load weights ({str(e).splitlines()[0]})") from None
     if "device_map" not in load_kwargs:

@@ -17,42 +17,20 @@ from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     AutoModelForCausalLM,
-    Blip2QFormerModel,
-    Blip2VisionModel,
     GenerationMixin,
-    InstructBlipQFormerModel,
-    InstructBlipVisionModel,
     PreTrainedModel,
 )
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import VLMConfig
-
-# AutoModel has no mapping for these two vision-only configs.
-_VISION_CLASSES = {
-    "blip_2_vision_model": Blip2VisionModel,
-    "instructblip_vision_model": InstructBlipVisionModel,
-}
-_QFORMER_CLASSES = {
-    "blip_2_qformer": Blip2QFormerModel,
-    "instructblip_qformer": InstructBlipQFormerModel,
-}
-
-
-def vision_tower_class(config) -> type[PreTrainedModel]:
-    """The transformers class of the vision encoder described by `config`."""
-    return _VISION_CLASSES.get(config.model_type) or AutoModel._model_mapping[type(config)]
-
-
-def build_vision_tower(config) -> PreTrainedModel:
-    """An untrained vision encoder for `config` (weights come from `from_pretrained` later)."""
-    return vision_tower_class(config)._from_config(config)
-
-
-def build_qformer(config) -> PreTrainedModel:
-    """An untrained BLIP-2 or InstructBLIP Q-Former for `config`."""
-    return _QFORMER_CLASSES[config.model_type]._from_config(config)
-
+from .towers import build_qformer, build_vision_tower
+from .image_text import (
+    IMAGE_TEXT_MODULES,
+    ImageTextModel,
+    ImageTextScoring,
+    add_image_text_parts,
+    init_image_text_weights,
+)
 
 def _no_fp16_autocast(device_type: str):
     """Autocast off when it is fp16 (V100/T4 training, FSDP's fp16 mixed precision): BLIP-2 keeps
@@ -61,7 +39,7 @@ def _no_fp16_autocast(device_type: str):
     return torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext()
 
 
-class VisionLanguageModel(PreTrainedModel, GenerationMixin):
+class VisionLanguageModel(ImageTextScoring, PreTrainedModel, GenerationMixin):
     """A frozen image encoder and a frozen causal LLM bridged by a trainable Q-Former.
 
     Images enter as `pixel_values` of shape `(num_images, 3, H, W)`; each image fills, in
@@ -88,6 +66,9 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
         self.qformer = build_qformer(config.qformer_config)
         self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        if config.has_image_text_heads:  # BLIP-2's stage-1 parts, kept through stage 2
+            add_image_text_parts(self, config)
+            self._tied_weights_keys = dict(ImageTextModel._tied_weights_keys)
         self._no_split_modules = sorted(
             {
                 *(self.vision_model._no_split_modules or []),
@@ -104,6 +85,8 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
         super()._init_weights(module)
         if module is self:
             nn.init.normal_(self.query_tokens, mean=0.0, std=self.config.initializer_range)
+        if self.config.has_image_text_heads:
+            init_image_text_weights(self, module)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> VisionLanguageModel:
@@ -116,9 +99,13 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
         return model
 
     def freeze_frozen_parts(self) -> None:
-        """BLIP-2 default: vision tower and LLM frozen; queries, Q-Former and projection train."""
+        """BLIP-2 default: vision tower and LLM frozen; queries, Q-Former and projection train
+        (stage 2: the stage-1 heads, if any, stay as stage 1 left them)."""
         self.vision_model.requires_grad_(False)
         self.language_model.requires_grad_(False)
+        for name in IMAGE_TEXT_MODULES:
+            if hasattr(self, name):
+                getattr(self, name).requires_grad_(False)
 
     # -- embeddings plumbing, so GenerationMixin / peft / resize_token_embeddings work ----------
     def get_input_embeddings(self) -> nn.Module:

@@ -1,0 +1,146 @@
+"""What `vlm caption` and `vlm score` share around their model: flags, processes, outputs, summary.
+
+Both stream work items from INPUTs (`inputs.py`), skip those already written to `--out`, split the
+rest over the processes of a multi-process launch, write rows after every batch (`writers.py`),
+merge the processes' part files at the end and exit non-zero past `--max-error-rate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass
+
+from .writers import CSV_FIELDS, CsvWriter, JsonlWriter, TxtWriter, merge_parts, part_paths, read_done
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def add_run_arguments(p: argparse.ArgumentParser, batch_default: int, what: str) -> None:
+    """The flags every batch command has (`what`: the thing a row is about, for the help)."""
+    p.add_argument("--model", help="checkpoint folder, hub id or registered name (default: the offline demo model)")
+    p.add_argument("--batch-size", type=positive, default=batch_default,
+                   help=f"{what} per model call (default {batch_default})")
+    p.add_argument("--num-workers", type=non_negative, default=None,
+                   help="processes decoding and resizing images (default: min(4, CPUs - 1); 0 = inline)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU; "
+                        "bfloat16 is faster on CPUs with AVX512-BF16/AMX, but results can differ from fp32 ones)")
+    p.add_argument("--max-error-rate", type=fraction, default=0.5, metavar="F",
+                   help=f"exit non-zero when more than this fraction of the run's {what} fail (default 0.5)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def worker_count(requested: int | None) -> int:
+    return requested if requested is not None else min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class Summary:
+    """What a run did (summed over processes)."""
+
+    done: int = 0
+    errors: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+    verb: str = "captioned"
+    unit: str = "images"
+
+    def line(self) -> str:
+        rate = self.done / self.seconds if self.seconds else 0.0
+        return (f"{self.verb} {self.done}, errors {self.errors}, skipped {self.skipped} (already done) "
+                f"in {self.seconds:.1f}s ({rate:.2f} {self.unit}/s)")
+
+
+def exit_status(summary: Summary, max_error_rate: float) -> int:
+    """0 for a run whose failures stay within `max_error_rate`, 1 otherwise or when nothing was found."""
+    attempted = summary.done + summary.errors
+    if attempted == 0:
+        return 0 if summary.skipped > 0 else 1
+    if summary.errors / attempted > max_error_rate:
+        print(f"error: {summary.errors} of {attempted} {summary.unit} failed, over --max-error-rate {max_error_rate}",
+              file=sys.stderr)
+        return 1
+    return 0
+
+
+def distributed(device: str | None):
+    """(rank, world, accelerate state or None); a state only under a multi-process launcher."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1, None
+    import torch
+    from accelerate import PartialState
+
+    # accelerate only sets up CPU processes (gloo) when asked to; without CUDA there is no choice.
+    cpu = (os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+           or not torch.cuda.is_available() or (device or "").startswith("cpu"))
+    state = PartialState(cpu=cpu)
+    return state.process_index, state.num_processes, state
+
+
+def make_writer(fmt: str, path: str | None, overwrite: bool = False, part: bool = False, fields=CSV_FIELDS):
+    """The writer for `path`; part files (multi-process) are always JSONL, merged at the end."""
+    if fmt == "txt":
+        return TxtWriter(JsonlWriter(path) if path else None, overwrite)
+    return CsvWriter(path, fields) if fmt == "csv" and not part else JsonlWriter(path)
+
+
+def prepare_outputs(out: str | None, overwrite: bool, fmt: str, state) -> set[tuple]:
+    """Clear the outputs for --overwrite, then read what is already done (the same in every process)."""
+    if (state is None or state.is_main_process) and overwrite and out:
+        for stale in [out, *part_paths(out)]:
+            if os.path.exists(stale):
+                os.unlink(stale)
+    if state is not None:
+        state.wait_for_everyone()  # nobody reads the done-set before a fresh start cleared it
+    done = read_done([out, *part_paths(out)] if out else [], fmt)
+    if state is not None:
+        state.wait_for_everyone()  # every process holds the same done-set before anyone writes
+    return done
+
+
+def sum_over_processes(summary: Summary, skipped_done: int, skipped_here: int, state) -> None:
+    """Totals of every process into `summary` (a collective: every process calls it)."""
+    import torch
+
+    counts = torch.tensor([summary.done, summary.errors, skipped_here], device=state.device)
+    torch.distributed.all_reduce(counts)
+    summary.done, summary.errors = int(counts[0]), int(counts[1])
+    summary.skipped = skipped_done + int(counts[2])
+    state.wait_for_everyone()  # all parts complete before the merge
+
+
+def finish_outputs(out: str | None, fmt: str, summary: Summary, oom_splits: int, fields=CSV_FIELDS) -> None:
+    """Merge the process parts into `out` and print the summary (main process)."""
+    if out:
+        final = make_writer(fmt, out, fields=fields)
+        try:
+            merge_parts(out, fmt, final)
+        finally:
+            final.close()
+    if oom_splits:
+        print(f"out of memory {oom_splits} times: batches were split and retried", file=sys.stderr)
+    print(summary.line() + (f" -> {out}" if out else ""), file=sys.stderr)
+    if summary.done == 0 and summary.errors == 0 and summary.skipped == 0:
+        print("no images found in the inputs", file=sys.stderr)

@@ -1,0 +1,137 @@
+"""BLIP-2 stage 1 (the `stage1` recipe): the Q-Former learns from captions with no LLM at all.
+
+Three objectives on one batch of (image, caption) pairs, as in LAVIS's `Blip2Qformer`:
+
+- ITC, image-text contrastive: each caption's [CLS] embedding against each image's query
+  embeddings, the best query counting (max), divided by a learnable temperature (init 0.07);
+  cross-entropy both ways with label smoothing 0.1. Under DDP the features of every process are
+  gathered (with their gradients), so each caption is contrasted with the whole global batch.
+- ITM, image-text matching: for each image a hard negative caption and for each caption a hard
+  negative image, drawn from the ITC similarities (softmax weights, never a pair of the same
+  image); queries and text attend to each other; the 2-way head on the query outputs, averaged.
+- ITG, image-grounded text generation: the caption decoded from the queries (first token
+  replaced by a decoder start token); queries see only queries, text sees the queries and the
+  text before it; BERT's LM head, tied to the word embeddings, label smoothing 0.1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+LABEL_SMOOTHING = 0.1
+IGNORE_INDEX = -100
+
+
+def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
+    """All processes' rows, in rank order; gradients flow back to each row's owner."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return tensor
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(tensor), dim=0)
+
+
+def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: torch.Tensor, temp: torch.Tensor):
+    """(loss, image->text similarity, text->image similarity) of this process's rows.
+
+    `image_embeds` (B, queries, D) and `text_embeds` (B, D) are normalised; `image_ids` name the
+    image of each row, so two captions of one image are both positives.
+    """
+    images_all, texts_all = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
+    ids_all = gather_with_grad(image_ids)
+    sim_i2t = torch.einsum("iqd,td->itq", image_embeds, texts_all).max(dim=-1).values / temp
+    sim_t2i = torch.einsum("td,iqd->tiq", text_embeds, images_all).max(dim=-1).values / temp
+    positives = image_ids[:, None] == ids_all[None, :]
+    # The row's own pair, shared with any other caption of the same image (one-hot when none).
+    targets = positives.float() / positives.sum(dim=1, keepdim=True)
+    loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
+            + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)) / 2
+    return loss, sim_i2t, sim_t2i, positives
+
+
+@torch.no_grad()
+def hard_negatives(sim: torch.Tensor, positives: torch.Tensor, mode: str = "sample") -> torch.Tensor:
+    """For each row, a column that is not one of its positives: drawn with the softmax of `sim`
+    as weights ("sample", LAVIS) or the most similar one ("hardest", deterministic)."""
+    weights = torch.softmax(sim.float(), dim=1).masked_fill(positives, 0.0)
+    if mode == "hardest":
+        return weights.argmax(dim=1)
+    weights = weights + (weights.sum(dim=1, keepdim=True) == 0) * (~positives)  # all mass on positives
+    return torch.multinomial(weights, 1).squeeze(1)
+
+
+def itm_loss(model, vision_features, text_ids, text_mask, sim_i2t, sim_t2i, positives, mode="sample"):
+    """ITM over B positive pairs, B (image, negative text) and B (negative image, text) pairs."""
+    vision_all = gather_with_grad(vision_features.contiguous())
+    ids_all, mask_all = gather_with_grad(text_ids), gather_with_grad(text_mask)
+    negative_text = hard_negatives(sim_i2t, positives, mode)  # a caption for each image
+    negative_image = hard_negatives(sim_t2i, positives, mode)  # an image for each caption
+    images = torch.cat([vision_features, vision_features, vision_all[negative_image]])
+    texts = torch.cat([text_ids, ids_all[negative_text], text_ids])
+    masks = torch.cat([text_mask, mask_all[negative_text], text_mask])
+    logits = model.itm_logits(images, texts, masks)
+    batch = text_ids.shape[0]
+    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
+    return F.cross_entropy(logits, labels)
+
+
+def itg_mask(query_count: int, text_mask: torch.Tensor) -> torch.Tensor:
+    """The (B, 1, Q+L, Q+L) additive attention mask of ITG: queries attend to queries; text attends
+    to the queries and to itself causally; padding is seen by nobody."""
+    batch, length = text_mask.shape
+    total = query_count + length
+    allowed = torch.zeros(batch, total, total, dtype=torch.bool, device=text_mask.device)
+    allowed[:, :query_count, :query_count] = True
+    allowed[:, query_count:, :query_count] = True
+    causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=text_mask.device))
+    allowed[:, query_count:, query_count:] = causal & text_mask.bool()[:, None, :]
+    mask = torch.zeros(batch, 1, total, total)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(mask.dtype).min).to(text_mask.device)
+
+
+def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int, pad_id: int):
+    """Next-token loss of the caption decoded from the queries (which see the image)."""
+    decoder_ids = text_ids.clone()
+    decoder_ids[:, 0] = decoder_start_id
+    query_tokens = model.query_tokens.expand(text_ids.shape[0], -1, -1)
+    queries = query_tokens.shape[1]
+    embeds = model.embeddings(input_ids=decoder_ids, query_embeds=query_tokens)
+    vision = vision_features.to(query_tokens.dtype)
+    image_mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
+    mask = itg_mask(queries, text_mask).to(embeds.dtype)
+    hidden = model.qformer(query_embeds=embeds, query_length=queries, attention_mask=mask,
+                           encoder_hidden_states=vision, encoder_attention_mask=image_mask,
+                           return_dict=True).last_hidden_state[:, queries:, :]
+    logits = model.itg_head(hidden.to(model.itg_head.decoder.weight.dtype))
+    labels = decoder_ids.masked_fill(text_mask == 0, IGNORE_INDEX)
+    labels[:, 0] = IGNORE_INDEX  # the start token is given, not predicted
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
+                           ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING)
+
+
+def stage1_losses(model: nn.Module, batch: dict, decoder_start_id: int, pad_id: int,
+                  weights: dict[str, float] | None = None, negatives: str = "sample") -> dict[str, torch.Tensor]:
+    """The three losses and their weighted sum (`loss`) for a batch of (image, caption) pairs.
+
+    `batch`: `pixel_values` or `vision_features`, `text_ids`, `text_mask`, `image_ids`.
+    """
+    weights = weights or {"itc": 1.0, "itm": 1.0, "itg": 1.0}
+    vision = batch.get("vision_features")
+    if vision is None:
+        vision = model.get_vision_features(batch["pixel_values"])
+    text_ids, text_mask, image_ids = batch["text_ids"], batch["text_mask"], batch["image_ids"]
+    with torch.no_grad():
+        model.temp.clamp_(0.001, 0.5)  # LAVIS keeps the temperature in this range
+    image_embeds = model.image_embeddings(vision_features=vision)
+    text_embeds = model.text_embeddings(text_ids, text_mask)
+    out = {}
+    out["itc"], sim_i2t, sim_t2i, positives = itc_loss(image_embeds, text_embeds, image_ids, model.temp)
+    out["itm"] = itm_loss(model, vision, text_ids, text_mask, sim_i2t, sim_t2i, positives, negatives) \
+        if weights.get("itm") else torch.zeros((), device=text_ids.device)
+    out["itg"] = itg_loss(model, vision, text_ids, text_mask, decoder_start_id, pad_id) \
+        if weights.get("itg") else torch.zeros((), device=text_ids.device)
+    out["loss"] = sum(weights.get(name, 0.0) * out[name] for name in ("itc", "itm", "itg"))
+    return out

@@ -1,0 +1,177 @@
+"""BLIP-2's stage-1 parts: the Q-Former's text side, the ITC / ITM / ITG heads, and image-text scoring.
+
+Module names are those of transformers' `Blip2ForImageTextRetrieval` (`embeddings`,
+`vision_projection`, `text_projection`, `itm_head`; the Q-Former built with
+`use_qformer_text_input`), so official retrieval checkpoints load 1:1. `itg_head` (BERT's LM head,
+its decoder tied to the Q-Former's word embeddings) and `temp` (the learnable ITC temperature) are
+LAVIS's and exist only in checkpoints `vlm` trains.
+
+`ImageTextModel` is the stage-1 model: vision tower, queries, Q-Former and these parts, no LLM.
+`VisionLanguageModel` carries the same parts when its config has `image_text_hidden_size`, so one
+checkpoint holds both stages. Scoring works on either (`ImageTextScoring`):
+
+    image = model.image_embeddings(pixel_values)        # (images, queries, D), normalised
+    text = model.text_embeddings(input_ids, mask)       # (texts, D), normalised
+    itc = model.itc_scores(image, text)                 # (images, texts): cosine, max over queries
+    itm = model.itm_scores(vision_features, ids, mask)  # (pairs,): match probability
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
+
+from .configuration import VLMConfig
+from .towers import build_qformer, build_vision_tower
+
+ITC_TEMPERATURE = 0.07  # BLIP-2's initial value
+
+
+class ItgHead(nn.Module):
+    """BERT's LM prediction head for image-grounded text generation (ITG)."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = ACT2FN[config.hidden_act] if isinstance(config.hidden_act, str) else config.hidden_act
+        self.LayerNorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden_size, config.vocab_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(self.act(self.dense(hidden_states))))
+
+
+def init_image_text_weights(model: nn.Module, module: nn.Module) -> None:
+    """`_init_weights` for the stage-1 parts (transformers' generic init knows neither)."""
+    if isinstance(module, Blip2TextEmbeddings):  # a non-persistent buffer: never in a checkpoint
+        length = module.position_ids.shape[-1]
+        module.position_ids.copy_(torch.arange(length, device=module.position_ids.device).expand((1, -1)))
+    elif module is model:
+        nn.init.constant_(model.temp, ITC_TEMPERATURE)
+
+
+def add_image_text_parts(model: nn.Module, config: VLMConfig) -> None:
+    """Give `model` the stage-1 modules for `config` (its Q-Former must read text)."""
+    qconfig = config.qformer_config
+    model.embeddings = Blip2TextEmbeddings(qconfig)
+    model.vision_projection = nn.Linear(qconfig.hidden_size, config.image_text_hidden_size)
+    model.text_projection = nn.Linear(qconfig.hidden_size, config.image_text_hidden_size)
+    model.itm_head = nn.Linear(qconfig.hidden_size, 2)
+    model.itg_head = ItgHead(qconfig)
+    model.temp = nn.Parameter(torch.tensor(ITC_TEMPERATURE))
+
+
+IMAGE_TEXT_MODULES = ("embeddings", "vision_projection", "text_projection", "itm_head", "itg_head", "temp")
+
+
+class ImageTextScoring:
+    """ITC / ITM scoring and embeddings for a model with the stage-1 parts (a mixin)."""
+
+    config: VLMConfig
+
+    def query_features(self, pixel_values=None, vision_features=None) -> torch.Tensor:
+        """The Q-Former's query outputs for images, `(images, queries, hidden)`."""
+        if vision_features is None:
+            vision_features = self.get_vision_features(pixel_values)
+        query_tokens = self.query_tokens.expand(vision_features.shape[0], -1, -1)
+        vision_features = vision_features.to(query_tokens.dtype)
+        mask = torch.ones(vision_features.shape[:-1], dtype=torch.long, device=vision_features.device)
+        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=vision_features,
+                            encoder_attention_mask=mask, return_dict=True).last_hidden_state
+
+    def image_embeddings(self, pixel_values=None, vision_features=None) -> torch.Tensor:
+        """Normalised image embeddings, one per query: `(images, queries, image_text_hidden_size)`."""
+        features = self.query_features(pixel_values, vision_features)
+        return nn.functional.normalize(self.vision_projection(features.to(self.vision_projection.weight.dtype)), dim=-1)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The Q-Former's text-only outputs (`(texts, length, hidden)`), as for ITC."""
+        embeds = self.embeddings(input_ids=input_ids)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        return self.qformer(query_embeds=embeds, query_length=0, attention_mask=mask.to(embeds.device),
+                            return_dict=True).last_hidden_state
+
+    def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised text embeddings from the [CLS] position: `(texts, image_text_hidden_size)`."""
+        cls = self.text_features(input_ids, attention_mask)[:, 0, :]
+        return nn.functional.normalize(self.text_projection(cls.to(self.text_projection.weight.dtype)), dim=-1)
+
+    @staticmethod
+    def itc_scores(image_embeds: torch.Tensor, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Image-text similarity `(images, texts)`: cosine, the best of the queries (no temperature)."""
+        return torch.einsum("iqd,td->itq", image_embeds, text_embeds.to(image_embeds.dtype)).max(dim=-1).values
+
+    def itm_logits(self, vision_features: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """ITM logits `(pairs, 2)` for row-aligned (image, text) pairs: queries and text attend to
+        each other (bidirectional), queries to the image; the head's output averaged over queries."""
+        query_tokens = self.query_tokens.expand(vision_features.shape[0], -1, -1)
+        num_queries = query_tokens.shape[1]
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        mask = torch.cat([torch.ones(mask.shape[0], num_queries, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        embeds = self.embeddings(input_ids=input_ids, query_embeds=query_tokens)
+        vision_features = vision_features.to(query_tokens.dtype)
+        image_mask = torch.ones(vision_features.shape[:-1], dtype=torch.long, device=vision_features.device)
+        hidden = self.qformer(query_embeds=embeds, query_length=num_queries, attention_mask=mask.to(embeds.device),
+                              encoder_hidden_states=vision_features, encoder_attention_mask=image_mask,
+                              return_dict=True).last_hidden_state
+        return self.itm_head(hidden[:, :num_queries, :].to(self.itm_head.weight.dtype)).mean(dim=1)
+
+    def itm_scores(self, vision_features: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Probability that each (image, text) pair matches, `(pairs,)`."""
+        return self.itm_logits(vision_features, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+
+
+class ImageTextModel(ImageTextScoring, PreTrainedModel):
+    """BLIP-2 stage 1: frozen vision tower, queries, Q-Former and the image-text heads; no LLM.
+
+    Reads `vlm` checkpoints (their LLM and projection are left out) and official
+    `Blip2ForImageTextRetrieval` checkpoints (weights 1:1).
+    """
+
+    config_class = VLMConfig
+    config: VLMConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    _supports_sdpa = True
+    _keep_in_fp32_modules = ["query_tokens", "qformer"]
+    _tied_weights_keys = {"itg_head.decoder.weight": "embeddings.word_embeddings.weight"}
+    # A `vlm` checkpoint also holds the LLM and the projection to it: not part of this model.
+    _keys_to_ignore_on_load_unexpected = [r"^language_model\.", r"^language_projection\."]
+
+    def __init__(self, config: VLMConfig):
+        super().__init__(config)
+
+        if not config.image_text_hidden_size:
+            raise ValueError("ImageTextModel needs config.image_text_hidden_size (the ITC/ITM heads' width)")
+        self.vision_model = build_vision_tower(config.vision_config)
+        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
+        self.qformer = build_qformer(config.qformer_config)
+        add_image_text_parts(self, config)
+        self.post_init()
+        self.vision_model.requires_grad_(False)
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if module is self:
+            nn.init.normal_(self.query_tokens, mean=0.0, std=self.config.initializer_range)
+        init_image_text_weights(self, module)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.embeddings.word_embeddings
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.embeddings.word_embeddings = value
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.itg_head.decoder
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        param = next(self.vision_model.parameters())
+        return self.vision_model(pixel_values=pixel_values.to(param.device, param.dtype),
+                                 return_dict=True).last_hidden_state
