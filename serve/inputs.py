@@ -34,6 +34,7 @@ class Item:
     prompt: str | None = None
     question: str | None = None
     error: str | None = None
+    text: str | None = None  # `vlm score`: the text to score against the image
 
     def fields(self, question: str | None = None) -> dict:
         """The identifying fields of this item's output row, given its effective question.
@@ -49,18 +50,20 @@ class Item:
             row["question"] = question
         elif self.prompt is not None:
             row["prompt"] = self.prompt
+        if self.text is not None:
+            row["text"] = self.text
         return row
 
 
 def row_key(row: dict) -> tuple:
-    """Identity of an output row: (resolved image file, question, prompt).
+    """Identity of an output row: (resolved image file, question, prompt, text).
 
     The file is the row's `path`, else its `image` (relative to the current folder), made
     absolute: two list files may both name `a.png` for different files, and two inputs that
     name the same file are true duplicates. Empty CSV cells count as absent.
     """
     where = row.get("path") or row.get("image") or ""
-    return (os.path.abspath(where), row.get("question") or None, row.get("prompt") or None)
+    return (os.path.abspath(where), row.get("question") or None, row.get("prompt") or None, row.get("text") or None)
 
 
 def is_image_name(name: str) -> bool:
@@ -80,7 +83,8 @@ def iter_items(inputs: Iterable[str]) -> Iterator[Item]:
     - a folder: image files below it (recursive, by extension), sorted per directory;
     - a glob (`photos/**/*.jpg`): matching image files, sorted;
     - a `.txt` (one path a line), `.csv` or `.jsonl` list: its entries, with optional per-row
-      `prompt` / `question`; relative paths resolve against the list file's folder;
+      `prompt` / `question` (captioning) or `text` (scoring); relative paths resolve against the
+      list file's folder;
     - any other file: an image, whatever its extension.
     """
     for arg in inputs:
@@ -123,7 +127,7 @@ def iter_list_file(list_path: str) -> Iterator[Item]:
                     raise VLMError(f"{list_path}: CSV list needs an 'image' column (got {reader.fieldnames})")
                 for row in reader:
                     yield _item(row.get("image") or "", base, row.get("prompt"), row.get("question"),
-                                where=f"{list_path}:{reader.line_num}")
+                                where=f"{list_path}:{reader.line_num}", text=row.get("text"))
             else:
                 for number, line in enumerate(f, 1):
                     if not line.strip():
@@ -137,15 +141,16 @@ def iter_list_file(list_path: str) -> Iterator[Item]:
                     if not isinstance(row, dict):
                         yield Item(where, where, error=f"{where}: expected a JSON object with an 'image' field")
                         continue
-                    yield _item(row.get("image") or "", base, row.get("prompt"), row.get("question"), where=where)
+                    yield _item(row.get("image") or "", base, row.get("prompt"), row.get("question"), where=where,
+                                text=row.get("text"))
     except UnicodeDecodeError:
         raise VLMError(f"{list_path}: list file is not UTF-8 text") from None
 
 
-def _item(image, base: str, prompt=None, question=None, where: str = "") -> Item:
+def _item(image, base: str, prompt=None, question=None, where: str = "", text=None) -> Item:
     if not isinstance(image, str) or not image:
         return Item(where, where, error=f"{where}: entry has no 'image'")
-    if not isinstance(prompt, (str, type(None))) or not isinstance(question, (str, type(None))):
-        return Item(image, image, error=f"{where}: 'prompt'/'question' must be strings")
+    if not all(isinstance(v, (str, type(None))) for v in (prompt, question, text)):
+        return Item(image, image, error=f"{where}: 'prompt'/'question'/'text' must be strings")
     path = image if os.path.isabs(image) else os.path.join(base, image)
-    return Item(image, path, prompt or None, question or None)
+    return Item(image, path, prompt or None, question or None, text=text or None)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -63,15 +64,16 @@ class PendingBatches:
         rank: int = 0,
         world: int = 1,
         skip: Callable[[Item], bool] | None = None,
+        expand: Callable[[Item], Iterable[Item]] | None = None,
     ):
         self.inputs, self.seen, self.batch_size, self.key = inputs, done, batch_size, key
-        self.rank, self.world, self.skip = rank, world, skip
+        self.rank, self.world, self.skip, self.expand = rank, world, skip, expand
         self.skipped_done = 0  # already in the output (or listed twice): every process counts these
         self.skipped_here = 0  # this process's share that `skip` rejected
 
     def __iter__(self) -> Iterator[list[Item]]:
         batch, index = [], 0
-        for item in iter_items(self.inputs):
+        for item in work_items(self.inputs, self.expand):
             key = self.key(item)
             if key in self.seen:
                 self.skipped_done += 1
@@ -91,11 +93,18 @@ class PendingBatches:
             yield batch
 
 
-def count_pending(inputs: list[str], done: set[tuple], key: Callable[[Item], tuple], world: int = 1) -> int:
+def work_items(inputs: list[str], expand: Callable[[Item], Iterable[Item]] | None = None) -> Iterator[Item]:
+    """The items of `inputs`, each replaced by `expand(item)` when given (scoring: one per text)."""
+    for item in iter_items(inputs):
+        yield from (expand(item) if expand is not None else (item,))
+
+
+def count_pending(inputs: list[str], done: set[tuple], key: Callable[[Item], tuple], world: int = 1,
+                  expand: Callable[[Item], Iterable[Item]] | None = None) -> int:
     """About how many items one process will do (a second, cheap pass over the listing)."""
     seen = set(done)
     total = 0
-    for item in iter_items(inputs):
+    for item in work_items(inputs, expand):
         k = key(item)
         if k not in seen:
             seen.add(k)
@@ -127,8 +136,9 @@ class BatchBuilder(Dataset):
         return (item.prompt if item.prompt is not None else self.prompt), None
 
     def fields(self, item: Item) -> dict:
-        """The identifying fields of `item`'s output row (caption, answer and error rows alike)."""
-        return item.fields(None if item.error else self.question_for(item))
+        """The identifying fields of `item`'s output row (caption, answer and error rows alike).
+        A list's `text` column (what `vlm score` reads) is not part of a caption row."""
+        return dataclasses.replace(item, text=None).fields(None if item.error else self.question_for(item))
 
     def key(self, item: Item) -> tuple:
         """`row_key` of the row `item` will get: what resume and de-duplication compare."""

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # The library core: what `import vlm` users get. It reaches the applications above it (demo,
 # training, serving) only through the entry-point registry, never by an import statement.
 CORE = ("configuration", "modeling", "processing", "loading", "build", "data", "metrics", "registry",
-        "images", "errors", "files")
+        "images", "errors", "files", "engine", "image_text", "stage1_losses", "towers", "preprocess")
 ABOVE_CORE = ("vlm.demo", "vlm.train", "vlm.serve")
 HEAVY = ("onnx", "gguf", "gradio", *ABOVE_CORE)
 

@@ -38,6 +38,8 @@ CORPUS = [
     "an astronaut, a rocket, a cup of coffee and a cat on a sofa",
     "user: describe the image. assistant: a small yellow rectangle.",
 ] * 20
+# Words the tiny BERT knows beyond the corpus (stage-1 captions tell pictures apart by them).
+EXTRA_WORDS = ["left", "right", "orange", "purple"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -65,10 +67,10 @@ def make_tokenizer(style: str = "llama", chat: bool = False) -> PreTrainedTokeni
 
 def make_bert(tmp: Path) -> Path:
     """A tiny BERT checkpoint (weights + WordPiece tokenizer) to initialise a Q-Former from."""
-    words = sorted({w for line in CORPUS for w in line.replace("?", " ").replace(".", " ").split()})
+    words = sorted({w for line in CORPUS for w in line.replace("?", " ").replace(".", " ").split()} | set(EXTRA_WORDS))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
     (tmp / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(tmp / "vocab.txt")).save_pretrained(tmp)
+    BertTokenizerFast(vocab={word: i for i, word in enumerate(vocab)}).save_pretrained(tmp)
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=len(vocab), hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128

@@ -37,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="checkpoint folder or hub id (default: the demo model)")
     p.add_argument("--data", required=True, help="data file or folder (for VQAv2: QUESTIONS.json[,ANNOTATIONS.json])")
-    p.add_argument("--task", required=True, choices=["caption", "vqa"], help="what to score")
+    p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval"],
+                   help="what to score (retrieval: image<->text recall@1/5/10 with ITC + ITM, on caption data; "
+                        "needs a model with BLIP-2's stage-1 heads)")
+    p.add_argument("--k-test", type=int, default=128,
+                   help="retrieval: ITC candidates per query re-ranked by ITM (default 128, as LAVIS)")
     p.add_argument("--out", help="write per-sample predictions and scores here (JSONL)")
     p.add_argument("--split", default="test", help="split of a Karpathy JSON or datasets folder (default: test)")
     p.add_argument("--image-root", help="folder relative image paths are under (default: the data file's folder)")
@@ -149,7 +153,6 @@ def main(argv: list[str] | None = None) -> int:
         raise VLMError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.limit is not None and args.limit < 1:
         raise VLMError(f"--limit must be at least 1, got {args.limit}")
-    gen_kwargs = generation_kwargs(args.task, args)
     if args.out and os.path.isdir(args.out):
         raise VLMError(f"--out {args.out}: is a folder; give a file name such as preds.jsonl")
 
@@ -157,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
 
     # The data is read and checked before the (slow) model load: bad rows fail fast.
     examples = load_examples(
-        args.data, task=args.task, image_root=args.image_root, split=args.split,
-        image_column=args.image_column, text_column=args.text_column, skip_bad_images=args.skip_bad_images,
+        args.data, task="caption" if args.task == "retrieval" else args.task, image_root=args.image_root,
+        split=args.split, image_column=args.image_column, text_column=args.text_column,
+        skip_bad_images=args.skip_bad_images,
     )
+    if args.task == "retrieval":
+        return evaluate_retrieval(args, examples)
+    gen_kwargs = generation_kwargs(args.task, args)
     if args.task == "caption":
         items = caption_items(examples)
         samples, references = [e for e, _ in items], [refs for _, refs in items]
@@ -190,6 +197,27 @@ def main(argv: list[str] | None = None) -> int:
         "predictions": args.out,
         "seconds": round(time.perf_counter() - started, 2),
     }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def evaluate_retrieval(args: argparse.Namespace, examples) -> int:
+    """`--task retrieval`: recall both ways (see `retrieval.py`), printed as the JSON summary."""
+    from vlm import load_pretrained
+
+    from .retrieval import retrieval_metrics
+
+    if args.k_test < 1:
+        raise VLMError(f"--k-test must be at least 1, got {args.k_test}")
+    samples = list(examples)[: args.limit] if args.limit else list(examples)
+    started = time.perf_counter()
+    model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    if not model.config.has_image_text_heads or getattr(processor, "qformer_tokenizer", None) is None:
+        raise VLMError(f"{args.model or 'the demo model'}: has no image-text (ITC/ITM) heads for --task retrieval")
+    metrics = retrieval_metrics(model, processor, samples, k_test=args.k_test, batch_size=args.batch_size)
+    summary = {"task": "retrieval", "model": args.model or "demo", "data": args.data, "samples": len(samples),
+               "skipped_bad_images": examples.skipped, "metrics": metrics, "k_test": args.k_test,
+               "seconds": round(time.perf_counter() - started, 2)}
     print(json.dumps(summary, indent=2))
     return 0
 

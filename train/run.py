@@ -61,6 +61,8 @@ def train(
         eval_examples = load_data(config, config.data.eval)
     if config.recipe == "align":
         check_align_data(train_examples)
+        if args.world_size > 1:  # its loss is computed outside the model's forward, which DDP needs
+            raise VLMError("the align recipe runs in one process; launch it without accelerate/torchrun")
     resume_from = find_resume_checkpoint(config.output_dir, config.resume)
 
     set_seed(config.seed)  # LoRA init draws from the RNG: same seed, same starting weights
@@ -91,8 +93,7 @@ def train(
     if config.recipe == "stage1":
         tokenizer = qformer_tokenizer(processor)
         weights = {"itc": config.stage1.itc, "itm": config.stage1.itm, "itg": config.stage1.itg}
-        trainer.use_stage1_loss(decoder_start_id(tokenizer), tokenizer.pad_token_id, weights,
-                                config.stage1.hard_negatives)
+        trainer.use_stage1_loss(decoder_start_id(tokenizer), weights, config.stage1.hard_negatives)
     result = trainer.train(resume_from_checkpoint=resume_from)
     cache = trainer.vision_cache
     if cache is not None and args.should_log:

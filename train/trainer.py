@@ -40,7 +40,6 @@ from .collate import IGNORE_INDEX
 from .config import BRIDGE_MODULES, TrainConfig
 from .recipes import resolve_precision
 from .save import STAGING_DIR, TRAINABLE_WEIGHTS, base_model, load_trainable, replace_dir, save_trainable
-from .stage1 import stage1_losses
 from .vision_cache import VisionFeatureCache
 
 logger = logging.getLogger(__name__)
@@ -57,10 +56,9 @@ class VLMTrainer(Trainer):
 
     stage1_settings: dict | None = None  # `stage1` recipe: stage1_losses keyword arguments
 
-    def use_stage1_loss(self, decoder_start_id: int, pad_id: int, weights: dict, negatives: str) -> None:
-        """Train with BLIP-2's stage-1 losses (ITC + ITM + ITG, `stage1.py`), each logged."""
-        self.stage1_settings = {"decoder_start_id": decoder_start_id, "pad_id": pad_id, "weights": weights,
-                                "negatives": negatives}
+    def use_stage1_loss(self, decoder_start_id: int, weights: dict, negatives: str) -> None:
+        """Train with BLIP-2's stage-1 losses (ITC + ITM + ITG, `vlm.stage1_losses`), each logged."""
+        self.stage1_settings = {"decoder_start_id": decoder_start_id, "weights": weights, "negatives": negatives}
         self.loss_is_scaled_for_ga = False  # per-batch means: Trainer divides across accumulation steps
         self._stage1_sums: dict[str, float] = {}
         self._stage1_count = 0
@@ -73,9 +71,11 @@ class VLMTrainer(Trainer):
             self._stage1_sums, self._stage1_count = {}, 0
         super().log(logs, *args, **kwargs)
 
-    def _stage1_loss(self, bare, inputs):
+    def _stage1_loss(self, model, inputs):
+        # Through the (DDP-)wrapped model: a loss computed on the bare model would skip DDP's
+        # gradient all-reduce, and each process would train on its own gradients.
         with self.accelerator.autocast():
-            losses = stage1_losses(bare, inputs, **self.stage1_settings)
+            losses = model(**inputs, **self.stage1_settings)
         for name in ("itc", "itm", "itg"):
             self._stage1_sums[name] = self._stage1_sums.get(name, 0.0) + float(losses[name].detach())
         self._stage1_count += 1
@@ -94,7 +94,7 @@ class VLMTrainer(Trainer):
             with self.accelerator.autocast():  # what the model's own forward runs under
                 inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
         if self.stage1_settings is not None:
-            loss = self._stage1_loss(bare, inputs)
+            loss = self._stage1_loss(model, inputs)
             return (loss, {"loss": loss}) if return_outputs else loss
         if self.align_ignore_ids is not None:
             with self.accelerator.autocast():

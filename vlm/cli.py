@@ -14,8 +14,9 @@ SUBCOMMANDS = {
     "chat": ("vlm.serve.chat", "web chat about images (Gradio), with the OpenAI-compatible API under /v1"),
     "serve": ("vlm.serve.server", "the OpenAI-compatible API alone (/v1/chat/completions, /v1/models)"),
     "caption": ("vlm.serve.caption", "caption or ask questions about many images, to JSONL/CSV/txt"),
-    "train": ("vlm.train.cli", "fine-tune: bridge, LoRA, QLoRA or full"),
-    "eval": ("vlm.train.evaluate", "score a model on caption or VQA data"),
+    "score": ("vlm.serve.score", "image-text agreement (BLIP-2 ITC/ITM) for many pairs, to JSONL/CSV"),
+    "train": ("vlm.train.cli", "train: BLIP-2 stage 1, bridge, LoRA, QLoRA or full"),
+    "eval": ("vlm.train.evaluate", "score a model on caption, VQA or retrieval data"),
     "export": ("vlm.train.export", "merge LoRA and write a standalone checkpoint"),
     "build": ("vlm.build", "compose a new model from a vision tower, an LLM and a Q-Former init"),
 }

@@ -171,7 +171,46 @@ class ImageTextModel(ImageTextScoring, PreTrainedModel):
     def get_output_embeddings(self) -> nn.Module:
         return self.itg_head.decoder
 
+    def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, image_ids: torch.Tensor,
+                pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                decoder_start_id: int = 0, weights: dict[str, float] | None = None, negatives: str = "sample",
+                **kwargs) -> dict[str, torch.Tensor]:
+        """BLIP-2's stage-1 losses for a batch of (image, caption) pairs: `loss`, `itc`, `itm`, `itg`.
+
+        `text_ids` / `text_mask`: the captions in the Q-Former's tokenizer; `image_ids`: an integer
+        naming each row's image (captions of one image are both positives); `decoder_start_id`: the
+        token ITG starts decoding from. See `vlm.stage1_losses`. Under DDP, call it through the
+        wrapped model (as `Trainer` does) so that gradients are averaged.
+        """
+        from .stage1_losses import stage1_losses
+
+        batch = {"text_ids": text_ids, "text_mask": text_mask, "image_ids": image_ids,
+                 "pixel_values": pixel_values, "vision_features": vision_features}
+        return stage1_losses(self, batch, decoder_start_id, weights, negatives)
+
     def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         param = next(self.vision_model.parameters())
         return self.vision_model(pixel_values=pixel_values.to(param.device, param.dtype),
                                  return_dict=True).last_hidden_state
+
+
+@torch.inference_mode()
+def score_pairs(model, tokenizer, pixel_values: torch.Tensor, pairs: list[tuple[int, str]],
+                max_length: int = 512) -> list[tuple[float, float]]:
+    """`(itc, itm)` for each `(image row of pixel_values, text)` pair, each image and text encoded once.
+
+    `model` is an `ImageTextModel` or a `VisionLanguageModel` with the stage-1 parts; `tokenizer`
+    the Q-Former's (`processor.qformer_tokenizer`)."""
+    used = sorted({i for i, _ in pairs})
+    vision = model.get_vision_features(pixel_values[used])
+    row = {image: r for r, image in enumerate(used)}
+    texts = list(dict.fromkeys(t for _, t in pairs))
+    column = {t: c for c, t in enumerate(texts)}
+    device = vision.device
+    encoded = tokenizer(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    ids, mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
+    itc = model.itc_scores(model.image_embeddings(vision_features=vision), model.text_embeddings(ids, mask))
+    images = torch.tensor([row[i] for i, _ in pairs], device=device)
+    columns = torch.tensor([column[t] for _, t in pairs], device=device)
+    itm = model.itm_scores(vision[images], ids[columns], mask[columns])
+    return [(float(itc[r, c]), float(p)) for r, c, p in zip(images.tolist(), columns.tolist(), itm.tolist())]

@@ -1,11 +1,12 @@
-"""BLIP-2 stage 1 (the `stage1` recipe): the Q-Former learns from captions with no LLM at all.
+"""BLIP-2's stage-1 losses (`ImageTextModel.forward`, the `stage1` recipe): no LLM at all.
 
 Three objectives on one batch of (image, caption) pairs, as in LAVIS's `Blip2Qformer`:
 
 - ITC, image-text contrastive: each caption's [CLS] embedding against each image's query
   embeddings, the best query counting (max), divided by a learnable temperature (init 0.07);
   cross-entropy both ways with label smoothing 0.1. Under DDP the features of every process are
-  gathered (with their gradients), so each caption is contrasted with the whole global batch.
+  gathered, so each caption is contrasted with the whole global batch (as LAVIS does), and the
+  gradients equal those of one process holding the whole batch.
 - ITM, image-text matching: for each image a hard negative caption and for each caption a hard
   negative image, drawn from the ITC similarities (softmax weights, never a pair of the same
   image); queries and text attend to each other; the 2-way head on the query outputs, averaged.
@@ -25,31 +26,50 @@ LABEL_SMOOTHING = 0.1
 IGNORE_INDEX = -100
 
 
-def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """All processes' rows, in rank order; gradients flow back to each row's owner."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    from torch.distributed.nn.functional import all_gather
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside a multi-process run."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
-    return torch.cat(all_gather(tensor), dim=0)
+
+def gather(tensor: torch.Tensor, keep_local_grad: bool = False) -> torch.Tensor:
+    """Every process's rows, in rank order. With `keep_local_grad`, this process's own rows are the
+    local tensor itself (gradients flow into them); the others are constants."""
+    rank, size = world()
+    if size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(size)]
+    dist.all_gather(parts, tensor.detach().contiguous())
+    if keep_local_grad:
+        parts[rank] = tensor
+    return torch.cat(parts, dim=0)
 
 
 def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: torch.Tensor, temp: torch.Tensor):
-    """(loss, image->text similarity, text->image similarity) of this process's rows.
+    """(loss, image->text similarity, text->image similarity, positives) of this process's rows.
 
     `image_embeds` (B, queries, D) and `text_embeds` (B, D) are normalised; `image_ids` name the
-    image of each row, so two captions of one image are both positives.
+    image of each row, so two captions of one image are both positives. Under DDP every process
+    computes the loss of the whole global batch, its own rows carrying the gradients, scaled by the
+    number of processes: DDP's gradient average then equals the gradient of one process holding the
+    whole batch, and no collective runs in the backward pass.
     """
-    images_all, texts_all = gather_with_grad(image_embeds), gather_with_grad(text_embeds)
-    ids_all = gather_with_grad(image_ids)
-    sim_i2t = torch.einsum("iqd,td->itq", image_embeds, texts_all).max(dim=-1).values / temp
-    sim_t2i = torch.einsum("td,iqd->tiq", text_embeds, images_all).max(dim=-1).values / temp
-    positives = image_ids[:, None] == ids_all[None, :]
+    rank, size = world()
+    batch = image_embeds.shape[0]
+    if size > 1:  # every process sees the whole loss through `temp`: keep its gradient unscaled
+        temp = temp / size + temp.detach() * (1 - 1 / size)
+    images_all = gather(image_embeds, keep_local_grad=True)
+    texts_all = gather(text_embeds, keep_local_grad=True)
+    ids_all = gather(image_ids)
+    sim_i2t = torch.einsum("iqd,td->itq", images_all, texts_all).max(dim=-1).values / temp
+    positives = ids_all[:, None] == ids_all[None, :]
     # The row's own pair, shared with any other caption of the same image (one-hot when none).
     targets = positives.float() / positives.sum(dim=1, keepdim=True)
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
-            + F.cross_entropy(sim_t2i, targets, label_smoothing=LABEL_SMOOTHING)) / 2
-    return loss, sim_i2t, sim_t2i, positives
+            + F.cross_entropy(sim_i2t.t(), targets.t(), label_smoothing=LABEL_SMOOTHING)) / 2
+    mine = slice(rank * batch, (rank + 1) * batch)
+    return loss * size, sim_i2t[mine], sim_i2t.t()[mine], positives[mine]
 
 
 @torch.no_grad()
@@ -65,8 +85,7 @@ def hard_negatives(sim: torch.Tensor, positives: torch.Tensor, mode: str = "samp
 
 def itm_loss(model, vision_features, text_ids, text_mask, sim_i2t, sim_t2i, positives, mode="sample"):
     """ITM over B positive pairs, B (image, negative text) and B (negative image, text) pairs."""
-    vision_all = gather_with_grad(vision_features.contiguous())
-    ids_all, mask_all = gather_with_grad(text_ids), gather_with_grad(text_mask)
+    vision_all, ids_all, mask_all = gather(vision_features), gather(text_ids), gather(text_mask)
     negative_text = hard_negatives(sim_i2t, positives, mode)  # a caption for each image
     negative_image = hard_negatives(sim_t2i, positives, mode)  # an image for each caption
     images = torch.cat([vision_features, vision_features, vision_all[negative_image]])
@@ -92,7 +111,7 @@ def itg_mask(query_count: int, text_mask: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~allowed[:, None], torch.finfo(mask.dtype).min).to(text_mask.device)
 
 
-def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int, pad_id: int):
+def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int):
     """Next-token loss of the caption decoded from the queries (which see the image)."""
     decoder_ids = text_ids.clone()
     decoder_ids[:, 0] = decoder_start_id
@@ -112,7 +131,7 @@ def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int,
                            ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING)
 
 
-def stage1_losses(model: nn.Module, batch: dict, decoder_start_id: int, pad_id: int,
+def stage1_losses(model: nn.Module, batch: dict, decoder_start_id: int,
                   weights: dict[str, float] | None = None, negatives: str = "sample") -> dict[str, torch.Tensor]:
     """The three losses and their weighted sum (`loss`) for a batch of (image, caption) pairs.
 
@@ -131,7 +150,7 @@ def stage1_losses(model: nn.Module, batch: dict, decoder_start_id: int, pad_id: 
     out["itc"], sim_i2t, sim_t2i, positives = itc_loss(image_embeds, text_embeds, image_ids, model.temp)
     out["itm"] = itm_loss(model, vision, text_ids, text_mask, sim_i2t, sim_t2i, positives, negatives) \
         if weights.get("itm") else torch.zeros((), device=text_ids.device)
-    out["itg"] = itg_loss(model, vision, text_ids, text_mask, decoder_start_id, pad_id) \
+    out["itg"] = itg_loss(model, vision, text_ids, text_mask, decoder_start_id) \
         if weights.get("itg") else torch.zeros((), device=text_ids.device)
     out["loss"] = sum(weights.get(name, 0.0) * out[name] for name in ("itc", "itm", "itg"))
     return out

@@ -1,0 +1,186 @@
+"""`vlm score`: how well texts and images agree (BLIP-2's ITC and ITM), for many pairs, to JSONL/CSV."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import time
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Dataset
+
+from vlm.engine import split_on_oom
+from vlm.errors import VLMError
+from vlm.image_text import score_pairs
+from vlm.images import load_image
+from vlm.preprocess import make_preprocess
+
+from .batch_run import (
+    Summary,
+    add_run_arguments,
+    distributed,
+    exit_status,
+    finish_outputs,
+    make_writer,
+    prepare_outputs,
+    sum_over_processes,
+    worker_count,
+)
+from .inputs import Item, check_inputs, row_key
+from .writers import part_path
+
+SCORE_FIELDS = ["image", "text", "itc", "itm", "error", "path"]
+
+DESCRIPTION = """\
+Score image-text pairs with BLIP-2's stage-1 heads: one row per (image, text) pair,
+  {"image": ..., "text": ..., "itc": cosine similarity (-1..1), "itm": match probability (0..1)}
+  {"image": ..., "text": ..., "error": ...}          the image could not be read
+
+Pairs: every image of INPUT with every --text, or a .csv/.jsonl list whose rows have an 'image'
+and a 'text' column (then each row is one pair; --text adds nothing to rows that have a text).
+Uses: filtering a dataset's pairs by agreement (keep rows with itm > 0.5), ranking candidate
+captions, zero-shot labels (--text "a photo of a cat" --text "a photo of a dog").
+
+The model needs the stage-1 parts: an official Blip2ForImageTextRetrieval checkpoint
+(Salesforce/blip2-itm-vit-g), a `vlm train --recipe stage1` output, or a model trained from one.
+Resumable like `vlm caption`: re-run the same command and the pairs already written are skipped.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vlm score", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or .txt/.csv/.jsonl lists")
+    p.add_argument("--text", action="append", default=[], metavar="T", help="a text to score every image against "
+                   "(repeatable)")
+    p.add_argument("--out", required=True, help="output file (.jsonl or .csv); re-running with it resumes")
+    p.add_argument("--format", choices=["jsonl", "csv"], help="default: from --out's extension, else jsonl")
+    add_run_arguments(p, batch_default=64, what="pairs")
+    p.add_argument("--overwrite", action="store_true", help="start --out afresh instead of resuming")
+    return p
+
+
+@dataclasses.dataclass
+class ScoreBatch:
+    items: list[Item]
+    rows: list[dict | None]
+    todo: list[int] = dataclasses.field(default_factory=list)
+    pixels: torch.Tensor | None = None  # one row per distinct image of the batch
+    pairs: list[tuple[int, str]] = dataclasses.field(default_factory=list)  # (pixel row, text) per todo item
+
+
+class PairBuilder(Dataset):
+    """Items -> `ScoreBatch` in DataLoader workers: each distinct image decoded once."""
+
+    def __init__(self, processor, texts: list[str]):
+        self.preprocess = make_preprocess(processor.image_processor)
+        self.texts = texts
+
+    def expand(self, item: Item) -> Iterator[Item]:
+        """One work item per (image, text) pair."""
+        if item.error or item.text:
+            yield item
+        elif not self.texts:
+            yield dataclasses.replace(item, error="no text to score: give --text or a 'text' column")
+        else:
+            for text in self.texts:
+                yield dataclasses.replace(item, text=text)
+
+    @staticmethod
+    def key(item: Item) -> tuple:
+        return row_key(item.fields())
+
+    def __len__(self) -> int:  # never used: batches come from the sampler
+        raise TypeError("PairBuilder is indexed by batches of items")
+
+    def __getitem__(self, items: list[Item]) -> ScoreBatch:
+        batch = ScoreBatch(items, [None] * len(items))
+        slots: dict[str, int | VLMError] = {}
+        pixels = []
+        for i, item in enumerate(items):
+            if item.error:
+                batch.rows[i] = {**item.fields(), "error": item.error}
+                continue
+            if item.path not in slots:
+                try:
+                    pixels.append(self.preprocess(load_image(item.path)))
+                    slots[item.path] = len(pixels) - 1
+                except VLMError as e:  # load_image names the file and the decode error
+                    slots[item.path] = e
+            if isinstance(slots[item.path], VLMError):
+                batch.rows[i] = {**item.fields(), "error": str(slots[item.path])}
+                continue
+            batch.todo.append(i)
+            batch.pairs.append((slots[item.path], item.text))
+        batch.pixels = torch.stack(pixels) if pixels else None
+        return batch
+
+
+def score_rows(model, tokenizer, batch: ScoreBatch) -> list[dict]:
+    """The batch's rows: ITC and ITM for each pair (split in halves on out-of-memory)."""
+    rows = list(batch.rows)
+    if not batch.todo:
+        return rows
+
+    def run(indices: list[int]):
+        return score_pairs(model, tokenizer, batch.pixels, [batch.pairs[i] for i in indices])
+
+    for i, result in zip(batch.todo, split_on_oom(run, list(range(len(batch.todo))))):
+        fields = batch.items[i].fields()
+        if isinstance(result, BaseException):
+            rows[i] = {**fields, "error": "out of memory for this pair even alone"}
+        else:
+            rows[i] = {**fields, "itc": round(result[0], 6), "itm": round(result[1], 6)}
+    return rows
+
+
+def load_scorer(args: argparse.Namespace, device: str | None):
+    """The model and its Q-Former tokenizer; a VLMError for a model without the stage-1 heads."""
+    from vlm.loading import load_pretrained
+
+    model, processor = load_pretrained(args.model, device=device, dtype=args.dtype)
+    if not model.config.has_image_text_heads or getattr(processor, "qformer_tokenizer", None) is None:
+        raise VLMError(f"{args.model or 'the demo model'}: has no image-text (ITC/ITM) heads; score with a "
+                       "Blip2ForImageTextRetrieval checkpoint or a `vlm train --recipe stage1` output")
+    return model, processor
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `vlm score`; returns the exit status (as `vlm caption`'s)."""
+    from tqdm import tqdm
+
+    from .pipeline import PendingBatches, batch_loader, count_pending
+
+    args = build_parser().parse_args(argv)
+    fmt = args.format or ("csv" if args.out.lower().endswith(".csv") else "jsonl")
+    check_inputs(args.inputs)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    rank, world, state = distributed(args.device)
+    done = prepare_outputs(args.out, args.overwrite, fmt, state)
+    writer = make_writer(fmt, part_path(args.out, rank) if world > 1 else args.out, part=world > 1,
+                         fields=SCORE_FIELDS)
+    model, processor = load_scorer(args, args.device or (str(state.device) if state is not None else None))
+    builder = PairBuilder(processor, args.text)
+    pending = PendingBatches(args.inputs, done, args.batch_size, builder.key, rank, world, expand=builder.expand)
+    total = None if args.no_progress else count_pending(args.inputs, done, builder.key, world, builder.expand)
+    summary = Summary(verb="scored", unit="pairs")
+    start = time.perf_counter()
+    bar = tqdm(total=total, unit="pair", desc="score", disable=args.no_progress or None, dynamic_ncols=True)
+    try:
+        for batch in batch_loader(pending, builder, worker_count(args.num_workers)):
+            rows = writer.write(score_rows(model, processor.qformer_tokenizer, batch))
+            summary.errors += sum("error" in r for r in rows)
+            summary.done += sum("error" not in r for r in rows)
+            bar.update(len(rows))
+    finally:
+        bar.close()
+        writer.close()
+    summary.skipped = pending.skipped_done + pending.skipped_here
+    if state is not None:
+        sum_over_processes(summary, pending.skipped_done, pending.skipped_here, state)
+    summary.seconds = time.perf_counter() - start
+    if rank == 0:
+        finish_outputs(args.out, fmt, summary, 0, fields=SCORE_FIELDS)
+    return exit_status(summary, args.max_error_rate)

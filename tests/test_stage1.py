@@ -1,0 +1,308 @@
+"""BLIP-2 stage 1: parity with transformers' retrieval model, the three losses, learning, processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import Blip2ForImageTextRetrieval, Blip2Processor
+
+import tiny
+from vlm import load_pretrained
+from vlm.cli import main as vlm_main
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).parent.parent
+TEXTS = ["a red circle", "a blue square on a white background", "the quick brown fox", "a cat"]
+
+
+# -- parity with transformers' Blip2ForImageTextRetrieval ----------------------------------------------
+@pytest.fixture(scope="module", params=[dict(width=32, layers=2, image_text_hidden_size=16),
+                                        dict(width=64, layers=4, image_text_hidden_size=32, num_query_tokens=6)],
+                ids=["small", "wider"])
+def retrieval_dir(request, tmp_path_factory):
+    return tiny.save_official_retrieval(tmp_path_factory.mktemp("retrieval"), seed=7, **request.param)
+
+
+def transformers_scores(folder: Path, image: Image.Image, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    model = Blip2ForImageTextRetrieval.from_pretrained(folder).eval()
+    processor = Blip2Processor.from_pretrained(folder)
+    with torch.no_grad():
+        itc = model(**processor(images=image, text=texts, return_tensors="pt", padding=True)).logits_per_image[0]
+        itm = torch.stack([model(**processor(images=image, text=t, return_tensors="pt"),
+                                 use_image_text_matching_head=True).logits_per_image.softmax(-1)[0, 1] for t in texts])
+    return itc, itm
+
+
+def test_itc_and_itm_equal_transformers_through_the_api_and_vlm_score(retrieval_dir, tmp_path):
+    model, processor = load_pretrained(str(retrieval_dir), device="cpu")
+    assert type(model).__name__ == "ImageTextModel"
+    images = [tiny.random_image(i) for i in range(2)]
+    for i, image in enumerate(images):
+        image.save(tmp_path / f"{i}.png")
+    want = [transformers_scores(retrieval_dir, image, TEXTS) for image in images]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    tokens = processor.qformer_tokenizer(TEXTS, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        itc = model.itc_scores(model.image_embeddings(pixels), model.text_embeddings(**_ids(tokens)))
+        vision = model.get_vision_features(pixels)
+        for i, (want_itc, want_itm) in enumerate(want):
+            torch.testing.assert_close(itc[i], want_itc, atol=1e-5, rtol=0)
+            pairs = vision[i].expand(len(TEXTS), -1, -1)
+            torch.testing.assert_close(model.itm_scores(pairs, **_ids(tokens)), want_itm, atol=1e-5, rtol=0)
+    out = tmp_path / "scores.jsonl"
+    args = [str(tmp_path / "0.png"), str(tmp_path / "1.png"), "--out", str(out), "--model", str(retrieval_dir),
+            "--num-workers", "0", "--no-progress", *[a for t in TEXTS for a in ("--text", t)]]
+    assert vlm_main(["score", *args]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(Path(r["image"]).name, r["text"]) for r in rows] == [(f"{i}.png", t) for i in range(2) for t in TEXTS]
+    for r in rows:
+        i, t = int(Path(r["image"]).stem), TEXTS.index(r["text"])
+        assert abs(r["itc"] - float(want[i][0][t])) < 1e-5 and abs(r["itm"] - float(want[i][1][t])) < 1e-5
+
+
+def _ids(tokens) -> dict:
+    return {"input_ids": tokens["input_ids"], "attention_mask": tokens["attention_mask"]}
+
+
+def test_score_rows_lists_errors_and_resume(retrieval_dir, tmp_path, capsys):
+    tiny.random_image(0).save(tmp_path / "ok.png")
+    (tmp_path / "bad.png").write_text("not an image")
+    listing = tmp_path / "pairs.jsonl"
+    listing.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"image": "ok.png", "text": "a cat"}, {"image": "bad.png", "text": "a dog"}, {"image": "ok.png"}]))
+    out = tmp_path / "out.csv"
+    assert vlm_main(["score", str(listing), "--out", str(out), "--model", str(retrieval_dir),
+                     "--num-workers", "0", "--no-progress"]) == 1  # 2 of 3 failed: over the default rate
+    rows = out.read_text().splitlines()
+    assert rows[0] == "image,text,itc,itm,error,path" and len(rows) == 4
+    assert "not an image" in rows[2] and "no text to score" in rows[3]
+    assert vlm_main(["score", str(listing), "--out", str(out), "--model", str(retrieval_dir), "--text", "a cow",
+                     "--num-workers", "0", "--no-progress", "--max-error-rate", "1"]) == 0
+    assert "scored 1, errors 0, skipped 2" in capsys.readouterr().err  # only the new (ok.png, a cow) pair
+
+
+# -- the losses against direct computations -----------------------------------------------------------
+def test_itc_loss_is_symmetric_smoothed_cross_entropy_over_the_best_query():
+    from vlm.stage1_losses import LABEL_SMOOTHING, itc_loss
+
+    torch.manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(3, 4, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    temp = torch.tensor(0.07)
+    loss, sim_i2t, sim_t2i, positives = itc_loss(image, text, torch.tensor([10, 11, 12]), temp)
+    sims = torch.tensor([[max(float(image[i, q] @ text[t]) for q in range(4)) for t in range(3)] for i in range(3)])
+    torch.testing.assert_close(sim_i2t, sims / 0.07)
+    torch.testing.assert_close(sim_t2i, sims.t() / 0.07)
+
+    def smoothed_ce(logits):
+        logp = logits.log_softmax(dim=1)
+        target = torch.full_like(logp, LABEL_SMOOTHING / 3) + torch.eye(3) * (1 - LABEL_SMOOTHING)
+        return -(target * logp).sum(dim=1).mean()
+
+    torch.testing.assert_close(loss, (smoothed_ce(sims / 0.07) + smoothed_ce(sims.t() / 0.07)) / 2)
+    # Two captions of one image: both are that image's positives.
+    _, _, _, positives = itc_loss(image, text, torch.tensor([10, 10, 12]), temp)
+    assert positives.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+
+
+def test_hard_negatives_are_never_a_positive():
+    from vlm.stage1_losses import hard_negatives
+
+    torch.manual_seed(0)
+    ids = torch.tensor([0, 0, 1, 2, 3])
+    positives = ids[:, None] == ids[None, :]
+    sim = torch.randn(5, 5) * 5
+    sim[positives] = 100.0  # the positives are by far the most similar
+    for _ in range(200):
+        drawn = hard_negatives(sim, positives)
+        assert not positives[torch.arange(5), drawn].any()
+    hardest = hard_negatives(sim, positives, "hardest")
+    expected = sim.masked_fill(positives, -1e9).argmax(dim=1)
+    assert torch.equal(hardest, expected)
+
+
+@pytest.fixture(scope="module")
+def stage1_base(tmp_path_factory):
+    """A `vlm build` output with the stage-1 parts (BERT-initialised text side), dropout off."""
+    from vlm.build import compose_model
+
+    root = tmp_path_factory.mktemp("stage1-parts")
+    (root / "bert").mkdir()
+    model, processor = compose_model(str(tiny.save_vision_part(root / "vision", "clip")),
+                                     str(tiny.save_llm_part(root / "llm", "llama", chat=True)),
+                                     qformer_init=str(tiny.make_bert(root / "bert")), num_query_tokens=4,
+                                     image_text_hidden_size=16)
+    model.qformer.config.hidden_dropout_prob = model.qformer.config.attention_probs_dropout_prob = 0.0
+    model.config.qformer_config.hidden_dropout_prob = 0.0
+    model.config.qformer_config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(root / "built")
+    processor.save_pretrained(root / "built")
+    return root / "built"
+
+
+def test_itg_masks_and_loss(stage1_base):
+    from vlm.train.recipes import load_image_text_model
+    from vlm.stage1_losses import IGNORE_INDEX, LABEL_SMOOTHING, itg_loss, itg_mask
+
+    mask = itg_mask(2, torch.tensor([[1, 1, 0]]))[0, 0] == 0  # True: may attend
+    assert mask.tolist() == [
+        [True, True, False, False, False],  # queries see queries only
+        [True, True, False, False, False],
+        [True, True, True, False, False],  # text: the queries and itself, causally
+        [True, True, True, True, False],
+        [True, True, True, True, False],  # padding is seen by nobody (its own row does not matter)
+    ]
+    model, processor = load_image_text_model(str(stage1_base), device="cpu", dtype=torch.float32)
+    model.eval()
+    tokens = processor.qformer_tokenizer(["a red circle", "a blue square on white"], padding=True,
+                                         return_tensors="pt")
+    vision = model.get_vision_features(processor.image_processor([tiny.random_image(0)] * 2,
+                                                                 return_tensors="pt")["pixel_values"])
+    ids, text_mask = tokens["input_ids"], tokens["attention_mask"]
+    loss = itg_loss(model, vision, ids, text_mask, decoder_start_id=5)
+    # Direct: the same forward written out, the shifted next-token cross-entropy over real tokens.
+    decoder = ids.clone()
+    decoder[:, 0] = 5
+    queries = model.query_tokens.expand(2, -1, -1)
+    embeds = model.embeddings(input_ids=decoder, query_embeds=queries)
+    hidden = model.qformer(query_embeds=embeds, query_length=4, attention_mask=itg_mask(4, text_mask),
+                           encoder_hidden_states=vision, return_dict=True).last_hidden_state
+    logits = model.itg_head(hidden[:, 4:])
+    labels = decoder.masked_fill(text_mask == 0, IGNORE_INDEX)[:, 1:]
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING)
+    torch.testing.assert_close(loss, want)
+    # Causality: changing a later token changes no earlier prediction; queries never see the text.
+    changed = decoder.clone()
+    changed[0, 3] = 7
+    other = model.qformer(query_embeds=model.embeddings(input_ids=changed, query_embeds=queries), query_length=4,
+                          attention_mask=itg_mask(4, text_mask), encoder_hidden_states=vision,
+                          return_dict=True).last_hidden_state
+    torch.testing.assert_close(other[0, :4 + 3], hidden[0, :4 + 3])
+    assert not torch.allclose(other[0, 4 + 3], hidden[0, 4 + 3])
+
+
+# -- training --------------------------------------------------------------------------------------------
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220), "yellow": (230, 210, 20)}
+SHAPES = ("circle", "square", "triangle")
+
+
+def shape_picture(colour: str, shape: str, left: bool) -> Image.Image:
+    image = Image.new("RGB", (30, 30), "white")
+    box = (2, 8, 14, 20) if left else (16, 8, 28, 20)
+    draw = ImageDraw.Draw(image)
+    if shape == "circle":
+        draw.ellipse(box, fill=COLOURS[colour])
+    elif shape == "square":
+        draw.rectangle(box, fill=COLOURS[colour])
+    else:
+        draw.polygon([(box[0], box[3]), (box[2], box[3]), ((box[0] + box[2]) // 2, box[1])], fill=COLOURS[colour])
+    return image
+
+
+def captioned_pictures(folder: Path) -> Path:
+    """24 pictures, each with its own caption: 4 colours x 3 shapes x 2 sides."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for colour in COLOURS:
+        for shape in SHAPES:
+            for left in (True, False):
+                name = f"{colour}-{shape}-{'left' if left else 'right'}.png"
+                shape_picture(colour, shape, left).save(folder / name)
+                rows.append({"image": name, "text": f"a {colour} {shape} on the {'left' if left else 'right'}"})
+    (folder / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder / "captions.jsonl"
+
+
+def top1(scores: dict, names: list[str], texts: list[str]) -> tuple[float, float]:
+    matrix = torch.tensor([[scores[(n, t)] for t in texts] for n in names])
+    i2t = (matrix.argmax(dim=1) == torch.arange(len(names))).float().mean()
+    t2i = (matrix.argmax(dim=0) == torch.arange(len(texts))).float().mean()
+    return float(i2t), float(t2i)
+
+
+def test_stage1_learns_retrieval_and_stage2_keeps_its_parts(stage1_base, tmp_path):
+    data = captioned_pictures(tmp_path / "pictures")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    names, texts = [r["image"] for r in rows], [r["text"] for r in rows]
+    listing = tmp_path / "all-pairs.jsonl"
+    listing.write_text("".join(json.dumps({"image": str(data.parent / n), "text": t}) + "\n"
+                               for n in names for t in texts))
+
+    def measure(model_dir: Path) -> tuple[float, float]:
+        out = tmp_path / f"scores-{model_dir.name}.jsonl"
+        assert vlm_main(["score", str(listing), "--out", str(out), "--model", str(model_dir), "--num-workers", "0",
+                         "--no-progress", "--overwrite"]) == 0
+        scores = {}
+        for line in out.read_text().splitlines():
+            r = json.loads(line)
+            scores[(Path(r["image"]).name, r["text"])] = r["itc"]
+        return top1(scores, names, texts)
+
+    before = measure(stage1_base)
+    assert max(before) < 0.5  # chance is 1/24
+    out = tmp_path / "stage1"
+    assert vlm_main(["train", "--recipe", "stage1", "--model", str(stage1_base), "--train-data", str(data),
+                     "--output-dir", str(out), "--max-steps", "500", "--batch-size", "12", "--learning-rate",
+                     "3e-3", "report_to=none", "data.num_workers=0", "logging_steps=100", "warmup=20",
+                     "save_steps=1000"]) == 0
+    i2t, t2i = measure(out)
+    assert i2t >= 0.8 and t2i >= 0.8, (before, (i2t, t2i))
+    summary = subprocess.run([sys.executable, "-m", "vlm.cli", "eval", "--model", str(out), "--data", str(data),
+                              "--task", "retrieval", "--k-test", "8"], capture_output=True, text=True, timeout=300)
+    assert summary.returncode == 0, summary.stderr[-2000:]
+    metrics = json.loads(summary.stdout)["metrics"]
+    print(f"\nstage1 on 24 pictures, 500 steps: ITC top-1 {i2t:.2f} / {t2i:.2f}; ITM-reranked {metrics}")
+    assert metrics["txt_r1"] >= 80 and metrics["img_r1"] >= 80 and metrics["images"] == 24, metrics
+    # Stage 2 from the stage-1 output: the LLM is there, and the stage-1 heads are kept as trained.
+    bridge = tmp_path / "bridge"
+    assert vlm_main(["train", "--recipe", "bridge", "--model", str(out), "--train-data", str(data),
+                     "--output-dir", str(bridge), "--max-steps", "2", "report_to=none", "data.num_workers=0"]) == 0
+    trained, _ = load_pretrained(str(out), device="cpu")
+    after, _ = load_pretrained(str(bridge), device="cpu")
+    assert type(after).__name__ == "VisionLanguageModel"
+    for name in ("itm_head.weight", "text_projection.weight", "embeddings.word_embeddings.weight", "temp"):
+        assert torch.equal(after.state_dict()[name], trained.state_dict()[name]), name
+    assert measure(bridge) == (i2t, t2i)
+
+
+def test_two_processes_equal_one_process(stage1_base, tmp_path):
+    """DDP (gloo): ITC over features gathered from both processes, ITM's hardest negatives among them.
+    Plain SGD, so that equal gradients mean equal weights (Adam's first steps turn float noise in
+    near-zero gradients into full-size steps)."""
+    data = captioned_pictures(tmp_path / "pictures")
+    common = ["--recipe", "stage1", "--model", str(stage1_base), "--train-data", str(data), "--max-steps", "3",
+              "--learning-rate", "0.5", "training_args.optim=sgd", "report_to=none", "data.num_workers=0",
+              "stage1.hard_negatives=hardest", "save_steps=1000", "warmup=0", "vision_cache_gb=0"]
+    single = tmp_path / "single"
+    assert vlm_main(["train", *common, "--output-dir", str(single), "--batch-size", "8"]) == 0
+    double = tmp_path / "double"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "vlm.cli", "train",
+           *common, "--output-dir", str(double), "--batch-size", "4"]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = (load_pretrained(str(folder), device="cpu")[0].state_dict() for folder in (single, double))
+    start = load_pretrained(str(stage1_base), device="cpu")[0].state_dict()
+    trained = [k for k in one if k.split(".")[0] != "language_model" and one[k].is_floating_point()
+               and not torch.equal(one[k], start[k])]
+    assert {"query_tokens", "temp", "itm_head.weight", "text_projection.weight", "itg_head.dense.weight"} <= set(trained)
+    for name in trained:
+        torch.testing.assert_close(two[name], one[name], atol=1e-5, rtol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_retrieval_recall_counts_shared_captions():
+    from vlm.train.retrieval import recall_at
+
+    # Text rows x 3 image columns; text 0 is the caption of images 0 and 1, text 1 of image 2.
+    scores = torch.tensor([[0.1, 0.9, 0.3], [0.8, 0.2, 0.5]])
+    # Text 0 ranks image 1 first: a hit although image 0 has that caption too. Text 1: image 2 second.
+    assert recall_at(scores, {0: {0, 1}, 1: {2}}, ks=(1, 2)) == {1: 0.5, 2: 1.0}
