@@ -51,7 +51,7 @@ def test_half_written_records_are_ignored_and_cut(tmp_path):
     w.close()
     with open(path, "a") as f:
         f.write('{"image": "c", "capt')
-    assert read_done([str(path)]) == {(os.path.abspath("a"), None, None), (os.path.abspath("b"), None, None)}
+    assert read_done([str(path)]) == {(os.path.abspath("a"), None, None, None), (os.path.abspath("b"), None, None, None)}
     JsonlWriter(str(path)).close()  # opening for append cuts the tail
     assert path.read_text().count("\n") == 2 and path.read_text().endswith("}\n")
 
