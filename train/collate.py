@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlm.data import open_example_image
+from vlm.data import open_example_images
 from vlm.errors import VLMError
 from vlm.processing import VLMProcessor
 
@@ -66,41 +66,33 @@ def _chat_segments(example, processor: VLMProcessor) -> list[tuple[str, bool]]:
     return segments
 
 
-def encode_example(
-    example, processor: VLMProcessor, image: Image.Image | None, max_length: int
-) -> dict[str, Any]:
-    """`input_ids`, `labels` (IGNORE_INDEX off-target) and, with an image, `pixel_values` (+ Q-Former ids).
+def encode_example(example, processor: VLMProcessor, images: list[Image.Image] | Image.Image | None,
+                   max_length: int) -> dict[str, Any]:
+    """`input_ids`, `labels` (IGNORE_INDEX off-target) and, with images, `pixel_values` (+ Q-Former ids).
 
-    `image` None is a text-only sample (LLaVA data has them): no image tokens, no `pixel_values`.
-    The image goes where its `<image>` marker is, in whichever turn that is; with no marker it
-    goes in front of the prompt, as the processor places it at inference.
+    `images` empty (or None) is a text-only sample (LLaVA data has them): no image tokens, no
+    `pixel_values`. Each image goes where its `<image>` marker is, in whichever turn that is; with
+    no marker (one image) it goes in front of the prompt, as the processor places it at inference.
     """
+    images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
     segments = render_segments(example, processor)
-    check_image_markers(example, segments, processor, has_image=image is not None)
-    prompt = segments[0][0]
-    marker_later = image is not None and processor.image_token not in prompt and any(
-        processor.image_token in text for text, _ in segments[1:]
-    )
-    # The processor expands/places the image tokens exactly as `vlm caption` / `vlm chat` do.
-    enc = processor(images=None if image is None or marker_later else [image], text=prompt)
-    image_enc = None if marker_later else enc
-    input_ids = enc["input_ids"][0].tolist()
-    labels = [IGNORE_INDEX] * len(input_ids)
-    tokenizer = processor.tokenizer
-    text_so_far = prompt
-    for text, carries_loss in segments[1:]:
-        if carries_loss and text_so_far and not text_so_far[-1].isspace() and not text.startswith((" ", "\n")):
+    check_image_markers(example, segments, processor, num_images=len(images))
+    marker = processor.image_token
+    in_front = len(images) if not any(marker in text for text, _ in segments) else 0
+    input_ids, labels, qformer_rows = [], [], []
+    text_so_far = ""
+    for k, (text, carries_loss) in enumerate(segments):
+        if k and carries_loss and text_so_far and not text_so_far[-1].isspace() and not text.startswith((" ", "\n")):
             text = " " + text  # "a photo of" + " a cat", as generation would continue it
-        if processor.image_token in text:
-            # The image's marker is in a later turn: expanded to the image tokens by the processor,
-            # which also gives that image's pixels (and instruction ids) from this turn's text.
-            image_enc = processor(images=[image], text=text, add_special_tokens=False)
-            ids = image_enc["input_ids"][0].tolist()
-        else:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        # The processor lays out the image tokens exactly as `vlm caption` / `vlm chat` do.
+        enc = processor(text=text, images_per_text=[text.count(marker) or (in_front if k == 0 else 0)],
+                        add_special_tokens=k == 0)
+        ids = enc["input_ids"][0].tolist()
+        qformer_rows += enc["qformer_input_ids"].tolist() if "qformer_input_ids" in enc else []
         input_ids += ids
-        labels += [IGNORE_INDEX if not carries_loss or t == processor.image_token_id else t for t in ids]
+        labels += [t if carries_loss and t != processor.image_token_id else IGNORE_INDEX for t in ids]
         text_so_far += text
+    tokenizer = processor.tokenizer
     if example.task != "chat" or tokenizer.eos_token not in text_so_far:
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
@@ -113,10 +105,10 @@ def encode_example(
             )
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     out = {"input_ids": input_ids, "labels": labels}
-    if image is not None:
-        out["pixel_values"] = image_enc["pixel_values"]
-        if "qformer_input_ids" in image_enc:
-            out["qformer_input_ids"] = image_enc["qformer_input_ids"][0].tolist()
+    if images:
+        out["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        if qformer_rows:
+            out["qformer_input_ids"] = qformer_rows
     return out
 
 
@@ -137,20 +129,23 @@ def count_image_markers(example, processor: VLMProcessor) -> int:
     return count
 
 
-def check_image_markers(example, segments, processor: VLMProcessor, has_image: bool) -> None:
-    """A VLMError naming the row unless its `<image>` markers fit its image (0 or 1 with, 0 without)."""
+def check_image_markers(example, segments, processor: VLMProcessor, num_images: int) -> None:
+    """A VLMError naming the row unless its `<image>` markers fit its images (one image may go
+    without a marker, in front; several need one marker each)."""
     markers = sum(text.count(processor.image_token) for text, _ in segments)
-    _check_marker_count(example, markers, has_image, processor.image_token)
+    _check_marker_count(example, markers, num_images, processor.image_token)
 
 
-def _check_marker_count(example, markers: int, has_image: bool, marker: str) -> None:
+def _check_marker_count(example, markers: int, num_images: int, marker: str) -> None:
     where = example.source or "example"
-    if not has_image and example.task != "chat":
+    if not num_images and example.task != "chat":
         raise VLMError(f"{where}: {example.task} example has no image")
-    if not has_image and markers:
+    if not num_images and markers:
         raise VLMError(f"{where}: text-only example holds {markers} {marker} marker(s) but no image")
-    if has_image and markers > 1:
-        raise VLMError(f"{where}: holds {markers} {marker} markers for one image (one image per example)")
+    if num_images == 1 and markers > 1:
+        raise VLMError(f"{where}: holds {markers} {marker} markers for one image")
+    if num_images > 1 and markers != num_images:
+        raise VLMError(f"{where}: holds {markers} {marker} markers for {num_images} images (one marker each)")
 
 
 class TrainDataset(Dataset):
@@ -164,9 +159,8 @@ class TrainDataset(Dataset):
         if len(examples) == 0:
             raise VLMError("the dataset is empty")
         for example in examples:
-            _check_marker_count(
-                example, count_image_markers(example, processor), example.image is not None, processor.image_token
-            )
+            _check_marker_count(example, count_image_markers(example, processor), len(example.images),
+                                processor.image_token)
         self.examples = examples
         self.processor = processor
         self.max_length = max_length
@@ -176,10 +170,11 @@ class TrainDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         example = self.examples[index]
-        image = open_example_image(example) if example.image is not None else None
-        sample = encode_example(example, self.processor, image, self.max_length)
-        if image is not None:  # names the image for the trainer's vision feature cache
-            sample["image_key"] = example.image if isinstance(example.image, str) else example.source
+        images = open_example_images(example)
+        sample = encode_example(example, self.processor, images, self.max_length)
+        if images:  # names each image for the trainer's vision feature cache
+            sample["image_keys"] = [image if isinstance(image, str) else f"{example.source}#{i}"
+                                    for i, image in enumerate(example.images)]
         return sample
 
 
@@ -205,9 +200,9 @@ class Collator:
         with_image = [s for s in samples if "pixel_values" in s]
         if with_image:
             batch["pixel_values"] = torch.cat([s["pixel_values"] for s in with_image])
-            if all("image_key" in s for s in with_image):
-                batch["image_keys"] = [s["image_key"] for s in with_image]
-        qformer_rows = [s["qformer_input_ids"] for s in with_image if "qformer_input_ids" in s]
+            if all("image_keys" in s for s in with_image):
+                batch["image_keys"] = [key for s in with_image for key in s["image_keys"]]
+        qformer_rows = [row for s in with_image for row in s.get("qformer_input_ids", [])]
         if qformer_rows:
             qwidth = max(len(r) for r in qformer_rows)
             batch["qformer_input_ids"] = _pad(qformer_rows, qwidth, self.qformer_pad_token_id)

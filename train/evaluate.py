@@ -22,9 +22,11 @@ from vlm.errors import VLMError
 DEFAULTS = {
     "caption": {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8, "length_penalty": 1.0},
     "vqa": {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 0, "length_penalty": -1.0},
+    # A conversation's last answer, greedy (chat models are served greedy by default).
+    "chat": {"num_beams": 1, "max_new_tokens": 16, "min_new_tokens": 0, "length_penalty": 1.0},
 }
 # Per-group VQA reports, when the data has these fields (VQAv2 annotations do).
-GROUP_FIELDS = ("question_type", "answer_type")
+GROUP_FIELDS = ("question_type", "answer_type", "kind")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", help="checkpoint folder or hub id (default: the demo model)")
     p.add_argument("--data", required=True, help="data file or folder (for VQAv2: QUESTIONS.json[,ANNOTATIONS.json])")
-    p.add_argument("--task", required=True, choices=["caption", "vqa", "retrieval"],
-                   help="what to score (retrieval: image<->text recall@1/5/10 with ITC + ITM, on caption data; "
-                        "needs a model with BLIP-2's stage-1 heads)")
+    p.add_argument("--task", required=True, choices=["caption", "vqa", "chat", "retrieval"],
+                   help="what to score (chat: the last assistant turn of each conversation, given the turns "
+                        "before it and its images, scored like a VQA answer; retrieval: image<->text "
+                        "recall@1/5/10 with ITC + ITM, on caption data; needs a model with BLIP-2's stage-1 heads)")
     p.add_argument("--k-test", type=int, default=128,
                    help="retrieval: ITC candidates per query re-ranked by ITM (default 128, as LAVIS)")
     p.add_argument("--out", help="write per-sample predictions and scores here (JSONL)")
@@ -106,13 +109,35 @@ def predict(model, processor, examples: Sequence, task: str, batch_size: int, ge
     opened: dict = {}
     requests = []
     for e in examples:
-        key = e.image if isinstance(e.image, str) else id(e.image)
-        if key not in opened:
-            opened[key] = engine.encoder.pixels(open_example_image(e))
-        prompt = processor.caption_prompt or "" if task == "caption" else processor.format_question(e.question)
-        requests.append(Request(prompt, [opened[key]], settings))
+        pixels = []
+        for image in e.images:
+            key = image if isinstance(image, str) else id(image)
+            if key not in opened:
+                opened[key] = engine.encoder.pixels(open_example_image(e, image))
+            pixels.append(opened[key])
+        requests.append(Request(_prompt(processor, e, task), pixels, settings))
     with tqdm(total=len(requests), desc="generating", unit="sample", file=sys.stderr) as bar:
         return [c.text for c in engine.generate(requests, on_batch=bar.update)]
+
+
+def _prompt(processor, example, task: str) -> str:
+    """What the model reads for an example: the caption prompt, the question's template, or the
+    conversation up to (not including) its last assistant turn, with the chat template."""
+    if task == "caption":
+        return processor.caption_prompt or ""
+    if task == "chat":
+        return processor.format_chat(example.conversation[:-1])
+    return processor.format_question(example.question)
+
+
+def chat_references(examples: Sequence) -> list[list[str]]:
+    """The reference answer of each conversation: its last turn, which must be the assistant's."""
+    out = []
+    for e in examples:
+        if not e.conversation or e.conversation[-1]["role"] != "assistant":
+            raise VLMError(f"{e.source}: a chat eval row must end with the assistant turn to compare with")
+        out.append([e.conversation[-1]["content"]])
+    return out
 
 
 def score(task: str, examples: Sequence, references: Sequence[list[str]], predictions: Sequence[str]) -> tuple[dict, list[dict]]:
@@ -133,7 +158,8 @@ def score(task: str, examples: Sequence, references: Sequence[list[str]], predic
     metrics = {"accuracy": 100 * result["accuracy"]}
     groups: dict = {f: defaultdict(list) for f in GROUP_FIELDS}
     for e, answers, pred, s in zip(examples, references, predictions, result["per_sample"]):
-        records.append({"image": _image_name(e), "source": e.source, "question": e.question, "prediction": pred,
+        question = e.question if e.task != "chat" else e.conversation[-2]["content"]
+        records.append({"image": _image_name(e), "source": e.source, "question": question, "prediction": pred,
                         "answers": answers, "accuracy": 100 * s, **e.meta})
         for f in GROUP_FIELDS:
             if f in e.meta:
@@ -170,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.task == "caption":
         items = caption_items(examples)
         samples, references = [e for e, _ in items], [refs for _, refs in items]
+    elif args.task == "chat":
+        samples, references = list(examples), chat_references(examples)
     else:
         samples, references = list(examples), [list(e.answers) for e in examples]
     if args.limit:

@@ -125,8 +125,7 @@ def finish(
     if not examples:
         raise VLMError(f"{path}: no examples (the dataset is empty)")
     image_of = image_of or (lambda e: e.image if isinstance(e.image, str) else None)
-    targets = [image_of(e) for e in examples]
-    checks = [(i, t) for i, t in enumerate(targets) if t is not None]
+    checks = [(i, t) for i, e in enumerate(examples) for t in [image_of(e), *e.extra_images] if t is not None]
     problems = _check_all([t for _, t in checks])
     bad = {checks[k][0]: p for k, p in enumerate(problems) if p is not None}
     if bad and not skip_bad_images:

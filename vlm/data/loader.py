@@ -94,16 +94,23 @@ def _load_file(path: Path, task, root: Path, split, image_column, text_column) -
                    f"(use .json, .jsonl, .csv or .tsv; supported: {FORMATS_HELP})")
 
 
-def open_example_image(example: Example) -> Image.Image:
-    """The example's image as RGB (decoded now; `VLMError` naming the file if it cannot be)."""
-    if isinstance(example.image, str):
-        return load_image(example.image)
-    if isinstance(example.image, Image.Image):
+def open_example_image(example: Example, image=None) -> Image.Image:
+    """The example's (first, or the given) image as RGB, decoded now; a `VLMError` naming the file
+    if it cannot be."""
+    image = example.image if image is None else image
+    if isinstance(image, str):
+        return load_image(image)
+    if isinstance(image, Image.Image):
         try:
-            return to_rgb(example.image)
+            return to_rgb(image)
         except (OSError, ValueError, SyntaxError) as e:
             raise VLMError(f"{example.source}: cannot decode the embedded image ({e})") from None
     raise VLMError(f"{example.source or 'example'}: has no image")
+
+
+def open_example_images(example: Example) -> list[Image.Image]:
+    """All of the example's images, decoded (empty for a text-only row)."""
+    return [open_example_image(example, image) for image in example.images]
 
 
 def _from_rows(rows, path: Path, task, root: Path, image_column: str, text_column: str) -> list[Example]:
@@ -115,7 +122,18 @@ def _from_rows(rows, path: Path, task, root: Path, image_column: str, text_colum
             continue
         if image_column not in row:
             raise row_error(source, f"missing field {image_column!r} (the image path); fields present: {', '.join(sorted(row))}")
-        image = resolve_image_path(row[image_column], root, source, image_column)
+        value = row[image_column]
+        if isinstance(value, list):  # a conversation about several images, one marker each
+            if not value:
+                raise row_error(source, f"field {image_column!r} is an empty list")
+            paths = [resolve_image_path(v, root, source, image_column) for v in value]
+            example = row_to_example(row, task or "chat", source, paths[0], text_column, image_column)
+            if example.task != "chat":
+                raise row_error(source, f"several images in {image_column!r}: only chat rows can have them")
+            example.extra_images = paths[1:]
+            examples.append(example)
+            continue
+        image = resolve_image_path(value, root, source, image_column)
         examples.append(row_to_example(row, task, source, image, text_column, image_column))
     return examples
 

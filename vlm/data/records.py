@@ -29,6 +29,13 @@ class Example:
     # Extra fields of the row kept for evaluation reports (question_id, question_type, answer_type,
     # image_id...). Never used for training; an addition after the agreed fields, so defaults to {}.
     meta: dict = field(default_factory=dict)
+    # chat task: the second and later images of a conversation (one `<image>` marker each).
+    extra_images: list = field(default_factory=list)
+
+    @property
+    def images(self) -> list:
+        """Every image of the example, in the order of their markers (empty for text-only rows)."""
+        return [] if self.image is None else [self.image, *self.extra_images]
 
     @property
     def target(self) -> str:

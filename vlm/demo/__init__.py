@@ -51,6 +51,9 @@ TEXT_CHAT_FILE = HERE / "text_chat.jsonl"
 # Text rows are ~4% of `easyvqa:train_chat` (145 prompts x 12 among ~42,600 image rows): about
 # one per batch of 32, enough to keep text answers, few enough not to slow the image training.
 TEXT_REPEATS = 12
+# Bump when conversations.py changes what it writes.
+CONVERSATIONS_VERSION = 1
+CONVERSATION_FILES = ("train_conversations", "test_followups", "test_two_images", "test_paraphrases")
 
 
 def demo_source() -> Path:
@@ -68,12 +71,15 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
     """easy-vqa as JSONL, fetched and written on first use (only the 3 MB easy-vqa wheel).
 
     Returns paths keyed `train_vqa`, `train_captions`, `test_vqa`, `test_captions`, `train` /
-    `test` (VQA and caption rows together), and `train_chat`: `train` plus the base LLM's own
-    answers to general text-only prompts (`TEXT_CHAT_FILE`), what the demo's LoRA trains on so that
-    the LLM keeps its text chat. VQA rows are `{image, question, answer, question_type, image_id}`,
-    caption rows `{image, text, image_id}`, text rows `{messages}`.
+    `test` (VQA and caption rows together), `train_chat`: `train` plus the base LLM's own
+    answers to general text-only prompts (`TEXT_CHAT_FILE`), so that a LoRA keeps the LLM's text
+    chat; the conversations of `conversations.py` (`train_conversations`, and the test sets
+    `test_followups`, `test_two_images`, `test_paraphrases`); and `train_dialog`, what the demo's
+    LoRA trains on: half the VQA rows, the captions, the conversations and the text rows.
+    VQA rows are `{image, question, answer, question_type, image_id}`, caption rows
+    `{image, text, image_id}`, text rows `{messages}`, conversations `{image(s), messages}`.
     """
-    from . import easyvqa, fetch
+    from . import conversations, easyvqa, fetch
     from .pipeline import stage
 
     root = demo_root(cache_dir)
@@ -90,6 +96,17 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
         digest = hashlib.sha256(text.encode()).hexdigest()[:8]
         files["train_chat"] = _write_once(out / f"train_chat-{digest}.jsonl",
                                           lambda: files["train"].read_text() + text * TEXT_REPEATS)
+        talks = stage(root / f"conversations-v{CONVERSATIONS_VERSION}",
+                      lambda tmp: conversations.write_all(files, tmp))
+        files.update({name: talks / f"{name}.jsonl" for name in CONVERSATION_FILES})
+
+        def dialog_mix() -> str:
+            vqa = files["train_vqa"].read_text().splitlines(keepends=True)[::2]
+            return "".join(vqa) + files["train_captions"].read_text() + \
+                files["train_conversations"].read_text() + text * TEXT_REPEATS
+
+        files["train_dialog"] = _write_once(
+            out / f"train_dialog-v{CONVERSATIONS_VERSION}-{digest}.jsonl", dialog_mix)
     return files
 
 

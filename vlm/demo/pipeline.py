@@ -37,7 +37,7 @@ from . import fetch
 logger = logging.getLogger(__name__)
 
 # Bump when the recipe below changes what a checkpoint holds.
-BUILD_VERSION = 2
+BUILD_VERSION = 3  # 3: the Q-Former text side and stage-1 heads (vlm build with a BERT init)
 # 8 queries (BLIP-2 uses 32): one easy-vqa shape needs few, and every query token is paid for in
 # each LLM step of training and chat; CPU training of the demo was sized by this.
 NUM_QUERY_TOKENS = 8
