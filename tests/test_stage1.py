@@ -110,6 +110,9 @@ def test_itc_loss_is_symmetric_smoothed_cross_entropy_over_the_best_query():
     # Two captions of one image: both are that image's positives.
     _, _, _, positives = itc_loss(image, text, torch.tensor([10, 10, 12]), temp)
     assert positives.tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    # Two images with the same caption ("a red circle" in easy-vqa): positives too.
+    _, _, _, positives = itc_loss(image, text, torch.tensor([10, 11, 12]), temp, caption_ids=torch.tensor([7, 8, 7]))
+    assert positives.tolist() == [[True, False, True], [False, True, False], [True, False, True]]
 
 
 def test_hard_negatives_are_never_a_positive():

@@ -17,8 +17,9 @@ MAX_TEXT_LENGTH = 32
 DECODER_START_TOKENS = ("[DEC]", "[unused0]", "<s>")
 
 
-def image_id(key: str) -> int:
-    """A stable integer for an image: the same on every process, so gathered rows can be compared."""
+def stable_id(key: str) -> int:
+    """A stable integer for an image or a caption: the same on every process, so gathered rows can
+    be compared."""
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=7).digest(), "big")
 
 
@@ -65,7 +66,8 @@ class Stage1Collator:
         return {
             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
             "image_keys": keys,
-            "image_ids": torch.tensor([image_id(k) for k in keys], dtype=torch.long),
+            "image_ids": torch.tensor([stable_id(k) for k in keys], dtype=torch.long),
+            "caption_ids": torch.tensor([stable_id(s["text"]) for s in samples], dtype=torch.long),
             "text_ids": text["input_ids"],
             "text_mask": text["attention_mask"],
         }

@@ -173,18 +173,20 @@ class ImageTextModel(ImageTextScoring, PreTrainedModel):
 
     def forward(self, text_ids: torch.Tensor, text_mask: torch.Tensor, image_ids: torch.Tensor,
                 pixel_values: torch.Tensor | None = None, vision_features: torch.Tensor | None = None,
+                caption_ids: torch.Tensor | None = None,
                 decoder_start_id: int = 0, weights: dict[str, float] | None = None, negatives: str = "sample",
                 **kwargs) -> dict[str, torch.Tensor]:
         """BLIP-2's stage-1 losses for a batch of (image, caption) pairs: `loss`, `itc`, `itm`, `itg`.
 
         `text_ids` / `text_mask`: the captions in the Q-Former's tokenizer; `image_ids`: an integer
-        naming each row's image (captions of one image are both positives); `decoder_start_id`: the
+        naming each row's image (captions of one image are both positives), `caption_ids` each row's
+        caption (equal captions are positives too); `decoder_start_id`: the
         token ITG starts decoding from. See `vlm.stage1_losses`. Under DDP, call it through the
         wrapped model (as `Trainer` does) so that gradients are averaged.
         """
         from .stage1_losses import stage1_losses
 
-        batch = {"text_ids": text_ids, "text_mask": text_mask, "image_ids": image_ids,
+        batch = {"text_ids": text_ids, "text_mask": text_mask, "image_ids": image_ids, "caption_ids": caption_ids,
                  "pixel_values": pixel_values, "vision_features": vision_features}
         return stage1_losses(self, batch, decoder_start_id, weights, negatives)
 

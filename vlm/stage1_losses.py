@@ -46,11 +46,13 @@ def gather(tensor: torch.Tensor, keep_local_grad: bool = False) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: torch.Tensor, temp: torch.Tensor):
+def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: torch.Tensor, temp: torch.Tensor,
+             caption_ids: torch.Tensor | None = None):
     """(loss, image->text similarity, text->image similarity, positives) of this process's rows.
 
     `image_embeds` (B, queries, D) and `text_embeds` (B, D) are normalised; `image_ids` name the
-    image of each row, so two captions of one image are both positives. Under DDP every process
+    image of each row, so two captions of one image are both positives; `caption_ids` name each
+    row's caption text, so two images with the same caption are both positives too. Under DDP every process
     computes the loss of the whole global batch, its own rows carrying the gradients, scaled by the
     number of processes: DDP's gradient average then equals the gradient of one process holding the
     whole batch, and no collective runs in the backward pass.
@@ -64,6 +66,9 @@ def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: t
     ids_all = gather(image_ids)
     sim_i2t = torch.einsum("iqd,td->itq", images_all, texts_all).max(dim=-1).values / temp
     positives = ids_all[:, None] == ids_all[None, :]
+    if caption_ids is not None:
+        captions_all = gather(caption_ids)
+        positives |= captions_all[:, None] == captions_all[None, :]
     # The row's own pair, shared with any other caption of the same image (one-hot when none).
     targets = positives.float() / positives.sum(dim=1, keepdim=True)
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
@@ -135,19 +140,21 @@ def stage1_losses(model: nn.Module, batch: dict, decoder_start_id: int,
                   weights: dict[str, float] | None = None, negatives: str = "sample") -> dict[str, torch.Tensor]:
     """The three losses and their weighted sum (`loss`) for a batch of (image, caption) pairs.
 
-    `batch`: `pixel_values` or `vision_features`, `text_ids`, `text_mask`, `image_ids`.
+    `batch`: `pixel_values` or `vision_features`, `text_ids`, `text_mask`, `image_ids`, optionally
+    `caption_ids` (equal captions are positives).
     """
     weights = weights or {"itc": 1.0, "itm": 1.0, "itg": 1.0}
     vision = batch.get("vision_features")
     if vision is None:
         vision = model.get_vision_features(batch["pixel_values"])
     text_ids, text_mask, image_ids = batch["text_ids"], batch["text_mask"], batch["image_ids"]
+    caption_ids = batch.get("caption_ids")
     with torch.no_grad():
         model.temp.clamp_(0.001, 0.5)  # LAVIS keeps the temperature in this range
     image_embeds = model.image_embeddings(vision_features=vision)
     text_embeds = model.text_embeddings(text_ids, text_mask)
     out = {}
-    out["itc"], sim_i2t, sim_t2i, positives = itc_loss(image_embeds, text_embeds, image_ids, model.temp)
+    out["itc"], sim_i2t, sim_t2i, positives = itc_loss(image_embeds, text_embeds, image_ids, model.temp, caption_ids)
     out["itm"] = itm_loss(model, vision, text_ids, text_mask, sim_i2t, sim_t2i, positives, negatives) \
         if weights.get("itm") else torch.zeros((), device=text_ids.device)
     out["itg"] = itg_loss(model, vision, text_ids, text_mask, decoder_start_id) \
