@@ -94,12 +94,15 @@ def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
         completion = await run_in_threadpool(stream.result)
         if completion.error is not None:
             raise _generation_error(completion.error)
-        return {
+        body = {
             "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": settings.model_name,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
                          "finish_reason": _finish(completion.finish_reason)}],
             "usage": _usage(completion),
         }
+        if completion.warning:  # not in OpenAI's schema: clients that do not know it ignore it
+            body["warning"] = completion.warning
+        return body
 
     return app
 
@@ -313,7 +316,8 @@ async def _events(stream, reply_id: str, model: str, include_usage: bool):
         async for piece in iterate_in_threadpool(iter(stream)):
             yield chunk({"content": piece})
         completion = stream.completion
-        yield chunk({}, _finish(completion.finish_reason))
+        warning = {"warning": completion.warning} if completion.warning else {}
+        yield chunk({}, _finish(completion.finish_reason), **warning)
         if include_usage:
             body = json.loads(chunk({})[len("data: "):])
             body["choices"], body["usage"] = [], _usage(completion)

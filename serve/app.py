@@ -99,6 +99,8 @@ def make_respond(frontend: ChatFrontend):
             return
         finally:
             stream.cancel()  # the page's stop button or a client that went away ends this reply only
+        if stream.completion is not None and stream.completion.warning:
+            gr.Warning(stream.completion.warning[0].upper() + stream.completion.warning[1:] + ".")
         if not reply.strip():
             yield notice("The model produced no text for this message; try rephrasing or a higher temperature.")
 

@@ -196,6 +196,8 @@ def caption_rows(engine: InferenceEngine, batch: Batch, builder: BatchBuilder) -
             continue
         row = builder.fields(item)
         row["answer" if "question" in row else "caption"] = completion.text
+        if completion.warning:
+            row["warning"] = completion.warning
         rows[i] = row
     return rows
 

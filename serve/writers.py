@@ -24,7 +24,7 @@ from .inputs import row_key
 
 FORMATS = ("jsonl", "csv", "txt")
 # "path" is last so files written before it existed keep their column order.
-CSV_FIELDS = ["image", "prompt", "question", "caption", "answer", "error", "path"]
+CSV_FIELDS = ["image", "prompt", "question", "caption", "answer", "error", "path", "warning"]
 _CHUNK = 1 << 20
 
 

@@ -127,7 +127,7 @@ def test_questions_share_one_image_encoding(tmp_path, blip2_opt_dir):
     assert [r.get("question") for r in rows] == [*questions, None]
     assert all(r.get("answer") for r in rows[:3]) and rows[3].get("caption")
     with open(out, newline="") as f:
-        assert next(csv.reader(f)) == ["image", "prompt", "question", "caption", "answer", "error", "path"]
+        assert next(csv.reader(f)) == ["image", "prompt", "question", "caption", "answer", "error", "path", "warning"]
 
 
 def test_txt_format_writes_beside_images_never_overwrites(tmp_path, blip2_opt_dir):

@@ -68,6 +68,9 @@ class Stage1Settings(_Section):
     # "sample": drawn from the ITC similarities (LAVIS); "hardest": the most similar (deterministic)
     hard_negatives: Literal["sample", "hardest"] = "sample"
     max_text_length: int = 32  # caption tokens (BERT) per pair
+    # false: the word embeddings (and the ITG decoder tied to them) stay as initialised, e.g.
+    # BERT's: a small vocabulary of captions changes few rows, and the rest need not be shipped.
+    train_word_embeddings: bool = True
 
 
 class PromptConfig(_Section):
@@ -105,6 +108,9 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     # CPU memory for caching frozen vision features (each image encoded once; 0 turns it off)
     vision_cache_gb: float = 4.0
+    # Training images whose vision-feature statistics the output records, so that the model warns
+    # about images unlike them (vlm.novelty); 0: none.
+    novelty_images: int = 1024
     logging_steps: int = 10
     save_steps: int = 500
     save_total_limit: int | None = 2

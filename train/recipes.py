@@ -106,6 +106,8 @@ def apply_recipe(model, config: TrainConfig):
     model.requires_grad_(False)
     if recipe == "stage1":
         _unfreeze(model, STAGE1_MODULES, "stage1")
+        if not config.stage1.train_word_embeddings:
+            model.embeddings.word_embeddings.requires_grad_(False)
     elif recipe in ("align", "bridge"):
         _unfreeze(model, BRIDGE_MODULES, "bridge")
     elif recipe == "full":

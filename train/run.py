@@ -15,6 +15,7 @@ from .collate import TrainDataset, make_collator
 from .config import TrainConfig, save_config
 from .recipes import prepare_model, trainable_parameter_count
 from .save import TRAIN_CONFIG, base_model, save_stage1, save_trained
+from .novelty_stats import record_novelty
 from .stage1_data import Stage1Collator, Stage1Dataset, decoder_start_id, qformer_tokenizer
 from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
 from .vision_cache import VisionFeatureCache, cache_blocker
@@ -115,8 +116,12 @@ def train(
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
     if config.recipe == "stage1":
-        return save_stage1(model, processor, config, state_dict)
-    return save_trained(model, processor, config.output_dir, config, state_dict)
+        out = save_stage1(model, processor, config, state_dict)
+    else:
+        out = save_trained(model, processor, config.output_dir, config, state_dict)
+    if config.novelty_images:
+        record_novelty(base_model(model), processor, train_examples, out, config.novelty_images, trainer.vision_cache)
+    return out
 
 
 def make_datasets(config: TrainConfig, processor, train_examples, eval_examples):

@@ -26,6 +26,7 @@ from .errors import VLMError
 from .files import BRIDGE_WEIGHTS
 from .image_text import ImageTextModel
 from .modeling import VisionLanguageModel
+from .novelty import NoveltyDetector
 from .processing import QFORMER_TOKENIZER_DIR, VLMProcessor
 from .registry import DEFAULT_MODEL, resolve_model
 
@@ -182,6 +183,10 @@ def load_pretrained(
         model = apply_adapter(model, adapter_dir)
         if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
             processor = VLMProcessor.from_pretrained(adapter_dir)
+    # The training images' statistics, for warnings on images unlike them (`vlm.novelty`).
+    folders = [f for f in (adapter_dir, name_or_path) if f is not None and os.path.isdir(f)]
+    detector = next((d for d in map(NoveltyDetector.load, folders) if d is not None), None)
+    model.novelty = detector.to(model.device) if detector is not None else None
     model.eval()
     return model, processor
 

@@ -2,8 +2,9 @@
 
     python -m vlm.train.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...]
 
-RUN_DIR is the output folder of `vlm train configs/train/demo-easyvqa.yaml` (a LoRA + bridge run
-on the demo model). Writes `bridge.safetensors` and the LoRA adapter cast to fp16, and
+RUN_DIR is the output folder of `vlm train demo-easyvqa` (a LoRA + bridge run on the demo model,
+from `vlm train demo-easyvqa-stage1`'s output). Writes `bridge.safetensors` (with the stage-1 heads
+of the run's base) and the LoRA adapter cast to fp16, the novelty statistics, and
 `demo.json` with the processor prompts the run trained with, the command, and the eval summaries
 (`vlm eval` JSON) given. The next `vlm build --demo` (or first use) rebuilds the demo with them.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from vlm.demo.pipeline import ADAPTER_CONFIG, DEMO_META, WEIGHTS_DIR
+from vlm.image_text import IMAGE_TEXT_MODULES
+from vlm.novelty import NOVELTY_FILE
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS
 
@@ -32,12 +36,31 @@ def _fp16_copy(src: Path, dst: Path) -> None:
     save_file(tensors, dst, metadata={"format": "pt"})
 
 
+def stage1_parts(run: Path) -> dict[str, torch.Tensor]:
+    """The stage-1 heads of the run's base (a `stage1` output), when it has them: the demo build
+    has them untrained. The word embeddings (and the ITG decoder tied to them) are left out: the
+    demo's stage 1 keeps MiniLM's, which the build has already."""
+    config = json.loads((run / ADAPTER_CONFIG).read_text()) if (run / ADAPTER_CONFIG).is_file() else {}
+    base = Path(config.get("base_model_name_or_path") or "")
+    if not (base / "model.safetensors").is_file():
+        return {}
+    skip = ("embeddings.word_embeddings.weight", "itg_head.decoder.weight")
+    state = load_file(base / "model.safetensors")
+    return {k: v for k, v in state.items() if k.split(".")[0] in IMAGE_TEXT_MODULES and k not in skip}
+
+
 def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR) -> list[Path]:
     """Write the run's trained weights (fp16) and demo.json into `weights`; returns the files written."""
     if not (run / BRIDGE_WEIGHTS).is_file():
         raise VLMError(f"{run}: no {BRIDGE_WEIGHTS} (not the output folder of a finished bridge/LoRA run)")
     written = [weights / BRIDGE_WEIGHTS]
-    _fp16_copy(run / BRIDGE_WEIGHTS, written[0])
+    bridge = load_file(run / BRIDGE_WEIGHTS)
+    bridge.update(stage1_parts(run))
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in bridge.items()}, written[0],
+              metadata={"format": "pt"})
+    if (run / NOVELTY_FILE).is_file():  # the training images' statistics: novelty warnings
+        shutil.copyfile(run / NOVELTY_FILE, weights / NOVELTY_FILE)
+        written.append(weights / NOVELTY_FILE)
     if (run / ADAPTER_CONFIG).is_file():
         adapter_config = json.loads((run / ADAPTER_CONFIG).read_text())
         # The run's base is a folder on the training machine; the demo's base is the demo build.

@@ -31,7 +31,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import VLMError
-from ..files import BRIDGE_WEIGHTS
+from ..files import BRIDGE_WEIGHTS, NOVELTY_FILE
 from . import fetch
 
 logger = logging.getLogger(__name__)
@@ -162,6 +162,8 @@ def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = None)
         logger.warning("no trained bridge in %s: the demo checkpoint's Q-Former and projection are untrained", weights)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    if (weights / NOVELTY_FILE).is_file():  # the demo's training images, for novelty warnings
+        shutil.copyfile(weights / NOVELTY_FILE, out / NOVELTY_FILE)
     info = {
         "build_version": BUILD_VERSION,
         "trained_bridge": trained,

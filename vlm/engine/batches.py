@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 
 from ..errors import VLMError
+from ..novelty import WARNING as NOVELTY_WARNING
 from .encode import Encoder
 from .request import Completion, Request
 
@@ -95,7 +96,12 @@ class BatchGenerator:
         )
         new_tokens = out[:, input_ids.shape[1]:].tolist()
         prompt_lengths = encoding["attention_mask"].sum(dim=1).tolist()
-        return [self._completion(ids, n, settings) for ids, n in zip(new_tokens, prompt_lengths)]
+        completions = [self._completion(ids, n, settings) for ids, n in zip(new_tokens, prompt_lengths)]
+        if self.encoder.novelty is not None:
+            for request, completion in zip(requests, completions):
+                if request.images and self.encoder.any_novel(request.images):
+                    completion.warning = NOVELTY_WARNING
+        return completions
 
     def _completion(self, ids: list[int], prompt_tokens: int, settings) -> Completion:
         stops = set(self.stop_token_ids)

@@ -17,6 +17,7 @@ import torch
 from torch.nn import functional as F
 from transformers import DynamicCache
 
+from ..novelty import WARNING as NOVELTY_WARNING
 from .encode import Encoded
 from .request import Completion, GenerationSettings, Stream
 
@@ -103,7 +104,8 @@ class Sequence:
         if reason is None:
             reason = "stop" if self.ended_by_stop_token else "length"
         generated = len(self.tokens) + self.ended_by_stop_token
-        return Completion(self.text, reason, self.prompt_tokens, generated, error)
+        warning = NOVELTY_WARNING if self.encoded.novel else None
+        return Completion(self.text, reason, self.prompt_tokens, generated, error, warning)
 
     def resume_inputs(self) -> tuple[list[int], int | None]:
         """What a (re-)prefill feeds the LLM, and the token pending for the next decode step:

@@ -9,6 +9,7 @@ the Q-Former with each request's instruction.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,7 @@ class Encoded:
 
     input_ids: list[int]
     image_features: torch.Tensor | None  # (num_images, num_query_tokens, llm_width), on the model's device
+    novel: bool = False  # an image unlike the model's training images (`vlm.novelty`)
 
 
 class Encoder:
@@ -34,6 +36,11 @@ class Encoder:
         self.reads_instruction = bool(getattr(model.config, "qformer_reads_instruction", False))
         self.preprocess = make_preprocess(processor.image_processor)
         self.vision_encodes = 0  # images that ran through the vision tower
+        # Training-image statistics loaded with the model (None: no warnings), and per image key
+        # whether it is unlike them (a few bytes each; bounded).
+        self.novelty = getattr(model, "novelty", None)
+        self._novel: OrderedDict[str, bool] = OrderedDict()
+        self.last_novel = False  # of the images the last `cached_features` call encoded
 
     @property
     def device(self) -> torch.device:
@@ -55,12 +62,26 @@ class Encoder:
             batch = torch.stack([pixels[keys.index(k)] for k in missing])
             vision = self.model.get_vision_features(batch)
             self.vision_encodes += len(missing)
+            self._remember_novelty(missing, vision)
             values = vision if self.reads_instruction else self.model.get_image_features(vision_features=vision)
             for key, value in zip(missing, values):
                 value = value.unsqueeze(0).detach()
                 found[key] = value
                 self.cache.put(key, value)
+        self.last_novel = any(self._novel.get(k, False) for k in keys)
         return [found[k] for k in keys]
+
+    def _remember_novelty(self, keys: list[str], vision: torch.Tensor) -> None:
+        if self.novelty is None:
+            return
+        for key, novel in zip(keys, self.novelty.is_novel(vision)):
+            self._novel[key] = novel
+        while len(self._novel) > 1_000_000:
+            self._novel.popitem(last=False)
+
+    def any_novel(self, images: list[ImageInput]) -> bool:
+        """Whether any of `images` (encoded before) is unlike the training images."""
+        return any(self._novel.get(pixel_digest(self.pixels(image)), False) for image in images)
 
     def encode_batch(self, requests: list[Request]) -> tuple[dict, torch.Tensor | None]:
         """Left-padded `input_ids` / `attention_mask` for `requests` and the soft prompts of all
@@ -86,7 +107,7 @@ class Encoder:
     def encode(self, request: Request) -> Encoded:
         """One request, unpadded."""
         encoding, features = self.encode_batch([request])
-        return Encoded(encoding["input_ids"][0].tolist(), features)
+        return Encoded(encoding["input_ids"][0].tolist(), features, novel=self.last_novel if request.images else False)
 
 
 def _instructions(requests: list[Request], processor) -> list[str] | None:

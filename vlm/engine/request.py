@@ -102,6 +102,7 @@ class Completion:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: BaseException | None = None
+    warning: str | None = None  # e.g. an image unlike the model's training images (`vlm.novelty`)
 
 
 class Stream:

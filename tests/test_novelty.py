@@ -1,0 +1,109 @@
+"""Novelty warnings: training records its images' statistics; chat, API and caption warn on unlike images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import tiny
+from vlm import load_pretrained
+from vlm.cli import main as vlm_main
+from vlm.engine import GenerationSettings, InferenceEngine, Request
+from vlm.novelty import WARNING, NoveltyDetector
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def test_detector_flags_far_points_and_few_near_ones(tmp_path):
+    torch.manual_seed(0)
+    train = torch.randn(600, 16) * torch.linspace(0.5, 2.0, 16)
+    detector = NoveltyDetector.fit(train)
+    near = torch.randn(2000, 16) * torch.linspace(0.5, 2.0, 16)
+    far = near + 6.0
+    flagged_near = (detector.distances(near) > detector.threshold).float().mean()
+    assert flagged_near < 0.01 and (detector.distances(far) > detector.threshold).all()
+    detector.save(tmp_path)
+    again = NoveltyDetector.load(tmp_path)
+    assert again.threshold == detector.threshold and torch.equal(again.precision, detector.precision)
+    assert NoveltyDetector.load(tmp_path / "nothing") is None
+
+
+def shapes(folder, n: int = 12) -> list:
+    """White pictures with one coloured shape: the training distribution."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    colours = ["red", "green", "blue", "orange", "purple", "black"]
+    for i in range(n):
+        image = Image.new("RGB", (30, 30), "white")
+        x = 3 + (i % 4) * 3
+        ImageDraw.Draw(image).ellipse((x, 6, x + 14, 20), fill=colours[i % len(colours)])
+        paths.append(folder / f"shape{i}.png")
+        image.save(paths[-1])
+    return paths
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_vlm_dir, tmp_path_factory):
+    """A LoRA run on drawn shapes: its output records the training images' statistics."""
+    root = tmp_path_factory.mktemp("novelty")
+    paths = shapes(root / "train", 24)
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps({"image": str(p), "text": "a shape"}) + "\n" for p in paths))
+    out = root / "run"
+    assert vlm_main(["train", "--recipe", "lora", "--model", str(tiny_vlm_dir), "--train-data", str(data),
+                     "--output-dir", str(out), "--max-steps", "1", "report_to=none", "data.num_workers=0"]) == 0
+    return out
+
+
+def photo(seed: int):
+    """Noise: nothing like a white picture with a shape."""
+    return tiny.random_image(seed, (30, 30))
+
+
+def test_training_records_statistics_and_the_engine_warns(trained, tmp_path):
+    assert (trained / "novelty.safetensors").is_file()
+    model, processor = load_pretrained(str(trained), device="cpu")
+    assert model.novelty is not None and model.novelty.images == 24
+    engine = InferenceEngine(model, processor)
+    settings = GenerationSettings(max_new_tokens=2)
+    like = [Image.open(p).convert("RGB") for p in shapes(tmp_path / "test", 6)]
+    unlike = [photo(i) for i in range(6)]
+    offline = engine.generate([Request("<image> hi", [im], settings) for im in like + unlike])
+    assert [c.warning for c in offline] == [None] * 6 + [WARNING] * 6
+    online = [engine.submit(Request("<image> hi", [im], settings)).result() for im in (like[0], unlike[0])]
+    assert [c.warning for c in online] == [None, WARNING]
+    two = engine.generate([Request("<image> <image> hi", [like[1], unlike[1]], settings)])[0]
+    assert two.warning == WARNING  # any unlike image warns
+
+
+def test_caption_rows_and_the_api_carry_the_warning(trained, tmp_path):
+    import base64
+    import io
+
+    import openai
+    from server_process import ServerProcess
+
+    folder = tmp_path / "mixed"
+    shapes(folder, 2)
+    photo(0).save(folder / "photo.png")
+    out = tmp_path / "captions.jsonl"
+    assert vlm_main(["caption", str(folder), "--out", str(out), "--model", str(trained), "--num-workers", "0",
+                     "--no-progress", "--max-new-tokens", "2"]) == 0
+    rows = {json.loads(line)["image"].rsplit("/", 1)[-1]: json.loads(line) for line in out.read_text().splitlines()}
+    assert rows["photo.png"]["warning"] == WARNING and "warning" not in rows["shape0.png"]
+
+    server = ServerProcess("serve", trained, tmp_path / "serve.log", ready="v1/models")
+    try:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
+        buffer = io.BytesIO()
+        photo(0).save(buffer, "PNG")
+        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=2, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "what is it?"}]}])
+        assert reply.model_extra["warning"] == WARNING
+    finally:
+        server.stop()
