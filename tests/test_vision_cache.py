@@ -98,3 +98,19 @@ def test_memory_budget_bounds_the_cache(base_dir):
     torch.testing.assert_close(first, model.get_vision_features(pixels))
     with pytest.raises(ValueError, match="2 image keys for 3 images"):
         cache.features(model, pixels, ["a", "b"])
+
+
+def test_features_on_disk_serve_a_later_run_of_the_same_tower(base_dir, data_file, tmp_path, capsys):
+    """`vision_cache_dir`: the first run writes the features, the next one (another output, as stage 2
+    after stage 1) reads them all and computes none; the same weights as without the disk."""
+    folder = tmp_path / "features"
+    train(base_dir, data_file, tmp_path / "first", f"vision_cache_dir={folder}")
+    assert "4 computed, 28 reused" in capsys.readouterr().out
+    (towers,) = list(folder.iterdir())
+    assert len(list(towers.glob("*.safetensors"))) == 4
+    train(base_dir, data_file, tmp_path / "second", f"vision_cache_dir={folder}")
+    assert "0 computed, 32 reused" in capsys.readouterr().out
+    for name, value in weights(tmp_path / "first").items():
+        torch.testing.assert_close(weights(tmp_path / "second")[name], value, atol=1e-6, rtol=0)
+    other = VisionFeatureCache(1 << 30, folder, tower_id="another tower")
+    assert other.folder != towers and not list(other.folder.iterdir())

@@ -108,6 +108,8 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = False
     # CPU memory for caching frozen vision features (each image encoded once; 0 turns it off)
     vision_cache_gb: float = 4.0
+    # also keep the vision features in this folder, for later runs on the same images and tower
+    vision_cache_dir: str | None = None
     # Training images whose vision-feature statistics the output records, so that the model warns
     # about images unlike them (vlm.novelty); 0: none.
     novelty_images: int = 1024

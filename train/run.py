@@ -18,7 +18,7 @@ from .save import TRAIN_CONFIG, base_model, save_stage1, save_trained
 from .novelty_stats import record_novelty
 from .stage1_data import Stage1Collator, Stage1Dataset, decoder_start_id, qformer_tokenizer
 from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
-from .vision_cache import VisionFeatureCache, cache_blocker
+from .vision_cache import VisionFeatureCache, cache_blocker, tower_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -155,4 +155,5 @@ def make_vision_cache(config: TrainConfig, trainer: VLMTrainer) -> VisionFeature
     if blocker is not None:
         logger.info("not caching vision features: %s", blocker)
         return None
-    return VisionFeatureCache(int(config.vision_cache_gb * 1e9))
+    tower = tower_fingerprint(bare.vision_model) if config.vision_cache_dir else ""
+    return VisionFeatureCache(int(config.vision_cache_gb * 1e9), config.vision_cache_dir, tower_id=tower)

@@ -7,16 +7,22 @@ VQAv2 ~5). The vision tower is a large share of a step (BLIP-2's ViT-g is most o
 trainer asks this cache first and runs the tower only on images it has not seen.
 
 Entries live in CPU memory up to `max_bytes` (`vision_cache_gb`); once full, further images are
-computed as usual, so memory stays bounded on datasets of any size. Features are computed under
+computed as usual, so memory stays bounded on datasets of any size. With `vision_cache_dir` the
+features are also written to disk, where a later run on the same images with the same vision
+tower (stage 2 after stage 1, a resumed run) reads them instead of running the tower again. Features are computed under
 the same autocast as the model's forward, so a cached step computes what an uncached one would.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 logger = logging.getLogger(__name__)
 DROPOUT_KEYS = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dropout_prob", "dropout", "drop_path_rate")
@@ -25,13 +31,18 @@ DROPOUT_KEYS = ("attention_dropout", "attention_probs_dropout_prob", "hidden_dro
 class VisionFeatureCache:
     """`key -> vision features` of one image, bounded by a byte budget."""
 
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, folder: str | os.PathLike | None = None, tower_id: str = ""):
+        """`folder`: also keep the features on disk, for later runs with the same vision tower
+        (`tower_id` names it: a folder written for another tower is not read)."""
         self.max_bytes = max_bytes
         self.bytes = 0
         self.hits = 0
         self.misses = 0
         self._store: dict[str, torch.Tensor] = {}
         self._full_logged = False
+        self.folder = Path(folder) / hashlib.sha256(tower_id.encode()).hexdigest()[:16] if folder else None
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
 
     def __len__(self) -> int:
         return len(self._store)
@@ -44,7 +55,7 @@ class VisionFeatureCache:
         """
         if len(keys) != pixel_values.shape[0]:
             raise ValueError(f"{len(keys)} image keys for {pixel_values.shape[0]} images")
-        found = [self._store.get(key) for key in keys]
+        found = [self._store.get(key) if key in self._store else self._from_disk(key) for key in keys]
         missing: dict[str, int] = {}  # key -> its first row; an image twice in a batch runs once
         for i, (key, feature) in enumerate(zip(keys, found)):
             if feature is None and key not in missing:
@@ -60,7 +71,21 @@ class VisionFeatureCache:
         device = next(iter(fresh.values())).device
         return torch.stack([fresh[k] if f is None else f.to(device, non_blocking=True) for k, f in zip(keys, found)])
 
-    def _put(self, key: str, feature: torch.Tensor) -> None:
+    def _path(self, key: str) -> Path:
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def _from_disk(self, key: str) -> torch.Tensor | None:
+        if self.folder is None or not self._path(key).is_file():
+            return None
+        feature = load_file(self._path(key))["features"]
+        self._put(key, feature, write=False)
+        return feature
+
+    def _put(self, key: str, feature: torch.Tensor, write: bool = True) -> None:
+        if write and self.folder is not None:  # written whole, then renamed: never half a file
+            tmp = self._path(key).with_suffix(f".{os.getpid()}.tmp")
+            save_file({"features": feature.detach().to("cpu").contiguous()}, tmp)
+            os.replace(tmp, self._path(key))
         size = feature.numel() * feature.element_size()
         if self.bytes + size > self.max_bytes:
             if not self._full_logged:
@@ -70,6 +95,15 @@ class VisionFeatureCache:
             return
         self._store[key] = feature.detach().to("cpu", copy=True)
         self.bytes += size
+
+
+def tower_fingerprint(vision_model: torch.nn.Module) -> str:
+    """A digest of the vision tower's weights (and dtype): features on disk are for this tower only."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, param in vision_model.state_dict().items():
+        h.update(name.encode())
+        h.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def cache_blocker(model, vision_trainable: bool, sharded: bool) -> str | None:
