@@ -367,6 +367,73 @@ def test_vlm_caption_with_no_model_names_colour_and_shape(demo_build, tmp_path):
     assert len(rows) == 20 and sum(right) >= 19, [(got[r["image"]], r["text"]) for r in rows]
 
 
+def _first_rows(path: Path, n: int) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()[:n]]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, floor", [("followups", 0.97), ("two_images", 0.95), ("paraphrases", 0.95)])
+def test_shipped_demo_holds_a_conversation(demo_build, tmp_path, name, floor):
+    """`vlm eval --task chat` with no --model on 60 of the test conversations (the test split's
+    images; paraphrases in wordings kept out of training)."""
+    cache, _, _ = demo_build
+    data = tmp_path / f"{name}.jsonl"
+    rows = _first_rows(fetch.demo_root(cache) / "conversations-v1" / f"test_{name}.jsonl", 60)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}
+    proc = subprocess.run([sys.executable, "-m", "vlm.cli", "eval", "--data", str(data), "--task", "chat",
+                           "--batch-size", "60", "--out", str(tmp_path / "preds.jsonl")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    wrong = [(r["question"], r["answers"], r["prediction"])
+             for r in map(json.loads, (tmp_path / "preds.jsonl").read_text().splitlines()) if r["accuracy"] < 100]
+    assert len(wrong) <= round(60 * (1 - floor)), wrong
+
+
+@pytest.mark.slow
+def test_shipped_demo_warns_on_the_chat_pages_photos_not_on_test_images(demo_build, tmp_path):
+    """`vlm caption` on the demo: every scikit-image photo carries the novelty warning; of 50 easy-vqa
+    test images, none."""
+    from vlm.demo import demo_photos
+
+    cache, _, _ = demo_build
+    photos = [str(p) for p in demo_photos(cache, progress=False).values()]
+    tests = [r["image"] for r in _first_rows(fetch.demo_root(cache) / "easyvqa" / "test_captions.jsonl", 50)]
+    env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}
+    out = tmp_path / "captions.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "vlm.cli", "caption", *photos, *tests, "--out", str(out),
+                           "--max-new-tokens", "4", "--no-progress"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert all("warning" in rows[p] for p in photos) and len(photos) == 4
+    assert not [t for t in tests if "warning" in rows[t]]
+
+
+@pytest.mark.slow
+def test_demo_chat_follow_up_through_gradio_client(demo_build, tmp_path):
+    """A real `vlm chat` on the demo: the colour with the image, then the shape without it."""
+    from gradio_client import Client, handle_file
+    from server_process import ServerProcess
+
+    cache, checkpoint, _ = demo_build
+    row = _first_rows(fetch.demo_root(cache) / "easyvqa" / "test_captions.jsonl", 1)[0]
+    _, colour, shape = row["text"].split()
+    os.environ[fetch.CACHE_ENV] = str(cache)
+    try:
+        server = ServerProcess("chat", checkpoint, tmp_path / "chat.log", "--no-examples", ready="gradio_api/info")
+    finally:
+        del os.environ[fetch.CACHE_ENV]
+    try:
+        client = Client(server.url, verbose=False)
+        first = client.predict(message={"text": "What color is the shape?", "files": [handle_file(row["image"])]},
+                               api_name="/chat")
+        second = client.predict(message={"text": "and its shape?", "files": []}, api_name="/chat")
+        assert first.strip().lower() == colour and second.strip().lower() == shape, (first, second, row)
+    finally:
+        server.stop()
+
+
 # -- shipped weights -----------------------------------------------------------------------------
 def test_shipped_weights_load_and_change_the_fingerprint(tiny_vlm_dir, tmp_path):
     """The weights-folder format (bridge + demo.json) on a tiny real model; bad files are named."""

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vlm.data import open_example_images
+from vlm.data import image_key, open_example_images
 from vlm.errors import VLMError
 from vlm.processing import VLMProcessor
 
@@ -173,8 +173,7 @@ class TrainDataset(Dataset):
         images = open_example_images(example)
         sample = encode_example(example, self.processor, images, self.max_length)
         if images:  # names each image for the trainer's vision feature cache
-            sample["image_keys"] = [image if isinstance(image, str) else f"{example.source}#{i}"
-                                    for i, image in enumerate(example.images)]
+            sample["image_keys"] = [image_key(image) for image in example.images]
         return sample
 
 

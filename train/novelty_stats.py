@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from vlm.data import open_example_image
+from vlm.data import image_key, open_example_image
 from vlm.novelty import NoveltyDetector, pooled
 
 logger = logging.getLogger(__name__)
@@ -21,7 +21,7 @@ def training_images(examples: Sequence, limit: int, seed: int = 0) -> list[tuple
     seen, pairs = set(), []
     for example in examples:
         for image in example.images:
-            key = image if isinstance(image, str) else id(image)
+            key = image_key(image)
             if key not in seen:
                 seen.add(key)
                 pairs.append((example, image))
@@ -42,7 +42,7 @@ def record_novelty(model, processor, examples: Sequence, out: str | Path, limit:
         chunk = pairs[start:start + batch_size]
         pixels = processor.image_processor([open_example_image(e, image) for e, image in chunk],
                                            return_tensors="pt")["pixel_values"]
-        keys = [image if isinstance(image, str) else f"{e.source}#0" for e, image in chunk]
+        keys = [image_key(image) for _, image in chunk]
         vision = cache.features(model, pixels, keys) if cache is not None else model.get_vision_features(pixels)
         features.append(pooled(vision).cpu())
     detector = NoveltyDetector.fit(torch.cat(features))

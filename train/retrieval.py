@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
+from vlm.data import image_key
+
 # LAVIS's evaluation settings for BLIP-2 retrieval.
 K_TEST = 128
 TEXT_MAX_LENGTH = 35
@@ -26,7 +28,7 @@ def ground_truth(examples: Sequence) -> tuple[list, list[str], dict[int, set[int
     image_texts: dict[int, set[int]] = defaultdict(set)
     text_images: dict[int, set[int]] = defaultdict(set)
     for example in examples:
-        key = example.image if isinstance(example.image, str) else id(example.image)
+        key = image_key(example.image)
         if key not in image_index:
             image_index[key] = len(images)
             images.append(example)

@@ -75,7 +75,8 @@ def train(
             f"examples" + (f"; resuming from {resume_from}" if resume_from else ""),
             flush=True,
         )
-    train_dataset, eval_dataset, collator = make_datasets(config, processor, train_examples, eval_examples)
+    train_dataset, eval_dataset, collator = make_datasets(config, processor, train_examples, eval_examples,
+                                                        processes=args.world_size)
     if args.should_save:
         os.makedirs(config.output_dir, exist_ok=True)
         clean_staging(config.output_dir)
@@ -124,10 +125,11 @@ def train(
     return out
 
 
-def make_datasets(config: TrainConfig, processor, train_examples, eval_examples):
-    """(train dataset, eval dataset or None, collator) for the recipe."""
+def make_datasets(config: TrainConfig, processor, train_examples, eval_examples, processes: int = 1):
+    """(train dataset, eval dataset or None, collator) for the recipe, run by `processes` processes."""
     if config.recipe == "stage1":
-        collator = Stage1Collator(qformer_tokenizer(processor), config.stage1.max_text_length)
+        collator = Stage1Collator(qformer_tokenizer(processor), config.stage1.max_text_length,
+                                  same_width=processes > 1)
         train = Stage1Dataset(train_examples, processor)
         return train, Stage1Dataset(eval_examples, processor) if eval_examples else None, collator
     train = TrainDataset(train_examples, processor, config.data.max_length)

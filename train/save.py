@@ -144,7 +144,8 @@ def save_stage1(model, processor, config: TrainConfig, state_dict: dict | None =
     base_config, _ = read_vlm_config(base_path)
     trained = state_dict if state_dict is not None else model.state_dict()
     if model_class(base_config) is not ImageTextModel:
-        full, _ = load_pretrained(base_path, device="cpu", dtype=next(model.parameters()).dtype)
+        # In fp32, so that the trained parts keep their precision (a bf16 load would round them).
+        full, _ = load_pretrained(base_path, device="cpu", dtype=torch.float32)
         known = full.state_dict()
         full.load_state_dict({k: v.to(known[k].dtype) for k, v in trained.items() if k in known}, strict=False)
         model, trained = full, None

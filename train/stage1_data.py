@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from vlm.data import open_example_image
+from vlm.data import image_key, open_example_image
 from vlm.errors import VLMError
 
 # LAVIS's stage-1 caption length (BERT tokens).
@@ -49,18 +49,22 @@ class Stage1Dataset(Dataset):
         example = self.examples[index]
         image = open_example_image(example)
         pixels = self.processor.image_processor([image], return_tensors="pt")["pixel_values"]
-        key = example.image if isinstance(example.image, str) else example.source
-        return {"pixel_values": pixels, "text": example.target, "image_key": key}
+        return {"pixel_values": pixels, "text": example.target, "image_key": image_key(example.image)}
 
 
 class Stage1Collator:
-    """Stacks images, tokenizes the captions with the Q-Former's tokenizer (right-padded)."""
+    """Stacks images, tokenizes the captions with the Q-Former's tokenizer (right-padded).
 
-    def __init__(self, tokenizer, max_length: int = MAX_TEXT_LENGTH):
+    `same_width`: pad every batch to `max_length`, as several processes need (ITC/ITM gather the
+    captions of all processes, which must have one shape); one process pads to the longest caption.
+    """
+
+    def __init__(self, tokenizer, max_length: int = MAX_TEXT_LENGTH, same_width: bool = False):
         self.tokenizer, self.max_length = tokenizer, max_length
+        self.padding = "max_length" if same_width else "longest"
 
     def __call__(self, samples: list[dict]) -> dict:
-        text = self.tokenizer([s["text"] for s in samples], padding="longest", truncation=True,
+        text = self.tokenizer([s["text"] for s in samples], padding=self.padding, truncation=True,
                               max_length=self.max_length, return_tensors="pt")
         keys = [s["image_key"] for s in samples]
         return {

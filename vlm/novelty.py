@@ -2,7 +2,7 @@
 
 `vlm train` records statistics of its training images' vision features in the output folder
 (`novelty.safetensors`): the mean and a (shrunk) covariance of the features pooled over patches,
-and a threshold at a high percentile of the training images' own Mahalanobis distances. Loading
+and a threshold at a high percentile of held-out training images' Mahalanobis distances. Loading
 the folder attaches the detector to the model (`model.novelty`); the inference engine then marks
 every request with an image beyond the threshold, and `vlm chat`, the API and `vlm caption` pass
 the warning on. A model fine-tuned on X-rays thus says so when someone uploads a holiday photo.
@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .files import NOVELTY_FILE
 
 WARNING = "this image is unlike the images this model was trained on; the answer may be unreliable"
-PERCENTILE = 99.5  # of the training images' distances: the threshold
+PERCENTILE = 99.5  # of the held-out training images' distances: the threshold
 MARGIN = 1.1  # times that percentile: a test image from the training distribution rarely exceeds it
 SHRINKAGE = 0.1  # covariance shrunk towards its mean variance: stable with fewer images than dimensions
 
@@ -37,16 +37,23 @@ class NoveltyDetector:
 
     @classmethod
     def fit(cls, features: torch.Tensor) -> NoveltyDetector:
-        """From the pooled features `(images, width)` of training images."""
+        """From the pooled features `(images, width)` of training images (in random order).
+
+        The mean and covariance come from the first 80%, the threshold from the distances of the
+        other 20%: images the statistics have not seen, as a user's images are (their own
+        distances would be smaller, and the threshold too tight, with few images per dimension).
+        """
         features = features.double()
-        mean = features.mean(dim=0)
-        centred = features - mean
-        cov = centred.t() @ centred / max(1, features.shape[0] - 1)
+        held = features.shape[0] // 5 if features.shape[0] >= 50 else 0  # too few: the fitted ones
+        fitted = features[: features.shape[0] - held]
+        mean = fitted.mean(dim=0)
+        centred = fitted - mean
+        cov = centred.t() @ centred / max(1, fitted.shape[0] - 1)
         scale = torch.trace(cov) / cov.shape[0]
         cov = (1 - SHRINKAGE) * cov + SHRINKAGE * scale * torch.eye(cov.shape[0], dtype=cov.dtype)
         precision = torch.linalg.inv(cov)
         detector = cls(mean.float(), precision.float(), 0.0, features.shape[0])
-        distances = detector.distances(features.float())
+        distances = detector.distances((features[-held:] if held else fitted).float())
         detector.threshold = float(torch.quantile(distances, PERCENTILE / 100)) * MARGIN
         return detector
 

@@ -48,14 +48,16 @@ def gather(tensor: torch.Tensor, keep_local_grad: bool = False) -> torch.Tensor:
 
 def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: torch.Tensor, temp: torch.Tensor,
              caption_ids: torch.Tensor | None = None):
-    """(loss, image->text similarity, text->image similarity, positives) of this process's rows.
+    """(loss, image->text similarity, text->image similarity, positives); the similarities and
+    positives are this process's rows against the global batch.
 
     `image_embeds` (B, queries, D) and `text_embeds` (B, D) are normalised; `image_ids` name the
     image of each row, so two captions of one image are both positives; `caption_ids` name each
     row's caption text, so two images with the same caption are both positives too. Under DDP every process
     computes the loss of the whole global batch, its own rows carrying the gradients, scaled by the
     number of processes: DDP's gradient average then equals the gradient of one process holding the
-    whole batch, and no collective runs in the backward pass.
+    whole batch, and no collective runs in the backward pass. The value is the global loss itself
+    (only the gradient is scaled), so logs read the same on any number of processes.
     """
     rank, size = world()
     batch = image_embeds.shape[0]
@@ -70,36 +72,44 @@ def itc_loss(image_embeds: torch.Tensor, text_embeds: torch.Tensor, image_ids: t
         captions_all = gather(caption_ids)
         positives |= captions_all[:, None] == captions_all[None, :]
     # The row's own pair, shared with any other caption of the same image (one-hot when none).
+    # `positives` is symmetric, so the same normalised rows serve both directions.
     targets = positives.float() / positives.sum(dim=1, keepdim=True)
     loss = (F.cross_entropy(sim_i2t, targets, label_smoothing=LABEL_SMOOTHING)
-            + F.cross_entropy(sim_i2t.t(), targets.t(), label_smoothing=LABEL_SMOOTHING)) / 2
+            + F.cross_entropy(sim_i2t.t(), targets, label_smoothing=LABEL_SMOOTHING)) / 2
+    if size > 1:  # the gradient times the process count, the value unchanged
+        loss = loss + (size - 1) * (loss - loss.detach())
     mine = slice(rank * batch, (rank + 1) * batch)
-    return loss * size, sim_i2t[mine], sim_i2t.t()[mine], positives[mine]
+    return loss, sim_i2t[mine], sim_i2t.t()[mine], positives[mine]
 
 
 @torch.no_grad()
 def hard_negatives(sim: torch.Tensor, positives: torch.Tensor, mode: str = "sample") -> torch.Tensor:
     """For each row, a column that is not one of its positives: drawn with the softmax of `sim`
-    as weights ("sample", LAVIS) or the most similar one ("hardest", deterministic)."""
+    as weights ("sample", LAVIS) or the most similar one ("hardest", deterministic). A row whose
+    columns are all positives (a batch of one image's captions) gets -1."""
+    negatives = ~positives
     weights = torch.softmax(sim.float(), dim=1).masked_fill(positives, 0.0)
-    if mode == "hardest":
-        return weights.argmax(dim=1)
-    weights = weights + (weights.sum(dim=1, keepdim=True) == 0) * (~positives)  # all mass on positives
-    return torch.multinomial(weights, 1).squeeze(1)
+    weights = weights + (weights.sum(dim=1, keepdim=True) == 0) * negatives  # softmax mass all on positives
+    has_negative = negatives.any(dim=1)
+    weights[~has_negative] = 1.0  # any column; the row is dropped below
+    chosen = weights.argmax(dim=1) if mode == "hardest" else torch.multinomial(weights, 1).squeeze(1)
+    return chosen.masked_fill(~has_negative, -1)
 
 
 def itm_loss(model, vision_features, text_ids, text_mask, sim_i2t, sim_t2i, positives, mode="sample"):
-    """ITM over B positive pairs, B (image, negative text) and B (negative image, text) pairs."""
+    """ITM over B positive pairs, B (image, negative text) and B (negative image, text) pairs
+    (fewer negatives when some rows have none in the batch)."""
     vision_all, ids_all, mask_all = gather(vision_features), gather(text_ids), gather(text_mask)
     negative_text = hard_negatives(sim_i2t, positives, mode)  # a caption for each image
     negative_image = hard_negatives(sim_t2i, positives, mode)  # an image for each caption
-    images = torch.cat([vision_features, vision_features, vision_all[negative_image]])
-    texts = torch.cat([text_ids, ids_all[negative_text], text_ids])
-    masks = torch.cat([text_mask, mask_all[negative_text], text_mask])
+    with_text, with_image = negative_text >= 0, negative_image >= 0
+    images = torch.cat([vision_features, vision_features[with_text], vision_all[negative_image[with_image]]])
+    texts = torch.cat([text_ids, ids_all[negative_text[with_text]], text_ids[with_image]])
+    masks = torch.cat([text_mask, mask_all[negative_text[with_text]], text_mask[with_image]])
     logits = model.itm_logits(images, texts, masks)
-    batch = text_ids.shape[0]
-    labels = torch.cat([torch.ones(batch), torch.zeros(2 * batch)]).long().to(logits.device)
-    return F.cross_entropy(logits, labels)
+    matches = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+    matches[: text_ids.shape[0]] = 1
+    return F.cross_entropy(logits, matches)
 
 
 def itg_mask(query_count: int, text_mask: torch.Tensor) -> torch.Tensor:
@@ -112,8 +122,8 @@ def itg_mask(query_count: int, text_mask: torch.Tensor) -> torch.Tensor:
     allowed[:, query_count:, :query_count] = True
     causal = torch.tril(torch.ones(length, length, dtype=torch.bool, device=text_mask.device))
     allowed[:, query_count:, query_count:] = causal & text_mask.bool()[:, None, :]
-    mask = torch.zeros(batch, 1, total, total)
-    return mask.masked_fill(~allowed[:, None], torch.finfo(mask.dtype).min).to(text_mask.device)
+    mask = torch.zeros(batch, 1, total, total, device=text_mask.device)
+    return mask.masked_fill(~allowed[:, None], torch.finfo(mask.dtype).min)
 
 
 def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int):
@@ -130,8 +140,7 @@ def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int)
                            encoder_hidden_states=vision, encoder_attention_mask=image_mask,
                            return_dict=True).last_hidden_state[:, queries:, :]
     logits = model.itg_head(hidden.to(model.itg_head.decoder.weight.dtype))
-    labels = decoder_ids.masked_fill(text_mask == 0, IGNORE_INDEX)
-    labels[:, 0] = IGNORE_INDEX  # the start token is given, not predicted
+    labels = decoder_ids.masked_fill(text_mask == 0, IGNORE_INDEX)  # position 0 (the start) is not a target
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
                            ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING)
 

@@ -69,7 +69,7 @@ def generate_rows(model_path: str, prompts: list[str], batch_size: int = 16) -> 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vlm.train.demo.rehearsal", description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True, help="an untrained demo checkpoint (its LLM is the base SmolLM2)")
+    p.add_argument("--model", required=True, help="an untrained demo checkpoint, e.g. vlm-demo-base (its LLM is the plain SmolLM2)")
     p.add_argument("--prompts", type=Path, default=PROMPTS_FILE)
     p.add_argument("--out", type=Path, default=TEXT_CHAT_FILE)
     args = p.parse_args(argv)

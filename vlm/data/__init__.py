@@ -5,8 +5,8 @@
 See `load_examples` for the formats and the checks made before anything trains.
 """
 
-from .loader import FORMATS_HELP, load_examples, open_example_image, open_example_images
+from .loader import FORMATS_HELP, image_key, load_examples, open_example_image, open_example_images
 from .records import TASKS, Example, ExampleList
 
-__all__ = ["FORMATS_HELP", "TASKS", "Example", "ExampleList", "load_examples", "open_example_image",
+__all__ = ["FORMATS_HELP", "TASKS", "Example", "ExampleList", "image_key", "load_examples", "open_example_image",
            "open_example_images"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -106,6 +107,19 @@ def open_example_image(example: Example, image=None) -> Image.Image:
         except (OSError, ValueError, SyntaxError) as e:
             raise VLMError(f"{example.source}: cannot decode the embedded image ({e})") from None
     raise VLMError(f"{example.source or 'example'}: has no image")
+
+
+def image_key(image: str | Image.Image) -> str:
+    """A stable name of one image for feature caches and for telling images apart: a file's path
+    with its size and modification time (a file rewritten in place is a new image), or a digest
+    of an in-memory image's pixels, so the five captions of one embedded COCO image share one
+    key, in every process."""
+    if isinstance(image, str):
+        stat = os.stat(image)
+        return f"{image}@{stat.st_size}:{stat.st_mtime_ns}"
+    digest = hashlib.blake2b(f"{image.mode}{image.size}".encode(), digest_size=16)
+    digest.update(image.tobytes())
+    return f"pixels:{digest.hexdigest()}"
 
 
 def open_example_images(example: Example) -> list[Image.Image]:

