@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from vlm.engine import GenerationSettings, InferenceEngine, Request
 from vlm.novelty import WARNING, NoveltyDetector
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+COLOURS = ["red", "green", "blue", "orange", "purple", "black"]
 
 
 def test_detector_flags_far_points_and_few_near_ones(tmp_path):
@@ -31,15 +33,17 @@ def test_detector_flags_far_points_and_few_near_ones(tmp_path):
     assert NoveltyDetector.load(tmp_path / "nothing") is None
 
 
-def shapes(folder, n: int = 12) -> list:
-    """White pictures with one coloured shape: the training distribution."""
+def shapes(folder, n: int = 12, seed: int = 0) -> list:
+    """White pictures with one coloured disc of random size and place: the training distribution
+    (another `seed`: new pictures of the same kind)."""
     folder.mkdir(parents=True, exist_ok=True)
+    draw = random.Random(seed)
     paths = []
-    colours = ["red", "green", "blue", "orange", "purple", "black"]
     for i in range(n):
         image = Image.new("RGB", (30, 30), "white")
-        x = 3 + (i % 4) * 3
-        ImageDraw.Draw(image).ellipse((x, 6, x + 14, 20), fill=colours[i % len(colours)])
+        size = draw.randint(8, 16)
+        x, y = draw.randint(1, 29 - size), draw.randint(1, 29 - size)
+        ImageDraw.Draw(image).ellipse((x, y, x + size, y + size), fill=draw.choice(COLOURS))
         paths.append(folder / f"shape{i}.png")
         image.save(paths[-1])
     return paths
@@ -49,7 +53,7 @@ def shapes(folder, n: int = 12) -> list:
 def trained(tiny_vlm_dir, tmp_path_factory):
     """A LoRA run on drawn shapes: its output records the training images' statistics."""
     root = tmp_path_factory.mktemp("novelty")
-    paths = shapes(root / "train", 24)
+    paths = shapes(root / "train", 100)
     data = root / "train.jsonl"
     data.write_text("".join(json.dumps({"image": str(p), "text": "a shape"}) + "\n" for p in paths))
     out = root / "run"
@@ -66,10 +70,10 @@ def photo(seed: int):
 def test_training_records_statistics_and_the_engine_warns(trained, tmp_path):
     assert (trained / "novelty.safetensors").is_file()
     model, processor = load_pretrained(str(trained), device="cpu")
-    assert model.novelty is not None and model.novelty.images == 24
+    assert model.novelty is not None and model.novelty.images == 100
     engine = InferenceEngine(model, processor)
     settings = GenerationSettings(max_new_tokens=2)
-    like = [Image.open(p).convert("RGB") for p in shapes(tmp_path / "test", 6)]
+    like = [Image.open(p).convert("RGB") for p in shapes(tmp_path / "test", 6, seed=1)]  # not trained on
     unlike = [photo(i) for i in range(6)]
     offline = engine.generate([Request("<image> hi", [im], settings) for im in like + unlike])
     assert [c.warning for c in offline] == [None] * 6 + [WARNING] * 6
@@ -87,7 +91,7 @@ def test_caption_rows_and_the_api_carry_the_warning(trained, tmp_path):
     from server_process import ServerProcess
 
     folder = tmp_path / "mixed"
-    shapes(folder, 2)
+    shapes(folder, 2, seed=1)
     photo(0).save(folder / "photo.png")
     out = tmp_path / "captions.jsonl"
     assert vlm_main(["caption", str(folder), "--out", str(out), "--model", str(trained), "--num-workers", "0",
