@@ -10,19 +10,23 @@ and status codes; bad input is a 4xx and the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlm.engine import EngineBusy, EngineFailed, GenerationSettings, InferenceEngine, OutOfMemory
+from vlm.engine import Completion, EngineBusy, EngineFailed, GenerationSettings, InferenceEngine, OutOfMemory, Stream
 from vlm.engine import Request as EngineRequest
 from vlm.errors import VLMError
 from vlm.images import load_image_bytes
@@ -33,6 +37,9 @@ from .uploads import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
 
 MAX_IMAGES_PER_REQUEST = 16
 REMOTE_TIMEOUT_S = 10.0
+DISCONNECT_POLL_S = 0.5  # how often a waiting reply checks that its client is still there
+# Server-sent events must reach the client as they are made: no caching, no proxy buffering.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 @dataclass
@@ -50,18 +57,17 @@ class ApiSettings:
 
 def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
     """The `/v1` application (mount it at `/v1`)."""
-    app = FastAPI(title="vlm OpenAI-compatible API", openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(title="vlm OpenAI-compatible API", openapi_url=None, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(require_key(settings.api_key))])
     created = int(time.time())
+    app.add_exception_handler(ApiError, _api_error)
 
-    @app.exception_handler(ApiError)
-    async def api_error(_, error: ApiError):
-        return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        if not _key_ok(request, settings.api_key):
-            return _bad_key()
-        return await call_next(request)
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException):
+        """Unknown routes and methods, in OpenAI's error shape like every other error."""
+        message = f"{request.method} {request.url.path}: {error.detail}"
+        return JSONResponse(ApiError(error.status_code, message).body(), status_code=error.status_code,
+                            headers=error.headers)
 
     @app.get("/models")
     async def models():
@@ -80,29 +86,29 @@ def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
             raise ApiError(404, f"the model {body.model!r} does not exist (this server has {settings.model_name!r})",
                            param="model", code="model_not_found")
         engine_request = await run_in_threadpool(build_request, engine, body, settings)
-        try:
-            stream = engine.submit(engine_request)
-        except EngineBusy as e:
-            raise ApiError(503, str(e), code="server_busy", kind="server_error", headers={"Retry-After": "1"}) from None
-        except EngineFailed as e:
-            raise ApiError(500, str(e), kind="server_error") from None
-        reply_id = f"chatcmpl-{uuid.uuid4().hex}"
+        stream = _submit(engine, engine_request)
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), settings.model_name)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_events(stream, reply_id, settings.model_name, include_usage),
-                                     media_type="text/event-stream")
-        completion = await run_in_threadpool(stream.result)
-        if completion.error is not None:
-            raise _generation_error(completion.error)
-        body = {
-            "id": reply_id, "object": "chat.completion", "created": int(time.time()), "model": settings.model_name,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": completion.text},
-                         "finish_reason": _finish(completion.finish_reason)}],
-            "usage": _usage(completion),
-        }
+            return StreamingResponse(_events(stream, request, reply, include_usage), media_type="text/event-stream",
+                                     headers=SSE_HEADERS)
+        try:
+            async for _ in pieces(stream, request):
+                pass
+        finally:
+            stream.cancel()  # a client that went away (or a server shutting down) ends this reply only
+        if not stream.done:
+            raise ApiError(499, "the client closed the connection")  # nobody reads this
+        completion = stream.completion
+        failure = _failure(completion)
+        if failure is not None:
+            raise failure
+        out = reply.body("chat.completion", choices=[{
+            "index": 0, "message": {"role": "assistant", "content": completion.text},
+            "finish_reason": _finish(completion.finish_reason)}], usage=_usage(completion))
         if completion.warning:  # not in OpenAI's schema: clients that do not know it ignore it
-            body["warning"] = completion.warning
-        return body
+            out["warning"] = completion.warning
+        return out
 
     return app
 
@@ -129,11 +135,10 @@ def metrics_text(engine) -> str:
 def make_app(engine, api_settings, with_api: bool = True):
     """The root FastAPI app: `/v1` (the API) and `/metrics`; `vlm chat` mounts its page at `/`."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_exception_handler(ApiError, _api_error)
 
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        if not _key_ok(request, api_settings.api_key):
-            return _bad_key()
+    @app.get("/metrics", dependencies=[Depends(require_key(api_settings.api_key))])
+    async def metrics():
         return PlainTextResponse(metrics_text(engine))
 
     if with_api:
@@ -141,21 +146,38 @@ def make_app(engine, api_settings, with_api: bool = True):
     return app
 
 
-def _key_ok(request: Request, api_key: str | None) -> bool:
-    given = request.headers.get("authorization", "")
-    return api_key is None or hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode())
+def require_key(api_key: str | None):
+    """A FastAPI dependency: a 401 in OpenAI's shape unless the request carries `Bearer api_key`
+    (everything passes when `api_key` is None)."""
+
+    async def check_key(request: Request) -> None:
+        given = request.headers.get("authorization", "")
+        if api_key is not None and not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+            raise ApiError(401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key")
+
+    return check_key
 
 
-def _bad_key() -> JSONResponse:
-    error = ApiError(401, "missing or incorrect API key (send Authorization: Bearer KEY)", code="invalid_api_key")
-    return JSONResponse(error.body(), status_code=401)
+async def _api_error(_, error: ApiError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+
+def _submit(engine: InferenceEngine, request: EngineRequest) -> Stream:
+    try:
+        return engine.submit(request)
+    except EngineBusy as e:
+        raise ApiError(503, str(e), code="server_busy", kind="server_error", headers={"Retry-After": "1"}) from None
+    except EngineFailed as e:
+        raise ApiError(500, str(e), kind="server_error") from None
+    except VLMError as e:  # the engine is closed: the server is shutting down
+        raise ApiError(503, str(e), code="server_shutting_down", kind="server_error") from None
 
 
 # -- request -> engine request ---------------------------------------------------------------------
 def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings: ApiSettings) -> EngineRequest:
     """The engine request for a chat-completions body (prompt rendered as the chat page renders it)."""
-    turns, system = messages_to_turns(body, settings)
     processor = engine.processor
+    turns, system = messages_to_turns(body, settings, processor.image_token)
     try:
         prompt = render_prompt(processor, turns, system)
     except VLMError as e:
@@ -175,14 +197,17 @@ def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings
     return EngineRequest(prompt, images, generation)
 
 
-def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings) -> tuple[list[Turn], str | None]:
-    """OpenAI messages -> chat turns (images decoded, in the order sent) and the system prompt."""
+def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings,
+                      marker: str = "<image>") -> tuple[list[Turn], str | None]:
+    """OpenAI messages -> chat turns (images decoded, in the order sent) and the system prompt.
+    No text may hold the processor's image `marker`: images are `image_url` parts."""
     turns: list[Turn] = []
     system: list[str] = []
     count = 0
     for m, message in enumerate(body.messages):
         where = f"messages[{m}]"
         parts = [message.content] if isinstance(message.content, str) else list(message.content or [])
+        _check_no_marker(parts, where, marker)
         if message.role in ("system", "developer"):
             system.extend(_texts(parts, where, allow_images=False))
         elif message.role == "assistant":
@@ -204,6 +229,14 @@ def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings) -> tup
     if not turns or turns[-1].reply is not None or not turns[-1].parts:
         raise ApiError(400, "the last message must be a user message with text or images", param="messages")
     return turns, "\n".join(system) or None
+
+
+def _check_no_marker(parts: list, where: str, marker: str) -> None:
+    for part in parts:
+        text = part if isinstance(part, str) else part.text if part.type == "text" else ""
+        if marker in text:
+            raise ApiError(400, f"{where}: the text may not contain {marker}; send images as image_url parts",
+                           param=where)
 
 
 def _texts(parts: list, where: str, allow_images: bool) -> list[str]:
@@ -282,6 +315,27 @@ def _json(data: bytes):
 
 
 # -- responses -------------------------------------------------------------------------------------
+@dataclass
+class Reply:
+    """What every response body of one completion shares: its id, creation time and model."""
+
+    id: str
+    created: int
+    model: str
+
+    def body(self, kind: str, **fields) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    def chunk(self, delta: dict, finish: str | None = None, **extra) -> str:
+        """One `chat.completion.chunk` server-sent event."""
+        return _event(self.body("chat.completion.chunk",
+                                choices=[{"index": 0, "delta": delta, "finish_reason": finish}], **extra))
+
+
+def _event(body: dict) -> str:
+    return f"data: {json.dumps(body)}\n\n"
+
+
 def _model_card(name: str, created: int) -> dict:
     return {"id": name, "object": "model", "created": created, "owned_by": "vlm"}
 
@@ -304,27 +358,64 @@ def _generation_error(error: BaseException) -> ApiError:
     return ApiError(400, str(error))
 
 
-async def _events(stream, reply_id: str, model: str, include_usage: bool):
-    """Server-sent `chat.completion.chunk` events, ending with `data: [DONE]`."""
-    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
-        body = {"id": reply_id, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
-        return f"data: {json.dumps(body)}\n\n"
+def _failure(completion: Completion) -> ApiError | None:
+    """The API error of a reply that did not complete, else None."""
+    if completion.error is not None:
+        return _generation_error(completion.error)
+    if completion.finish_reason == "cancelled":  # not by its client (that one left): the engine closed
+        return ApiError(503, "the server is shutting down; try again", code="server_shutting_down",
+                        kind="server_error")
+    return None
 
+
+async def pieces(stream: Stream, request: Request) -> AsyncIterator[str]:
+    """The stream's text pieces as the engine makes them, awaited on the event loop (no worker
+    thread waits for them). Ends early, with the stream cancelled and `stream.done` false, when
+    the client disconnects."""
+    loop = asyncio.get_running_loop()
+    update = asyncio.Event()
+
+    def wake() -> None:  # runs in the engine's thread
+        try:
+            loop.call_soon_threadsafe(update.set)
+        except RuntimeError:  # the event loop has closed (the server stopped): nobody waits any more
+            pass
+
+    stream.on_update(wake)
+    next_check = loop.time() + DISCONNECT_POLL_S
+    while True:
+        update.clear()  # before `take`: a piece pushed after it sets the event again
+        for piece in stream.take():
+            yield piece
+        if stream.done:
+            return
+        if loop.time() >= next_check:
+            if await request.is_disconnected():
+                stream.cancel()
+                return
+            next_check = loop.time() + DISCONNECT_POLL_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(update.wait(), timeout=next_check - loop.time())
+
+
+async def _events(stream: Stream, request: Request, reply: Reply, include_usage: bool):
+    """Server-sent `chat.completion.chunk` events, ending with `data: [DONE]`."""
     try:
-        yield chunk({"role": "assistant", "content": ""})
-        async for piece in iterate_in_threadpool(iter(stream)):
-            yield chunk({"content": piece})
+        yield reply.chunk({"role": "assistant", "content": ""})
+        async for piece in pieces(stream, request):
+            yield reply.chunk({"content": piece})
+        if not stream.done:  # the client went away
+            return
         completion = stream.completion
+        failure = _failure(completion)
+        if failure is not None:  # the reply failed after the stream began
+            yield _event(failure.body())
+            yield "data: [DONE]\n\n"
+            return
         warning = {"warning": completion.warning} if completion.warning else {}
-        yield chunk({}, _finish(completion.finish_reason), **warning)
+        yield reply.chunk({}, _finish(completion.finish_reason), **warning)
         if include_usage:
-            body = json.loads(chunk({})[len("data: "):])
-            body["choices"], body["usage"] = [], _usage(completion)
-            yield f"data: {json.dumps(body)}\n\n"
-        yield "data: [DONE]\n\n"
-    except (VLMError, EngineFailed) as e:  # the reply failed after the stream began
-        yield f"data: {json.dumps(_generation_error(e).body())}\n\n"
+            yield _event(reply.body("chat.completion.chunk", choices=[], usage=_usage(completion)))
         yield "data: [DONE]\n\n"
     finally:
         stream.cancel()  # a client that went away ends this reply only

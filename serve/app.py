@@ -84,6 +84,9 @@ def make_respond(frontend: ChatFrontend):
         except VLMError as e:  # bad input, or EngineBusy: the queue is full
             yield notice(str(e))
             return
+        except EngineFailed as e:  # an earlier reply broke the engine: every later one fails at submit
+            yield notice(f"The model stopped working ({e}); the server needs a restart.")
+            return
         if prepared.dropped_turns:
             gr.Info(f"Left out the {prepared.dropped_turns} oldest turn(s) to fit the model's context.")
         reply = ""

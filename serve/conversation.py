@@ -144,13 +144,23 @@ def render_prompt(processor, turns: list[Turn], system_prompt: str | None = None
     puts the images in front, before BOS, as BLIP-2 saw them.
     """
     marker = processor.image_token
-    for turn in turns:
-        for part in turn.parts:
-            if part.get("type") == "text" and marker in part.get("text", ""):
-                raise VLMError(f"the message text may not contain {marker}; attach images as images")
+    check_no_marker(turns, system_prompt, marker)
     if processor.has_chat_template:
         return processor.format_chat(turns_to_messages(turns, system_prompt))
     return plain_prompt(turns, processor.format_question, processor.caption_prompt or "", marker, system_prompt)
+
+
+def check_no_marker(turns: list[Turn], system_prompt: str | None, marker: str) -> None:
+    """`VLMError` naming the message when any text holds the image `marker`: the processor would
+    count it as an image that was never sent."""
+    if system_prompt and marker in system_prompt:
+        raise VLMError(f"the system prompt may not contain {marker}")
+    for n, turn in enumerate(turns, 1):
+        for part in turn.parts:
+            if part.get("type") == "text" and marker in part.get("text", ""):
+                raise VLMError(f"the message text may not contain {marker}; attach images as images")
+        if turn.reply and marker in turn.reply:
+            raise VLMError(f"the assistant's reply in turn {n} may not contain {marker}")
 
 
 def fit_to_context(turns: list[Turn], count_tokens: Callable[[list[Turn]], int], budget: int) -> tuple[list[Turn], int]:

@@ -94,7 +94,8 @@ class ChatFrontend:
 
     # -- generation ----------------------------------------------------------------------------
     def submit(self, prepared: Prepared) -> Stream:
-        """Queue the reply on the engine (`EngineBusy` when its queue is full)."""
+        """Queue the reply on the engine (`EngineBusy` when its queue is full, `EngineFailed`
+        when an earlier error stopped it)."""
         return self.engine.submit(prepared.request)
 
     def reply(self, turns: list[Turn], system_prompt: str | None = None, **settings) -> str:

@@ -8,9 +8,9 @@ silently ignored; bookkeeping fields (`user`, `metadata`, `store`) are accepted 
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 # Generation-changing fields we do not implement, and the values that mean "off".
 UNSUPPORTED = {
@@ -34,6 +34,19 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+class _NullMeansDefault(BaseModel):
+    """Explicit JSON null is the default, as in OpenAI's API: its client and LiteLLM send
+    `"temperature": null` and the like for parameters the caller did not set."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_nulls(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        optional = {name for name, field in cls.model_fields.items() if not field.is_required()}
+        return {k: v for k, v in data.items() if v is not None or k not in optional}
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,18 +66,35 @@ class ImagePart(_Model):
     image_url: ImageURL
 
 
+PART_KINDS = {"text": "TextPart", "image_url": "ImagePart"}
+
+
+def _part_kind(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return PART_KINDS.get(kind) if isinstance(kind, str) else None
+
+
+# A part's `type` picks its model, so an error names that model's field (or the bad type itself),
+# not every model's complaint about a part it was never meant to be.
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("TextPart")] | Annotated[ImagePart, Tag("ImagePart")],
+    Discriminator(_part_kind, custom_error_type="content_part_type",
+                  custom_error_message="a content part's type must be 'text' or 'image_url'"),
+]
+
+
 class Message(BaseModel):
     model_config = ConfigDict(extra="ignore")  # e.g. `name`, `refusal`
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart | ImagePart] | None = None
+    content: str | list[ContentPart] | None = None
 
 
-class StreamOptions(_Model):
+class StreamOptions(_Model, _NullMeansDefault):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
+class ChatCompletionRequest(_NullMeansDefault):
     model_config = ConfigDict(extra="allow")  # checked against UNSUPPORTED and ignored otherwise
 
     model: str
@@ -91,8 +121,11 @@ def parse_request(data: Any) -> ChatCompletionRequest:
     try:
         request = ChatCompletionRequest.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        raise ApiError(400, f"{_param(first['loc'])}: {first['msg']}", param=_param(first["loc"])) from None
+        # A union reports every arm; the deepest error is about the arm the input was meant for
+        # (a bad content part, not "content should be a string").
+        worst = max(e.errors(), key=lambda error: len(error["loc"]))
+        param = _param(worst["loc"]) + (".type" if worst["type"] == "content_part_type" else "")
+        raise ApiError(400, f"{param}: {worst['msg']}", param=param) from None
     if request.n != 1:
         raise ApiError(400, "n: only n=1 is supported", param="n")
     if isinstance(request.stop, list) and len(request.stop) > 4:

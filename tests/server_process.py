@@ -45,17 +45,19 @@ class ServerProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self._log.close()
                 raise RuntimeError(f"vlm {subcommand} exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
             try:
-                urllib.request.urlopen(urllib.request.Request(self.url + ready, headers=headers or {}), timeout=2)
-                return
+                with urllib.request.urlopen(urllib.request.Request(self.url + ready, headers=headers or {}), timeout=2):
+                    return
             except (urllib.error.URLError, OSError):
                 time.sleep(0.3)
         self.stop()
         raise RuntimeError(f"vlm {subcommand} did not answer within {timeout:.0f}s:\n{self.log()[-3000:]}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:  # `stop` closes it; the file stays readable
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def alive(self) -> bool:

@@ -160,7 +160,9 @@ def test_concurrent_requests_each_equal_alone(client, pictures):
     ({"model": "tiny", "messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/cat.png"}}]}]},
      400, "messages[0].content[0]", "remote image URLs are disabled"),
-    ({"model": "tiny", "messages": [{"role": "user", "content": "what is <image>?"}]}, 400, "messages", "<image>"),
+    ({"model": "tiny", "messages": [{"role": "user", "content": "what is <image>?"}]}, 400, "messages[0]", "<image>"),
+    ({"model": "tiny", "messages": [{"role": "system", "content": "be brief"},
+                                    {"role": "assistant", "content": "see <image>"}]}, 400, "messages[1]", "<image>"),
     ({"model": "tiny", "messages": [{"role": "user", "content": "fox " * 400}]}, 400, "messages", "at most"),
     ({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}, 404, "model", "does not exist"),
 ])
@@ -172,6 +174,36 @@ def test_bad_requests_get_their_status_and_openai_error_body(chat_server, client
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["param"] == param and words in error["message"]
     assert client.models.list().data  # still serving
+
+
+def test_null_means_default_as_openai_clients_send_it(chat_server, pictures):
+    body = {"model": "tiny", "messages": [user("what?", pictures[0])], "max_tokens": 3,
+            "temperature": None, "top_p": None, "n": None, "stream": None, "stop": None, "seed": None,
+            "stream_options": None}
+    response = httpx.post(chat_server.url + "v1/chat/completions", json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {KEY}"})
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_unknown_routes_and_methods_answer_in_openai_shape(chat_server):
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for method, path, status in (("GET", "v1/nothing", 404), ("GET", "v1/chat/completions", 405)):
+        response = httpx.request(method, chat_server.url + path, headers=headers)
+        assert response.status_code == status
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and path.split("/")[-1] in error["message"]
+
+
+def test_streamed_events_share_one_creation_time_and_are_not_cached(chat_server, pictures):
+    body = {"model": "tiny", "messages": [user("what?", pictures[0])], "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", chat_server.url + "v1/chat/completions", json=body, timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.headers["cache-control"] == "no-cache"
+        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert len(chunks) >= 3 and len({(c["id"], c["created"]) for c in chunks}) == 1
 
 
 def test_keys_and_body_size(chat_server, client, tmp_path):

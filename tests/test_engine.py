@@ -7,10 +7,16 @@ import time
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 import tiny
 from vlm import load_pretrained
-from vlm.engine import EngineBusy, EngineFailed, FeatureCache, GenerationSettings, InferenceEngine, OutOfMemory, Request
+from vlm.engine import (EngineBusy, EngineFailed, FeatureCache, GenerationSettings, InferenceEngine, OutOfMemory,
+                        Request, Stream, pixel_digest)
+from vlm.engine.decode import Sequence
+from vlm.engine.encode import Encoded
+from vlm.errors import VLMError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 GREEDY = GenerationSettings(max_new_tokens=10)
@@ -159,6 +165,114 @@ def test_bad_request_fails_alone(engine):
     assert all(s.result().text for s in (streams[0], streams[2]))
 
 
+def test_bad_or_too_long_requests_fail_alone_on_every_path(engine):
+    """Beam search runs outside the decode loop; a prompt that fills the context would run past
+    the LLM's positions (an index error, or a CUDA assert that stops the engine)."""
+    image = tiny.random_image(0)
+    bad = "two <image> markers <image> for one image"
+    long = "Question: " + "fox " * 200 + "Short answer:"
+    for settings in (GREEDY, GenerationSettings(max_new_tokens=4, num_beams=2)):
+        for prompt, words in ((bad, "2 <image> markers for 1 images"), (long, r"the prompt needs \d+ tokens")):
+            stream = engine.submit(Request(prompt, [image], settings))
+            assert stream.result().finish_reason == "error"
+            with pytest.raises(VLMError, match=words):
+                list(stream)
+    assert engine.submit(questions(1)[0]).result().text  # still serving
+    out = engine.generate([Request(long, [image], GREEDY), questions(1)[0]])
+    assert out[0].finish_reason == "error" and "reads at most 128" in str(out[0].error) and out[1].text
+
+
+def test_waiting_counts_only_requests_beyond_the_free_places(mid_blip2_dir):
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    engine = InferenceEngine(model, processor, max_batch_size=2, max_waiting=0)
+    streams = [engine.submit(r) for r in questions(2, GenerationSettings(max_new_tokens=60))]  # both fit at once
+    with pytest.raises(EngineBusy, match="busy"):
+        engine.submit(questions(1)[0])
+    assert all(s.result().error is None for s in streams)
+    assert engine.submit(questions(1)[0]).result().text
+    engine.close()
+
+
+def test_a_reply_cut_short_by_the_context_is_length_not_stop(engine):
+    request = Request("Question: what is " + "the shape " * 49 + "here? Short answer:", [tiny.random_image(5)],
+                      GenerationSettings(max_new_tokens=10))
+    offline, online = engine.generate([request])[0], engine.submit(request).result()
+    room = engine.context_length - offline.prompt_tokens
+    assert 0 < room < 10
+    assert offline.finish_reason == online.finish_reason == "length"
+    assert offline.completion_tokens == online.completion_tokens == room
+
+
+def test_a_row_stopped_by_a_stop_string_counts_its_own_tokens(engine):
+    requests = questions(2)
+    word = engine.generate([requests[1]])[0].text.split()[2]  # early in row 1's reply
+    stop = GenerationSettings(max_new_tokens=10, stop=(word,))
+    cut = [Request(r.prompt, r.images, stop) for r in requests]
+    alone = [engine.generate([r])[0] for r in cut]
+    assert alone[1].finish_reason == "stop" and alone[1].completion_tokens < alone[0].completion_tokens
+    together = engine.generate(cut)  # row 1 is padded while row 0 goes on
+    assert [c.completion_tokens for c in together] == [c.completion_tokens for c in alone]
+    assert engine.submit(cut[1]).result().completion_tokens == alone[1].completion_tokens
+
+
+def test_seeded_requests_leave_the_global_random_state_alone(engine):
+    (request,) = questions(1, GenerationSettings(max_new_tokens=4, temperature=0.9, seed=3))
+    before = torch.random.get_rng_state()
+    first = engine.generate([request])[0].text
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert engine.generate([request])[0].text == first
+
+
+def test_cached_features_hold_only_their_own_memory(engine):
+    images = [tiny.random_image(40), tiny.random_image(41)]
+    engine.generate([Request("Question: what? Short answer:", [image], GREEDY) for image in images])  # one vision pass
+    for image in images:
+        value = engine.feature_cache.get(pixel_digest(engine.encoder.pixels(image)))
+        assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
+
+
+def test_processor_truncation_off_by_name_cuts_nothing(engine):
+    processor = engine.processor
+    prompt = "Question: what is the shape here? Short answer:"
+    full = processor(text=[prompt])["input_ids"].shape[1]
+    assert processor(text=[prompt], truncation="do_not_truncate", max_length=3)["input_ids"].shape[1] == full
+    assert processor(text=[prompt], truncation=True, max_length=3)["input_ids"].shape[1] == 3
+
+
+# -- streamed text ------------------------------------------------------------------------------
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with all 256 bytes in its alphabet: characters it has not
+    learnt are one token per UTF-8 byte, as in GPT-2's, OPT's and Llama 3's tokenizers."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(tiny.CORPUS, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>")
+
+
+def test_streamed_pieces_add_up_with_multi_byte_characters():
+    tokenizer = byte_level_tokenizer()
+    text = "a naïve café 🙂, 東京 and the quick brown fox"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert any("\ufffd" in tokenizer.decode([i]) for i in ids)  # tokens that end inside a character
+    eos = tokenizer.eos_token_id
+    for stop, want in (((), text), (("東",), text[:text.find("東")]), (("fox",), text[:text.find("fox")])):
+        stream = Stream(Request("q", settings=GenerationSettings(max_new_tokens=100, stop=stop)))
+        seq = Sequence(stream, Encoded([0], None), [eos], tokenizer, max_length=1000)
+        for token in ids + [eos]:
+            if seq.accept(token):
+                break
+        stream.finish(seq.completion())
+        pieces = list(stream)
+        assert "".join(pieces) == seq.text == stream.completion.text == want
+        assert len(pieces) > 3 and not any("\ufffd" in piece for piece in pieces)
+        # The stop token counts as generated; a stop string is not a token.
+        assert stream.completion.completion_tokens == len(seq.tokens) + (not stop)
+
+
 # -- out-of-memory and other device errors, injected with forward hooks ---------------------------
 class InjectFault:
     """Raise `error` from the LLM's first layer whenever `when(batch_rows, tokens)` is true."""
@@ -185,13 +299,16 @@ def test_out_of_memory_in_a_batch_splits_it(engine):
     requests = questions(4)
     alone = [c.text for c in engine.generate(requests)]
     oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    counted = engine.stats["out_of_memory"]
     with InjectFault(engine.model, oom, lambda rows, tokens: rows > 1) as fault:
         out = engine.generate(requests)
     assert fault.raised >= 3 and [c.text for c in out] == alone  # halved down to single rows
+    assert engine.stats["out_of_memory"] - counted == fault.raised  # what /metrics reports
     with InjectFault(engine.model, oom, lambda rows, tokens: True):
         out = engine.generate(requests[:2])
     assert [c.finish_reason for c in out] == ["error", "error"]
     assert all(isinstance(c.error, OutOfMemory) and "even alone" in str(c.error) for c in out)
+    assert all(c.error.__traceback__ is None for c in out)  # torch's error would hold the failed activations
 
 
 def test_out_of_memory_while_decoding_evicts_and_resumes(engine):
@@ -212,6 +329,22 @@ def test_out_of_memory_while_decoding_evicts_and_resumes(engine):
         texts = [s.result().text.strip() for s in streams]
     assert texts == alone  # the evicted half resumed from its tokens: same replies
     assert engine.stats["evicted"] - evicted_before == 2
+
+
+def test_a_prefill_out_of_memory_waits_for_the_batch_to_shrink(mid_blip2_dir):
+    """Retrying the prefill at every decode step would empty the feature cache at every step."""
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    engine = InferenceEngine(model, processor, max_batch_size=4)
+    first, second = questions(2, GenerationSettings(max_new_tokens=40))
+    want = engine.generate([second])[0].text
+    running = engine.submit(first)
+    next(iter(running))  # decoding
+    oom = torch.OutOfMemoryError("CUDA out of memory.")
+    with InjectFault(model, oom, lambda rows, tokens: tokens > 1 and running.completion is None) as fault:
+        assert engine.submit(second).result().text.strip() == want  # it ran once the batch had emptied
+    assert running.result().error is None
+    assert fault.raised <= 1  # one failed prefill, then no retry while the first request decoded
+    engine.close()
 
 
 def test_a_cuda_error_that_is_not_oom_stops_the_engine(mid_blip2_dir):

@@ -142,11 +142,15 @@ class VLMProcessor(ProcessorMixin):
             images_per_text: instead of `images`, how many images each text holds when they are
                 already encoded (the model gets `vision_features` / `image_features`): the image
                 tokens are laid out as with images, and no `pixel_values` are made.
-            return_tensors: "pt" (default), "np", or None for lists.
-            **kwargs: transformers' processing kwargs: `add_special_tokens`, `padding`
-                ("longest", "max_length" or False; always on the left), `max_length`,
-                `truncation` (text tokens past `max_length` are cut; image tokens never are)
-                for the text, and image-processor kwargs (`size`, `do_resize`, ...) for the images.
+            return_tensors: "pt" (default), "np", or None: `input_ids` and `attention_mask` as
+                lists. `pixel_values` and the Q-Former's ids are torch tensors whatever it is.
+            **kwargs: transformers' processing kwargs: `add_special_tokens`, `padding` (True or
+                "longest" (default), "max_length", or False / "do_not_pad": rows keep their own
+                lengths, which only return_tensors=None or texts of equal length can hold;
+                padding is always on the left), `max_length`, `truncation` (True or a strategy
+                name: text tokens past `max_length` are cut, image tokens never are; False /
+                "do_not_truncate": nothing is cut) for the text, and image-processor kwargs
+                (`size`, `do_resize`, ...) for the images.
         """
         output_kwargs = self._merge_kwargs(
             VLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
@@ -200,7 +204,8 @@ class VLMProcessor(ProcessorMixin):
 
     def _truncate(self, row: list[int], text_kwargs: dict) -> list[int]:
         max_length = text_kwargs.get("max_length")
-        if not text_kwargs.get("truncation") or max_length is None or len(row) <= max_length:
+        truncation = text_kwargs.get("truncation")
+        if truncation in (None, False, "do_not_truncate") or max_length is None or len(row) <= max_length:
             return row
         if self.image_token_id in row[max_length:]:
             raise ValueError(f"truncation to max_length={max_length} would cut an image's tokens")

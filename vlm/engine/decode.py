@@ -7,6 +7,9 @@ so every row computes what it would compute alone (the same layout transformers'
 uses for a left-padded batch). A decode step runs the LLM once for every row; rows that finish
 (end of sequence, a stop string, `max_new_tokens`, cancellation) leave the batch at once, and
 the padding columns no row needs any more are cut away.
+
+Changes to the batch are all-or-nothing: new tensors are built first and assigned after, so an
+out-of-memory part way leaves the batch as it was, and the engine can go on with it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,14 @@ class Sequence:
         # No more tokens than the LLM's context holds (prompt included).
         self.max_new_tokens = max(1, min(self.settings.max_new_tokens, max_length - len(encoded.input_ids)))
         self.tokens: list[int] = []  # generated, end-of-sequence token excluded
-        self.text = ""  # decoded text of `tokens`, stop string cut
+        self.text = ""  # decoded text of `tokens`, stop string cut; only ever appended to
         self.sent = 0  # characters of `text` pushed to the stream
-        self.ended_by_stop_token = False
+        # Incremental decoding (vLLM's and TGI's offsets): `tokens[:_read]` are in `text`;
+        # `tokens[_prefix:_read]` is the context the next window is decoded with.
+        self._prefix = 0
+        self._read = 0
+        self.stopped = False  # by a stop token or a stop string (finish reason "stop", not "length")
+        self.stop_token_seen = False  # the model generated a stop token: it counts as generated
         self.generator = None
         if self.settings.seed is not None and not self.settings.greedy:
             self.generator = torch.Generator().manual_seed(self.settings.seed)
@@ -75,24 +83,43 @@ class Sequence:
         generated (not stripped: a chat history must hold what the model said); text that could
         still turn into a stop string, or ends inside a character, is held back."""
         if token in self.stop_token_ids:
-            self.ended_by_stop_token = True
+            self.stopped = self.stop_token_seen = True
+            self._extend(final=True)
             return self._finish()
         self.tokens.append(token)
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        cuts = [self.text.find(s) for s in self.settings.stop if s in self.text]
-        if cuts:  # OpenAI's convention: the stop string is not part of the text
-            self.text = self.text[: min(cuts)]
-            self.ended_by_stop_token = True
+        at_limit = len(self.tokens) >= self.max_new_tokens
+        if self._extend(final=at_limit):
+            self.stopped = True
             return self._finish()
-        if len(self.tokens) >= self.max_new_tokens:
+        if at_limit:
             return self._finish()
         final = len(self.text) - max((len(s) - 1 for s in self.settings.stop), default=0)
-        while final > self.sent and self.text[final - 1] == REPLACEMENT_CHAR:
-            final -= 1
         if final > self.sent:
             self.stream.push(self.text[self.sent:final])
             self.sent = final
         return False
+
+    def _extend(self, final: bool) -> bool:
+        """Append the text the new tokens complete to `text`, cut at a stop string; True when one
+        was found. `final`: the last call, text ending inside a character is added too."""
+        start = len(self.text)
+        self.text += self._new_text(final)
+        # Only a stop string that ends in the new text can be new (an earlier one ended the sequence).
+        cuts = [i for s in self.settings.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
+        if cuts:  # OpenAI's convention: the stop string is not part of the text
+            self.text = self.text[: min(cuts)]  # never before `sent`: the held-back tail covers it
+        return bool(cuts)
+
+    def _new_text(self, final: bool) -> str:
+        """The text `tokens[_read:]` add, decoding only a window of recent tokens (decoding all
+        of them each step would cost O(n^2)). The window starts a few tokens back so that what a
+        tokenizer does at the start of a text (a dropped leading space) cancels out."""
+        before = self.tokenizer.decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        after = self.tokenizer.decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        if len(after) <= len(before) or (after.endswith(REPLACEMENT_CHAR) and not final):
+            return ""  # nothing new yet, or the last token ends inside a UTF-8 character
+        self._prefix, self._read = self._read, len(self.tokens)
+        return after[len(before):]
 
     def _finish(self) -> bool:
         if len(self.text) > self.sent:
@@ -102,8 +129,8 @@ class Sequence:
 
     def completion(self, reason: str | None = None, error: BaseException | None = None) -> Completion:
         if reason is None:
-            reason = "stop" if self.ended_by_stop_token else "length"
-        generated = len(self.tokens) + self.ended_by_stop_token
+            reason = "stop" if self.stopped else "length"
+        generated = len(self.tokens) + self.stop_token_seen
         warning = NOVELTY_WARNING if self.encoded.novel else None
         return Completion(self.text, reason, self.prompt_tokens, generated, error, warning)
 
@@ -167,22 +194,29 @@ class RunningBatch:
             self.seqs, self.cache, self.mask, self.pending = [seq], cache, mask, token
             return
         width = max(self.mask.shape[1], length)
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)])
-            old.values = torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)])
-        self.mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0))])
-        self.pending = torch.cat([self.pending, token])
+        states = [(torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)]),
+                   torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)]))
+                  for old, new in zip(self.cache.layers, cache.layers)]
+        joined_mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0))])
+        joined_pending = torch.cat([self.pending, token])
+        self._assign(states)  # every new tensor exists: nothing below allocates
+        self.mask, self.pending = joined_mask, joined_pending
         self.seqs.append(seq)
 
+    def _assign(self, states: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for layer, (keys, values) in zip(self.cache.layers, states):
+            layer.keys, layer.values = keys, values
+
     @torch.inference_mode()
-    def step(self) -> list[Sequence]:
-        """One decode step for every row; returns the sequences that finished (removed).
+    def step(self) -> list[int]:
+        """One decode step for every row; returns the rows that finished (still in the batch:
+        take them out with `remove`).
 
         On out-of-memory the batch is left as it was before the step (the layers that already
         stored this step's keys and values drop them), so the caller can evict rows and go on."""
-        mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
         length = self.mask.shape[1]
         try:
+            mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
             out = self.llm(
                 input_ids=self.pending[:, None],
                 attention_mask=mask,
@@ -190,43 +224,47 @@ class RunningBatch:
                 use_cache=True,
                 **{self.cache_arg: self.cache},
             )
+            chosen = self._choose(out.logits[:, -1].float().cpu())
+            pending = torch.tensor(chosen, device=self.device)
         except torch.OutOfMemoryError:
             for layer in self.cache.layers:
                 if layer.keys is not None and layer.keys.shape[-2] > length:
                     layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
             raise
-        self.mask = mask
-        logits = out.logits[:, -1].float().cpu()
+        self.mask, self.pending = mask, pending
+        return [i for i, (seq, token) in enumerate(zip(self.seqs, chosen)) if seq.accept(token)]
+
+    def _choose(self, logits: torch.Tensor) -> list[int]:
+        """Each row's next token from the step's logits `(rows, vocab)` (greedy rows at once)."""
         greedy = torch.argmax(logits, dim=-1).tolist()
-        chosen, done = [], []
+        chosen = []
         for i, seq in enumerate(self.seqs):
             simple = seq.settings.greedy and len(seq.tokens) >= seq.settings.min_new_tokens
-            token = greedy[i] if simple else seq.choose(logits[i])
-            chosen.append(token)
-            if seq.accept(token):
-                done.append(i)
-        self.pending = torch.tensor(chosen, device=self.device)
-        return self.remove(done)
+            chosen.append(greedy[i] if simple else seq.choose(logits[i]))
+        return chosen
 
     def remove(self, rows: list[int]) -> list[Sequence]:
-        """Take `rows` out of the batch (finished, cancelled or evicted); returns their sequences."""
+        """Take `rows` out of the batch (finished, cancelled or evicted); returns their sequences.
+
+        Keeping the other rows copies their KV cache, which can run out of memory; the batch is
+        then unchanged. Removing every row copies nothing."""
         if not rows:
             return []
         gone = [self.seqs[i] for i in rows]
-        keep = [i for i in range(len(self.seqs)) if i not in set(rows)]
+        dropped = set(rows)
+        keep = [i for i in range(len(self.seqs)) if i not in dropped]
         if not keep:
             self.seqs, self.cache, self.mask, self.pending = [], None, None, None
             return gone
         index = torch.tensor(keep, device=self.device)
-        self.cache.batch_select_indices(index)
-        self.seqs = [self.seqs[i] for i in keep]
-        self.mask, self.pending = self.mask[index], self.pending[index]
+        mask = self.mask[index]
         # Columns that are padding in every remaining row cost attention for nothing.
-        first = int(self.mask.any(dim=0).nonzero()[0])
-        if first:
-            self.mask = self.mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        first = int(mask.any(dim=0).nonzero()[0])
+        states = [(layer.keys[index, :, first:], layer.values[index, :, first:]) for layer in self.cache.layers]
+        pending = self.pending[index]
+        self._assign(states)
+        self.seqs = [self.seqs[i] for i in keep]
+        self.mask, self.pending = mask[:, first:], pending
         return gone
 
 

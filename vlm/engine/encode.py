@@ -14,9 +14,14 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import VLMError
 from ..preprocess import make_preprocess
 from .cache import FeatureCache, pixel_digest
 from .request import ImageInput, Request
+
+# Novelty flags kept per image key: a 32-character digest, a bool and an OrderedDict link are about
+# 200 bytes an entry, so this is ~20 MB at most.
+MAX_NOVELTY_ENTRIES = 100_000
 
 
 @dataclass
@@ -37,10 +42,9 @@ class Encoder:
         self.preprocess = make_preprocess(processor.image_processor)
         self.vision_encodes = 0  # images that ran through the vision tower
         # Training-image statistics loaded with the model (None: no warnings), and per image key
-        # whether it is unlike them (a few bytes each; bounded).
+        # whether it is unlike them (bounded by MAX_NOVELTY_ENTRIES).
         self.novelty = getattr(model, "novelty", None)
         self._novel: OrderedDict[str, bool] = OrderedDict()
-        self.last_novel = False  # of the images the last `cached_features` call encoded
 
     @property
     def device(self) -> torch.device:
@@ -51,9 +55,10 @@ class Encoder:
         return image if isinstance(image, torch.Tensor) else self.preprocess(image)
 
     @torch.inference_mode()
-    def cached_features(self, images: list[ImageInput]) -> list[torch.Tensor]:
+    def cached_features(self, images: list[ImageInput]) -> tuple[list[torch.Tensor], list[bool]]:
         """Per image: the cached tensor (soft prompt, or vision features for instruction-reading
-        Q-Formers); the images not cached yet run through the vision tower together."""
+        Q-Formers), and whether it is unlike the training images (always False without novelty
+        statistics); the images not cached yet run through the vision tower together."""
         pixels = [self.pixels(image) for image in images]
         keys = [pixel_digest(p) for p in pixels]
         found = {k: v for k in dict.fromkeys(keys) if (v := self.cache.get(k)) is not None}
@@ -65,27 +70,31 @@ class Encoder:
             self._remember_novelty(missing, vision)
             values = vision if self.reads_instruction else self.model.get_image_features(vision_features=vision)
             for key, value in zip(missing, values):
-                value = value.unsqueeze(0).detach()
+                # A copy: a view would keep the whole batch's tensor alive, which the cache's byte
+                # count would not see.
+                value = value.unsqueeze(0).clone()
                 found[key] = value
                 self.cache.put(key, value)
-        self.last_novel = any(self._novel.get(k, False) for k in keys)
-        return [found[k] for k in keys]
+        return [found[k] for k in keys], [self._novel.get(k, False) for k in keys]
 
     def _remember_novelty(self, keys: list[str], vision: torch.Tensor) -> None:
         if self.novelty is None:
             return
         for key, novel in zip(keys, self.novelty.is_novel(vision)):
             self._novel[key] = novel
-        while len(self._novel) > 1_000_000:
+        while len(self._novel) > MAX_NOVELTY_ENTRIES:
             self._novel.popitem(last=False)
 
-    def any_novel(self, images: list[ImageInput]) -> bool:
-        """Whether any of `images` (encoded before) is unlike the training images."""
-        return any(self._novel.get(pixel_digest(self.pixels(image)), False) for image in images)
+    def prompt_lengths(self, requests: list[Request]) -> list[int]:
+        """Tokens of each request's prompt, image blocks included (no image is encoded)."""
+        encoding = self.processor(text=[r.prompt for r in requests], images_per_text=[len(r.images) for r in requests],
+                                  padding=False, return_tensors=None)
+        return [len(ids) for ids in encoding["input_ids"]]
 
-    def encode_batch(self, requests: list[Request]) -> tuple[dict, torch.Tensor | None]:
-        """Left-padded `input_ids` / `attention_mask` for `requests` and the soft prompts of all
-        their images in reading order (None when there are none)."""
+    def encode_batch(self, requests: list[Request]) -> tuple[dict, torch.Tensor | None, list[bool]]:
+        """Left-padded `input_ids` / `attention_mask` for `requests`, the soft prompts of all
+        their images in reading order (None when there are none), and per request whether one of
+        its images is unlike the training images."""
         encoding = self.processor(
             text=[r.prompt for r in requests],
             images_per_text=[len(r.images) for r in requests],
@@ -93,8 +102,9 @@ class Encoder:
         )
         images = [image for r in requests for image in r.images]
         if not images:
-            return dict(encoding), None
-        features = torch.cat(self.cached_features(images), dim=0)
+            return dict(encoding), None, [False] * len(requests)
+        cached, novel = self.cached_features(images)
+        features = torch.cat(cached, dim=0)
         if self.reads_instruction:
             features = self.model.get_image_features(
                 vision_features=features,
@@ -102,12 +112,29 @@ class Encoder:
                 qformer_attention_mask=encoding["qformer_attention_mask"].to(features.device),
             )
         encoding = {k: v for k, v in encoding.items() if not k.startswith("qformer_")}
-        return encoding, features
+        return encoding, features, _per_request(novel, requests)
 
     def encode(self, request: Request) -> Encoded:
         """One request, unpadded."""
-        encoding, features = self.encode_batch([request])
-        return Encoded(encoding["input_ids"][0].tolist(), features, novel=self.last_novel if request.images else False)
+        encoding, features, (novel,) = self.encode_batch([request])
+        return Encoded(encoding["input_ids"][0].tolist(), features, novel=novel)
+
+
+def prompt_too_long(length: int, context_length: int) -> VLMError | None:
+    """The error for a prompt that leaves no room for an answer in the LLM's context, else None."""
+    if length < context_length:
+        return None
+    return VLMError(f"the prompt needs {length} tokens (images included); this model reads at most "
+                    f"{context_length}, its answer included")
+
+
+def _per_request(flags: list[bool], requests: list[Request]) -> list[bool]:
+    """Per-image flags (in reading order) -> whether any image of each request has one."""
+    out, start = [], 0
+    for r in requests:
+        out.append(any(flags[start:start + len(r.images)]))
+        start += len(r.images)
+    return out
 
 
 def _instructions(requests: list[Request], processor) -> list[str] | None:

@@ -7,12 +7,14 @@ Two ways in:
 - `submit(request) -> Stream`: online serving. A scheduler thread keeps a running batch
   (`decode.py`); a request that arrives while others decode joins at the next step, streams its
   own tokens and stops on its own end of sequence, stop strings, `max_new_tokens` or
-  cancellation. Settings the decode loop does not run (beam search, repetition penalty) are
-  generated as a batch of their own between steps.
+  cancellation. A request with settings the decode loop does not run (beam search, repetition
+  penalty) goes through transformers' `generate` alone, in the scheduler thread between two
+  steps: the running batch waits for it, and its text comes in one piece.
 
 Both share the image feature cache (`cache.py`): a picture seen before costs no vision-tower pass.
 Out-of-memory is handled here, once: offline batches are split and retried; in the running batch
-the newest half of the sequences is evicted and later resumed from the tokens it had.
+the newest half of the sequences is evicted and later resumed from the tokens it had; a request
+whose prefill does not fit waits until the batch is smaller than when it failed.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from ..errors import VLMError
 from .batches import BatchGenerator, OutOfMemory, free_memory
 from .cache import FeatureCache
 from .decode import RunningBatch, Sequence
-from .encode import Encoder
+from .encode import Encoder, prompt_too_long
 from .request import Completion, Request, Stream
 
 logger = logging.getLogger(__name__)
@@ -39,7 +41,7 @@ DEFAULT_CONTEXT = 2048
 
 
 class EngineBusy(VLMError):
-    """The waiting queue is full: the caller should try again later (HTTP 503)."""
+    """More requests wait than the engine allows: the caller should try again later (HTTP 503)."""
 
 
 class EngineFailed(RuntimeError):
@@ -76,8 +78,9 @@ class InferenceEngine:
     Args:
         max_batch_size: sequences decoded together (online) / requests per `generate` call (offline).
         feature_cache_bytes: memory for encoded images (on the model's device).
-        max_waiting: requests allowed to wait for a place in the running batch; `submit` raises
-            `EngineBusy` beyond that.
+        max_waiting: requests allowed to wait beyond the free places of the running batch (a
+            request that can join it at once never counts); `submit` raises `EngineBusy` past
+            that. 0: nothing waits.
     """
 
     def __init__(self, model, processor, max_batch_size: int = 16, feature_cache_bytes: int = 1 << 30,
@@ -89,15 +92,20 @@ class InferenceEngine:
         self.encoder = Encoder(model, processor, FeatureCache(feature_cache_bytes))
         self.stop_token_ids = stop_token_ids(model, processor)
         self.context_length = context_length(model, processor.tokenizer)
-        self.batches = BatchGenerator(model, processor, self.encoder, self.stop_token_ids, self.context_length)
+        self.batches = BatchGenerator(model, processor, self.encoder, self.stop_token_ids, self.context_length,
+                                      on_oom=lambda: self._bump("out_of_memory"))
         self._model_lock = threading.RLock()  # one forward pass at a time, online or offline
-        self._wake = threading.Condition()
+        self._wake = threading.Condition()  # guards _waiting, _admitting, _closed and failure
         self._waiting: deque[Stream | Sequence] = deque()
         self._running = RunningBatch(model)
         self._thread: threading.Thread | None = None
         self._admitting: Stream | Sequence | None = None  # taken from the queue, not yet running
+        # Rows the running batch may grow to: after a prefill ran out of memory, fewer than at
+        # that moment, until the batch empties (else the waiting request would retry every step).
+        self._admit_limit = self.max_batch_size
         self._closed = False
         self.failure: BaseException | None = None
+        self._stats_lock = threading.Lock()  # `generate` callers and the scheduler thread both count
         self.stats = {"requests": 0, "completion_tokens": 0, "decode_steps": 0, "peak_batch": 0,
                       "evicted": 0, "out_of_memory": 0}
 
@@ -125,27 +133,35 @@ class InferenceEngine:
                     out[i] = result
                 if on_batch is not None:
                     on_batch(len(chunk))
-        self.stats["requests"] += len(requests)
+        self._bump("requests", len(requests))
         return out
 
     # -- online --------------------------------------------------------------------------------
     def submit(self, request: Request) -> Stream:
-        """Queue `request` for the running batch; iterate the returned `Stream` for its text."""
-        if self.failure is not None:
-            raise EngineFailed(f"the inference engine stopped after an error: {self.failure}")
+        """Queue `request` for the running batch; iterate the returned `Stream` for its text.
+
+        Raises `EngineBusy` when `max_waiting` requests already wait beyond the batch's free
+        places, `EngineFailed` after an unrecoverable error, `VLMError` once closed."""
         stream = Stream(request)
         with self._wake:
+            if self.failure is not None:
+                raise EngineFailed(f"the inference engine stopped after an error: {self.failure}")
             if self._closed:
                 raise VLMError("the inference engine is closed")
-            if len(self._waiting) >= self.max_waiting:
-                raise EngineBusy(f"the server is busy ({len(self._waiting)} requests waiting); try again shortly")
+            beyond = self._in_flight() - self.max_batch_size  # waiting for a place, not for a step
+            if beyond >= self.max_waiting:
+                raise EngineBusy(f"the server is busy ({beyond} requests waiting); try again shortly")
             self._waiting.append(stream)
-            self.stats["requests"] += 1
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
                 self._thread.start()
             self._wake.notify()
+        self._bump("requests")
         return stream
+
+    def _in_flight(self) -> int:
+        """Requests submitted and not finished (call with `_wake` held)."""
+        return len(self._waiting) + len(self._running) + (self._admitting is not None)
 
     def close(self) -> None:
         """Stop the scheduler thread; waiting and running requests end as cancelled."""
@@ -177,33 +193,35 @@ class InferenceEngine:
                         self._step()
         except BaseException as e:  # noqa: BLE001 - a bug or a dead device: fail every request loudly
             logger.exception("the inference engine stopped")
-            self.failure = e
+            with self._wake:  # from here on `submit` refuses: nothing is queued after `_end_all`
+                self.failure = e
+                self._closed = True
         self._end_all(self.failure)
 
     def _end_all(self, error: BaseException | None) -> None:
         with self._wake:
             waiting, self._waiting = list(self._waiting), deque()
-        if self._admitting is not None:  # the request whose prefill failed
-            waiting.insert(0, self._admitting)
+            if self._admitting is not None:  # the request whose prefill failed
+                waiting.insert(0, self._admitting)
+                self._admitting = None
         for item in waiting:
-            stream = item.stream if isinstance(item, Sequence) else item
-            stream.finish(Completion("", "error" if error else "cancelled", error=_failed(error)))
+            _stream(item).finish(_unfinished(item, "error" if error else "cancelled", _failed(error)))
         for seq in self._running.remove(list(range(len(self._running)))):
             seq.stream.finish(seq.completion("error" if error else "cancelled", _failed(error)))
 
     # -- scheduling ----------------------------------------------------------------------------
     def _admit(self) -> None:
         """Move waiting requests into the running batch while there is room."""
-        while len(self._running) < self.max_batch_size:
+        if not len(self._running):
+            self._admit_limit = self.max_batch_size  # an empty batch: memory is back, try afresh
+        while len(self._running) < self._admit_limit:
             with self._wake:
                 if not self._waiting:
                     return
-                item = self._waiting.popleft()
-            self._admitting = item
-            stream = item.stream if isinstance(item, Sequence) else item
+                item = self._admitting = self._waiting.popleft()
+            stream = _stream(item)
             if stream.cancelled:
-                stream.finish(item.completion("cancelled") if isinstance(item, Sequence)
-                              else Completion("", "cancelled"))
+                stream.finish(_unfinished(item, "cancelled"))
             elif not stream.request.settings.batchable:
                 self._run_alone(stream)
             elif not self._prefill(item):
@@ -213,59 +231,87 @@ class InferenceEngine:
 
     def _prefill(self, item: Stream | Sequence) -> bool:
         """Encode and prefill one request; False when memory ran out and it must wait."""
+        seq = item if isinstance(item, Sequence) else None
         try:
-            seq = item if isinstance(item, Sequence) else self._sequence(item)
             if seq is None:
-                return True
+                seq = self._sequence(item)
+                if seq is None:
+                    return True
             if self._running.prefill(seq):
                 seq.stream.finish(seq.completion())
                 self._count(seq)
-            self.stats["peak_batch"] = max(self.stats["peak_batch"], len(self._running))
+            self._peak(len(self._running))
             return True
         except torch.OutOfMemoryError:
             pass
         self._out_of_memory()
+        # A sequence that was made waits as itself: its first token may be streamed already.
+        item = seq if seq is not None else item
         if not len(self._running):  # nothing to wait for: it does not fit even alone
-            stream = item.stream if isinstance(item, Sequence) else item
-            stream.finish(Completion("", "error", error=OutOfMemory("out of memory for this request even alone")))
+            error = OutOfMemory("out of memory for this request even alone")
+            _stream(item).finish(_unfinished(item, "error", error))
             return True
-        with self._wake:
-            self._waiting.appendleft(item)
+        self._admit_limit = len(self._running)  # no new prefill until the batch is smaller than now
+        self._requeue([item])
         return False
 
     def _sequence(self, stream: Stream) -> Sequence | None:
-        """The request encoded (images through the cache); None when its input is bad (the
-        stream then ends with the error)."""
+        """The request encoded (images through the cache); None when its input is bad or does
+        not fit in the context (the stream then ends with the error)."""
         try:
             encoded = self.encoder.encode(stream.request)
         except (VLMError, ValueError) as e:
-            stream.finish(Completion("", "error", error=e if isinstance(e, VLMError) else VLMError(str(e))))
+            stream.finish(Completion("", "error", error=_as_vlm_error(e)))
+            return None
+        too_long = prompt_too_long(len(encoded.input_ids), self.context_length)
+        if too_long is not None:  # its positions would run past the LLM's: an index error, or a CUDA assert
+            stream.finish(Completion("", "error", prompt_tokens=len(encoded.input_ids), error=too_long))
             return None
         return Sequence(stream, encoded, self.stop_token_ids, self.processor.tokenizer, self.context_length)
 
     def _run_alone(self, stream: Stream) -> None:
-        completion = self.batches.run([stream.request])[0]
+        """A request the decode loop cannot run, through `generate` (the running batch waits)."""
+        try:
+            completion = self.batches.run([stream.request])[0]
+        except (VLMError, ValueError) as e:  # its input is bad: it fails alone, as in `_sequence`
+            completion = Completion("", "error", error=_as_vlm_error(e))
         stream.push(completion.text)
         stream.finish(completion)
-        self.stats["completion_tokens"] += completion.completion_tokens
+        self._bump("completion_tokens", completion.completion_tokens)
 
     def _step(self) -> None:
         cancelled = [i for i, seq in enumerate(self._running.seqs) if seq.stream.cancelled]
-        for seq in self._running.remove(cancelled):
+        for seq in self._remove(cancelled):
             seq.stream.finish(seq.completion("cancelled"))
         if not len(self._running):
             return
         try:
             finished = self._running.step()
-            self.stats["decode_steps"] += 1
         except torch.OutOfMemoryError:
             finished = None
         if finished is None:
             self._evict_half()
             return
-        for seq in finished:
+        self._bump("decode_steps")
+        for seq in self._remove(finished):
             seq.stream.finish(seq.completion())
             self._count(seq)
+
+    def _remove(self, rows: list[int]) -> list[Sequence]:
+        """`rows` out of the running batch. Keeping the others copies their KV cache; when that
+        runs out of memory, every row leaves (which copies nothing and frees the cache) and the
+        others wait to resume from their tokens."""
+        try:
+            return self._running.remove(rows)
+        except torch.OutOfMemoryError:
+            pass
+        self._out_of_memory()
+        everyone = self._running.remove(list(range(len(self._running))))
+        leaving = set(rows)
+        others = [seq for i, seq in enumerate(everyone) if i not in leaving]
+        self._bump("evicted", len(others))
+        self._requeue(others)
+        return [everyone[i] for i in rows]
 
     def _evict_half(self) -> None:
         """After an out-of-memory decode step: the newest half waits and resumes later."""
@@ -275,18 +321,44 @@ class InferenceEngine:
             (seq,) = self._running.remove([0])
             seq.stream.finish(seq.completion("error", OutOfMemory("out of memory while generating this reply alone")))
             return
-        evicted = self._running.remove(list(range(rows - rows // 2, rows)))
-        self.stats["evicted"] += len(evicted)
+        self._admit_limit = min(self._admit_limit, rows)  # growing back to `rows` would fail again
+        evicted = self._remove(list(range(rows - rows // 2, rows)))
+        self._bump("evicted", len(evicted))
+        self._requeue(evicted)
+
+    def _requeue(self, items: list[Stream | Sequence]) -> None:
+        """Put `items` back at the head of the queue, in order (they were there first)."""
         with self._wake:
-            self._waiting.extendleft(reversed(evicted))
+            self._waiting.extendleft(reversed(items))
 
     def _out_of_memory(self) -> None:
-        self.stats["out_of_memory"] += 1
+        self._bump("out_of_memory")
         self.feature_cache.clear()
         free_memory()
 
     def _count(self, seq: Sequence) -> None:
-        self.stats["completion_tokens"] += len(seq.tokens)
+        self._bump("completion_tokens", len(seq.tokens))
+
+    def _bump(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
+
+    def _peak(self, rows: int) -> None:
+        with self._stats_lock:
+            self.stats["peak_batch"] = max(self.stats["peak_batch"], rows)
+
+
+def _stream(item: Stream | Sequence) -> Stream:
+    return item.stream if isinstance(item, Sequence) else item
+
+
+def _unfinished(item: Stream | Sequence, reason: str, error: BaseException | None = None) -> Completion:
+    """The completion of a request that ends before it runs (again): a sequence keeps its text so far."""
+    return item.completion(reason, error) if isinstance(item, Sequence) else Completion("", reason, error=error)
+
+
+def _as_vlm_error(error: Exception) -> VLMError:
+    return error if isinstance(error, VLMError) else VLMError(str(error))
 
 
 def _failed(error: BaseException | None) -> BaseException | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -95,7 +95,9 @@ class Request:
 @dataclass
 class Completion:
     """The outcome of a request. `text` is stripped for offline batches (`generate`, as BLIP-2's
-    captions are) and as generated for streams (`submit`: a chat history keeps what was said)."""
+    captions are) and as generated for streams (`submit`: a chat history keeps what was said),
+    except streamed requests whose settings the decode loop does not run (beam search, repetition
+    penalty): those go through `generate`'s path, and their text comes stripped, in one piece."""
 
     text: str
     finish_reason: FinishReason
@@ -109,7 +111,8 @@ class Stream:
     """A submitted request's live output: iterate for text pieces, then read `completion`.
 
     Thread-safe: the engine thread pushes, any one consumer thread iterates. `cancel()` stops
-    this request at the next decode step without touching the others.
+    this request at the next decode step without touching the others. Consumers that must not
+    block a thread (an asyncio server) use `on_update` and `take` instead of iterating.
     """
 
     def __init__(self, request: Request):
@@ -117,16 +120,25 @@ class Stream:
         self._pieces: queue.Queue = queue.Queue()
         self._cancelled = threading.Event()
         self._drained = False  # the end marker was read: iterating again yields nothing
+        self._listeners: list[Callable[[], None]] = []
+        self._lock = threading.Lock()  # a listener added while the engine pushes sees that piece
         self.completion: Completion | None = None
 
     # -- engine side -----------------------------------------------------------------------------
     def push(self, piece: str) -> None:
         if piece:
-            self._pieces.put(piece)
+            self._put(piece)
 
     def finish(self, completion: Completion) -> None:
         self.completion = completion
-        self._pieces.put(None)
+        self._put(None)
+
+    def _put(self, item: str | None) -> None:
+        with self._lock:
+            self._pieces.put(item)
+            listeners = list(self._listeners)
+        for listener in listeners:
+            listener()
 
     # -- consumer side ---------------------------------------------------------------------------
     def cancel(self) -> None:
@@ -135,6 +147,36 @@ class Stream:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def done(self) -> bool:
+        """Whether the consumer has read everything up to the end (`completion` is then set)."""
+        return self._drained
+
+    def on_update(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` after every piece and at the end (and now, when some are already
+        waiting). It runs in the engine's thread, so it must only hand over, e.g. with
+        `loop.call_soon_threadsafe`; read the pieces with `take`."""
+        with self._lock:
+            self._listeners.append(listener)
+            waiting = not self._pieces.empty()
+        if waiting:
+            listener()
+
+    def take(self) -> list[str]:
+        """The pieces pushed since the last read, without waiting (`done` tells whether the end
+        was among them)."""
+        pieces = []
+        while not self._drained:
+            try:
+                piece = self._pieces.get_nowait()
+            except queue.Empty:
+                break
+            if piece is None:
+                self._drained = True
+            else:
+                pieces.append(piece)
+        return pieces
 
     def _pieces_until_done(self) -> Iterator[str]:
         while not self._drained:
