@@ -131,6 +131,74 @@ def test_hard_negatives_are_never_a_positive():
     assert torch.equal(hardest, expected)
 
 
+def test_itc_loss_with_non_transitive_positives_equals_the_formula():
+    """Row 0 and 1 show one image, rows 1 and 2 share a caption: 0 and 2 are not positives."""
+    from vlm.stage1_losses import LABEL_SMOOTHING, itc_loss
+
+    torch.manual_seed(1)
+    image = torch.nn.functional.normalize(torch.randn(3, 2, 8), dim=-1)
+    text = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+    loss, sim_i2t, sim_t2i, positives = itc_loss(image, text, torch.tensor([10, 10, 11]), torch.tensor(0.1),
+                                                 caption_ids=torch.tensor([7, 8, 8]))
+    assert positives.tolist() == [[True, True, False], [True, True, True], [False, True, True]]
+    target = positives.float() / positives.sum(dim=1, keepdim=True)
+    target = target * (1 - LABEL_SMOOTHING) + LABEL_SMOOTHING / 3
+
+    def soft_ce(logits):
+        return -(target * logits.log_softmax(dim=1)).sum(dim=1).mean()
+
+    torch.testing.assert_close(loss, (soft_ce(sim_i2t) + soft_ce(sim_t2i)) / 2)
+
+
+def test_rows_without_a_negative_leave_itm(stage1_base):
+    """A batch of one image's captions: no row has a negative; ITM then trains on the positives."""
+    from vlm.stage1_losses import hard_negatives, itm_loss
+    from vlm.train.recipes import load_image_text_model
+
+    positives = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    positives[2, 2] = True
+    everything = torch.ones(3, 3, dtype=torch.bool)
+    for mode in ("sample", "hardest"):
+        assert hard_negatives(torch.randn(3, 3), everything, mode).tolist() == [-1, -1, -1]
+        assert (hard_negatives(torch.randn(3, 3), positives, mode) >= 0).all()
+    model, processor = load_image_text_model(str(stage1_base), device="cpu", dtype=torch.float32)
+    tokens = processor.qformer_tokenizer(["a red circle"] * 3, return_tensors="pt")
+    vision = model.get_vision_features(processor.image_processor([tiny.random_image(0)] * 3,
+                                                                 return_tensors="pt")["pixel_values"])
+    sim = torch.randn(3, 3)
+    loss = itm_loss(model, vision, tokens["input_ids"], tokens["attention_mask"], sim, sim, everything)
+    logits = model.itm_logits(vision, tokens["input_ids"], tokens["attention_mask"])
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, torch.ones(3, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("recipe, overrides", [("stage1", ["stage1.itm=0"]), ("stage1", ["stage1.itg=0"]),
+                                               ("bridge", []), ("lora", [])])
+def test_every_trainable_parameter_gets_a_gradient(stage1_base, recipe, overrides):
+    """DDP (find_unused_parameters off) fails at the second step on a trainable parameter no loss
+    reaches: a head whose objective has weight 0, or the Q-Former's text side in stage 2."""
+    from vlm.train.config import load_config
+    from vlm.train.recipes import prepare_model
+    from vlm.train.stage1_data import Stage1Collator, Stage1Dataset, decoder_start_id, qformer_tokenizer
+    from vlm.data import Example
+    from vlm.stage1_losses import stage1_losses
+
+    config = load_config(None, [f"recipe={recipe}", f"model={stage1_base}", *overrides])
+    model, processor = prepare_model(config, device="cpu")
+    images = [tiny.random_image(i) for i in range(3)]
+    if recipe == "stage1":
+        tokenizer = qformer_tokenizer(processor)
+        examples = [Example(task="caption", image=im, caption=t) for im, t in zip(images, TEXTS)]
+        batch = Stage1Collator(tokenizer)([Stage1Dataset(examples, processor)[i] for i in range(3)])
+        weights = {"itc": config.stage1.itc, "itm": config.stage1.itm, "itg": config.stage1.itg}
+        loss = stage1_losses(model, batch, decoder_start_id(tokenizer), weights)["loss"]
+    else:
+        inputs = processor(images=images, text=[f"<image> {t}" for t in TEXTS[:3]], return_tensors="pt")
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
+
+
 @pytest.fixture(scope="module")
 def stage1_base(tmp_path_factory):
     """A `vlm build` output with the stage-1 parts (BERT-initialised text side), dropout off."""
@@ -281,6 +349,10 @@ def test_two_processes_equal_one_process(stage1_base, tmp_path):
     Plain SGD, so that equal gradients mean equal weights (Adam's first steps turn float noise in
     near-zero gradients into full-size steps)."""
     data = captioned_pictures(tmp_path / "pictures")
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    for row in rows[::3]:  # captions of different lengths: each process pads its batch to one width
+        row["text"] += " with a thin outline drawn around it"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     common = ["--recipe", "stage1", "--model", str(stage1_base), "--train-data", str(data), "--max-steps", "3",
               "--learning-rate", "0.5", "training_args.optim=sgd", "report_to=none", "data.num_workers=0",
               "stage1.hard_negatives=hardest", "save_steps=1000", "warmup=0", "vision_cache_gb=0"]

@@ -108,8 +108,10 @@ def apply_recipe(model, config: TrainConfig):
         _unfreeze(model, STAGE1_MODULES, "stage1")
         if not config.stage1.train_word_embeddings:
             model.embeddings.word_embeddings.requires_grad_(False)
+        _freeze_unweighted_heads(model, config)
     elif recipe in ("align", "bridge"):
         _unfreeze(model, BRIDGE_MODULES, "bridge")
+        _freeze_text_side(model)
     elif recipe == "full":
         if not config.unfreeze:
             raise VLMError("unfreeze: the full recipe needs at least one module prefix to train")
@@ -121,6 +123,7 @@ def apply_recipe(model, config: TrainConfig):
         model = wrap_lora(model, config)
         if config.lora.train_bridge:
             _unfreeze(model.get_base_model(), BRIDGE_MODULES, "bridge")
+            _freeze_text_side(model.get_base_model())
     else:
         raise VLMError(f"recipe: unknown recipe {recipe!r} (expected stage1, align, bridge, lora, qlora or full)")
     if config.gradient_checkpointing:
@@ -129,6 +132,28 @@ def apply_recipe(model, config: TrainConfig):
     if not any(p.requires_grad for p in model.parameters()):
         raise VLMError(f"recipe {recipe}: nothing to train (every parameter is frozen)")
     return model
+
+
+# Every trainable parameter must get a gradient at every step: DDP (find_unused_parameters off)
+# fails on the next step otherwise. So parts a recipe never runs stay frozen.
+def _freeze_unweighted_heads(model, config: TrainConfig) -> None:
+    """Stage 1 skips an objective of weight 0, so its head gets no gradient."""
+    tied = model.embeddings.word_embeddings.weight  # ITG's decoder: the word embeddings, used by ITC/ITM too
+    for objective, head in (("itm", model.itm_head), ("itg", model.itg_head)):
+        if not getattr(config.stage1, objective):
+            for param in head.parameters():
+                if param is not tied:
+                    param.requires_grad_(False)
+
+
+def _freeze_text_side(model) -> None:
+    """Stage 2 feeds BLIP-2's Q-Former its queries only: the feed-forward layers of its text side
+    (kept for stage 1's ITC/ITM/ITG) are not run. InstructBLIP's reads the instruction: they are."""
+    if model.config.qformer_reads_instruction:
+        return
+    for name, param in model.qformer.named_parameters():
+        if re.match(r"encoder\.layer\.\d+\.(?:intermediate|output)\.", name):
+            param.requires_grad_(False)
 
 
 def lora_target_pattern(model, target_modules: list[str] | str) -> str:

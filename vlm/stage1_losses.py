@@ -140,9 +140,22 @@ def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int)
                            encoder_hidden_states=vision, encoder_attention_mask=image_mask,
                            return_dict=True).last_hidden_state[:, queries:, :]
     logits = model.itg_head(hidden.to(model.itg_head.decoder.weight.dtype))
-    labels = decoder_ids.masked_fill(text_mask == 0, IGNORE_INDEX)  # position 0 (the start) is not a target
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels[:, 1:].reshape(-1),
-                           ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING)
+    labels = decoder_ids.masked_fill(text_mask == 0, IGNORE_INDEX)[:, 1:]  # the start token is not a target
+    total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                            ignore_index=IGNORE_INDEX, label_smoothing=LABEL_SMOOTHING, reduction="sum")
+    return total / global_count(labels != IGNORE_INDEX)
+
+
+def global_count(mask: torch.Tensor) -> torch.Tensor:
+    """The number of True entries over all processes, divided by the process count: a sum over this
+    process's tokens divided by it, averaged by DDP, is the mean over the global batch's tokens
+    (captions differ in length, so a per-process mean would weigh short ones more)."""
+    count = mask.sum().float()
+    _, size = world()
+    if size > 1:
+        dist.all_reduce(count)
+        count = count / size
+    return count.clamp(min=1.0)
 
 
 def stage1_losses(model: nn.Module, batch: dict, decoder_start_id: int,
