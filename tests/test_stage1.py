@@ -299,6 +299,15 @@ def top1(scores: dict, names: list[str], texts: list[str]) -> tuple[float, float
     return float(i2t), float(t2i)
 
 
+def test_stage1_evaluation_reports_its_loss(stage1_base, tmp_path, capsys):
+    data = captioned_pictures(tmp_path / "pictures")
+    assert vlm_main(["train", "--recipe", "stage1", "--model", str(stage1_base), "--train-data", str(data),
+                     "--eval-data", str(data), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+                     "--batch-size", "8", "report_to=none", "data.num_workers=0", "save_steps=1000"]) == 0
+    reported = [line for line in capsys.readouterr().out.splitlines() if line.startswith("eval loss ")]
+    assert reported and 0 < float(reported[-1].split()[-1]) < 20, reported
+
+
 def test_stage1_learns_retrieval_and_stage2_keeps_its_parts(stage1_base, tmp_path):
     data = captioned_pictures(tmp_path / "pictures")
     rows = [json.loads(line) for line in data.read_text().splitlines()]

@@ -76,10 +76,22 @@ class VLMTrainer(Trainer):
         # gradient all-reduce, and each process would train on its own gradients.
         with self.accelerator.autocast():
             losses = model(**inputs, **self.stage1_settings)
+        if not model.training:  # an evaluation batch: not part of the training log
+            return losses["loss"]
         for name in ("itc", "itm", "itg"):
             self._stage1_sums[name] = self._stage1_sums.get(name, 0.0) + float(losses[name].detach())
         self._stage1_count += 1
         return losses["loss"]
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Stage 1's batches carry no `labels` (its losses need none), for which Trainer would
+        skip the evaluation loss: it is computed here."""
+        if self.stage1_settings is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
 
     def use_align_loss(self, ignore_ids: list[int]) -> None:
         """Train with the `align` recipe's loss, leaving `ignore_ids` (special tokens) out of its targets."""
