@@ -7,6 +7,7 @@ when the tower's output can change between steps.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 import tiny
 from vlm.train.vision_cache import VisionFeatureCache, cache_blocker
-from vlm import VisionLanguageModel
+from vlm import VisionLanguageModel, load_pretrained
 from vlm.cli import main as vlm_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -114,3 +115,19 @@ def test_features_on_disk_serve_a_later_run_of_the_same_tower(base_dir, data_fil
         torch.testing.assert_close(weights(tmp_path / "second")[name], value, atol=1e-6, rtol=0)
     other = VisionFeatureCache(1 << 30, folder, tower_id="another tower")
     assert other.folder != towers and not list(other.folder.iterdir())
+
+
+def test_the_tower_id_changes_with_the_weights_the_image_processor_and_the_precision(base_dir):
+    from vlm.train.vision_cache import tower_fingerprint
+
+    model, processor = load_pretrained(str(base_dir), device="cpu")
+    tower, images = model.vision_model, processor.image_processor
+    reference = tower_fingerprint(tower, images, "fp32")
+    assert tower_fingerprint(tower, images, "fp32") == reference
+    assert tower_fingerprint(tower, images, "bf16") != reference
+    resized = copy.deepcopy(images)
+    resized.size = {"height": 2 * images.size["height"], "width": 2 * images.size["width"]}
+    assert tower_fingerprint(tower, resized, "fp32") != reference
+    with torch.no_grad():
+        next(tower.parameters()).add_(1e-3)
+    assert tower_fingerprint(tower, images, "fp32") != reference

@@ -89,7 +89,7 @@ def train(
         data_collator=collator,
         callbacks=list(callbacks or []),
     )
-    trainer.vision_cache = make_vision_cache(config, trainer)
+    trainer.vision_cache = make_vision_cache(config, trainer, processor.image_processor)
     if config.recipe == "align":
         trainer.use_align_loss(processor.tokenizer.all_special_ids)
     if config.recipe == "stage1":
@@ -145,7 +145,7 @@ def check_align_data(examples: Sequence) -> None:
             raise VLMError(f"{example.source or 'data'}: {what}; the align recipe trains on image captions only")
 
 
-def make_vision_cache(config: TrainConfig, trainer: VLMTrainer) -> VisionFeatureCache | None:
+def make_vision_cache(config: TrainConfig, trainer: VLMTrainer, image_processor=None) -> VisionFeatureCache | None:
     """The run's vision feature cache, or None (turned off, or the tower's output can change)."""
     if config.vision_cache_gb < 0:
         raise VLMError(f"vision_cache_gb must be >= 0 (0 turns the cache off), got {config.vision_cache_gb}")
@@ -157,5 +157,6 @@ def make_vision_cache(config: TrainConfig, trainer: VLMTrainer) -> VisionFeature
     if blocker is not None:
         logger.info("not caching vision features: %s", blocker)
         return None
-    tower = tower_fingerprint(bare.vision_model) if config.vision_cache_dir else ""
+    precision = "bf16" if trainer.args.bf16 else "fp16" if trainer.args.fp16 else "fp32"
+    tower = tower_fingerprint(bare.vision_model, image_processor, precision) if config.vision_cache_dir else ""
     return VisionFeatureCache(int(config.vision_cache_gb * 1e9), config.vision_cache_dir, tower_id=tower)

@@ -97,9 +97,13 @@ class VisionFeatureCache:
         self.bytes += size
 
 
-def tower_fingerprint(vision_model: torch.nn.Module) -> str:
-    """A digest of the vision tower's weights (and dtype): features on disk are for this tower only."""
+def tower_fingerprint(vision_model: torch.nn.Module, image_processor=None, precision: str = "") -> str:
+    """A digest of the vision tower's weights (and dtype), the image processor's settings (size,
+    normalisation) and the autocast precision: features on disk are for this combination only."""
     h = hashlib.blake2b(digest_size=16)
+    h.update(precision.encode())
+    if image_processor is not None:
+        h.update(image_processor.to_json_string().encode())
     for name, param in vision_model.state_dict().items():
         h.update(name.encode())
         h.update(param.detach().to("cpu").contiguous().view(torch.uint8).numpy().tobytes())
