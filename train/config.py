@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vlm.errors import VLMError
 
@@ -40,7 +40,7 @@ class DataConfig(_Section):
     image_column: str = "image"
     text_column: str = "text"
     skip_bad_images: bool = False
-    max_length: int = 512  # text tokens per sample, image tokens included; longer is cut at the end
+    max_length: int = Field(512, ge=8)  # text tokens per sample, image tokens included; longer is cut at the end
     # DataLoader workers (images are decoded and tokenized there). auto: 0 when training on CPU,
     # where workers only take cores from the model (measured: 0.78x the throughput on 2 cores
     # with 2 workers), else half the cores, at most 8.
@@ -50,9 +50,9 @@ class DataConfig(_Section):
 class LoraSettings(_Section):
     """peft LoRA on the LLM only (never the vision tower or the Q-Former)."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.05
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
     # Leaf module names inside `language_model`, or "auto": every Linear in the LLM's layers
     # (attention and MLP projections), never lm_head.
     target_modules: list[str] | Literal["auto"] = "auto"
@@ -62,12 +62,12 @@ class LoraSettings(_Section):
 class Stage1Settings(_Section):
     """BLIP-2 stage 1 (`recipe: stage1`): the weight of each objective, and the hard negatives."""
 
-    itc: float = 1.0
-    itm: float = 1.0
-    itg: float = 1.0
+    itc: float = Field(1.0, ge=0.0)
+    itm: float = Field(1.0, ge=0.0)
+    itg: float = Field(1.0, ge=0.0)
     # "sample": drawn from the ITC similarities (LAVIS); "hardest": the most similar (deterministic)
     hard_negatives: Literal["sample", "hardest"] = "sample"
-    max_text_length: int = 32  # caption tokens (BERT) per pair
+    max_text_length: int = Field(32, ge=2, le=512)  # caption tokens (BERT) per pair; BERT has 512 positions
     # false: the word embeddings (and the ITG decoder tied to them) stay as initialised, e.g.
     # BERT's: a small vocabulary of captions changes few rows, and the rest need not be shipped.
     train_word_embeddings: bool = True
@@ -83,7 +83,7 @@ class PromptConfig(_Section):
 class TrainConfig(_Section):
     """One training run. Field names are the YAML keys; see configs/train/*.yaml."""
 
-    recipe: Literal["stage1", "align", "bridge", "lora", "qlora", "full"] = "lora"
+    recipe: Literal[RECIPES] = "lora"
     model: str | None = None  # vlm/BLIP-2/InstructBLIP folder or hub id; None: the demo default
     output_dir: str = "runs/vlm"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -93,13 +93,13 @@ class TrainConfig(_Section):
     # full recipe: parameter-name prefixes to train, e.g. ["language_model", "qformer"].
     unfreeze: list[str] = Field(default_factory=lambda: list(BRIDGE_MODULES))
     max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 1.0
-    learning_rate: float = 1e-4
-    weight_decay: float = 0.0
-    batch_size: int = 8  # per process
-    eval_batch_size: int | None = None  # default: batch_size
-    grad_accum: int = 1
-    warmup: float = 0.03  # < 1: fraction of the steps; >= 1: steps
+    epochs: float = Field(1.0, gt=0.0)
+    learning_rate: float = Field(1e-4, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    batch_size: int = Field(8, ge=1)  # per process
+    eval_batch_size: int | None = Field(None, ge=1)  # default: batch_size
+    grad_accum: int = Field(1, ge=1)
+    warmup: float = Field(0.03, ge=0.0)  # < 1: fraction of the steps; >= 1: steps
     lr_scheduler: str = "cosine"  # any transformers SchedulerType, e.g. warmup_stable_decay
     # passed to the scheduler, e.g. {num_decay_steps: 250} for warmup_stable_decay
     lr_scheduler_kwargs: dict[str, Any] = Field(default_factory=dict)
@@ -107,16 +107,16 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16/fp16 on GPU, fp32 on CPU
     gradient_checkpointing: bool = False
     # CPU memory for caching frozen vision features (each image encoded once; 0 turns it off)
-    vision_cache_gb: float = 4.0
+    vision_cache_gb: float = Field(4.0, ge=0.0)
     # also keep the vision features in this folder, for later runs on the same images and tower
     vision_cache_dir: str | None = None
     # Training images whose vision-feature statistics the output records, so that the model warns
     # about images unlike them (vlm.novelty); 0: none.
-    novelty_images: int = 1024
-    logging_steps: int = 10
-    save_steps: int = 500
+    novelty_images: int = Field(1024, ge=0)
+    logging_steps: int = Field(10, ge=1)
+    save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = 2
-    eval_steps: int = 500
+    eval_steps: int = Field(500, ge=1)
     seed: int = 42
     report_to: list[str] | Literal["auto", "none"] = "auto"  # auto: tensorboard when installed
     # "auto": continue from the newest complete checkpoint in output_dir if any; "none": start
@@ -125,6 +125,16 @@ class TrainConfig(_Section):
     # Any other `transformers.TrainingArguments` field (optim, torch_compile, deepspeed, fsdp,
     # ...); wins over what the keys above set.
     training_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        from transformers.trainer_utils import SchedulerType
+
+        known = [kind.value for kind in SchedulerType]
+        if name not in known:
+            raise ValueError(f"one of {', '.join(known)}")
+        return name
 
     def to_dict(self) -> dict:
         return self.model_dump()
@@ -198,7 +208,13 @@ def _describe_error(error: ValidationError, raw: dict) -> str:
         return f"{key} must be a mapping, got {value!r}"
     if not key:
         return f"the top level must be a mapping, got {value!r}"
+    if first["type"] in CONSTRAINTS:  # the right type, out of range: pydantic's words say how
+        rule = first["msg"].removeprefix("Input should be ").removeprefix("Value error, ")
+        return f"{key} must be {rule}, got {value!r}"
     return f"{key} must be {_expected(key)}, got {value!r}"
+
+
+CONSTRAINTS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "value_error"}
 
 
 def _key_of(loc: tuple, unknown: bool) -> str:

@@ -147,8 +147,6 @@ def check_align_data(examples: Sequence) -> None:
 
 def make_vision_cache(config: TrainConfig, trainer: VLMTrainer, image_processor=None) -> VisionFeatureCache | None:
     """The run's vision feature cache, or None (turned off, or the tower's output can change)."""
-    if config.vision_cache_gb < 0:
-        raise VLMError(f"vision_cache_gb must be >= 0 (0 turns the cache off), got {config.vision_cache_gb}")
     if config.vision_cache_gb == 0:
         return None
     bare = base_model(trainer.model)
