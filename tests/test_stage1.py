@@ -172,6 +172,7 @@ def test_rows_without_a_negative_leave_itm(stage1_base):
 
 
 @pytest.mark.parametrize("recipe, overrides", [("stage1", ["stage1.itm=0"]), ("stage1", ["stage1.itg=0"]),
+                                               ("stage1", ["gradient_checkpointing=true"]),
                                                ("bridge", []), ("lora", [])])
 def test_every_trainable_parameter_gets_a_gradient(stage1_base, recipe, overrides):
     """DDP (find_unused_parameters off) fails at the second step on a trainable parameter no loss
@@ -197,6 +198,7 @@ def test_every_trainable_parameter_gets_a_gradient(stage1_base, recipe, override
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
+    assert not any(p.requires_grad for p in model.vision_model.parameters())
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ DEFAULTS = {
 }
 # Per-group VQA reports, when the data has these fields (VQAv2 annotations do).
 GROUP_FIELDS = ("question_type", "answer_type", "kind")
+PREDICT_CHUNK_BATCHES = 32  # examples whose images are decoded at once: this many batches
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,14 +99,28 @@ def caption_items(examples: Sequence) -> list[tuple]:
 
 def predict(model, processor, examples: Sequence, task: str, batch_size: int, gen_kwargs: dict) -> list[str]:
     """Generated text for each example, in batches on the inference engine, with the checkpoint's
-    prompts; each image is decoded once and encoded once however many questions it has."""
+    prompts. Images are decoded a chunk of examples at a time (a whole VQAv2 split of pixels would
+    not fit in memory); within a chunk each image is decoded and encoded once however many
+    questions it has."""
     from tqdm.auto import tqdm
 
-    from vlm.data import open_example_image
-    from vlm.engine import GenerationSettings, InferenceEngine, Request
+    from vlm.engine import GenerationSettings, InferenceEngine
 
     settings = GenerationSettings(**gen_kwargs)
     engine = InferenceEngine(model, processor, max_batch_size=batch_size)
+    chunk = batch_size * PREDICT_CHUNK_BATCHES
+    texts: list[str] = []
+    with tqdm(total=len(examples), desc="generating", unit="sample", file=sys.stderr) as bar:
+        for start in range(0, len(examples), chunk):
+            requests = _requests(engine, processor, examples[start:start + chunk], task, settings)
+            texts.extend(c.text for c in engine.generate(requests, on_batch=bar.update))
+    return texts
+
+
+def _requests(engine, processor, examples: Sequence, task: str, settings) -> list:
+    from vlm.data import open_example_image
+    from vlm.engine import Request
+
     opened: dict = {}
     requests = []
     for e in examples:
@@ -116,8 +131,7 @@ def predict(model, processor, examples: Sequence, task: str, batch_size: int, ge
                 opened[key] = engine.encoder.pixels(open_example_image(e, image))
             pixels.append(opened[key])
         requests.append(Request(_prompt(processor, e, task), pixels, settings))
-    with tqdm(total=len(requests), desc="generating", unit="sample", file=sys.stderr) as bar:
-        return [c.text for c in engine.generate(requests, on_batch=bar.update)]
+    return requests
 
 
 def _prompt(processor, example, task: str) -> str:

@@ -135,6 +135,7 @@ class ImageTextModel(ImageTextScoring, PreTrainedModel):
 
     config_class = VLMConfig
     config: VLMConfig
+    supports_gradient_checkpointing = True  # the Q-Former's layers (transformers' BLIP-2 blocks)
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     _supports_sdpa = True

@@ -12,6 +12,9 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import VLMError
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# What Pillow raises for a file it cannot decode (UnidentifiedImageError is an OSError; some
+# plugins end a truncated file with EOFError or SyntaxError).
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 # Pillow's own bomb threshold is 89M pixels and only warns below 2x that; we refuse outright.
 MAX_IMAGE_PIXELS = 64_000_000
 
@@ -69,5 +72,5 @@ def _decode(opener, name: str, max_pixels: int) -> Image.Image:
         raise VLMError(f"{name}: refused as a decompression bomb") from None
     except UnidentifiedImageError:
         raise VLMError(f"{name}: not an image (cannot identify the format)") from None
-    except (OSError, SyntaxError, ValueError) as e:
+    except DECODE_ERRORS as e:
         raise VLMError(f"{name}: cannot decode image ({e})") from None

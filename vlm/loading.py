@@ -161,8 +161,9 @@ def load_pretrained(
             the default, the offline demo (`"vlm-demo"`).
         quantization: `"4bit"` (NF4) or `"8bit"` quantizes the LLM only; `None` or `"none"` for none.
         device: `"cuda"`, `"cuda:1"`, `"cpu"`...; defaults to CUDA when available.
-        dtype: defaults to bf16 on a GPU that supports it, fp32 on CPU. The Q-Former and
-            query tokens stay fp32 whatever is asked.
+        dtype: defaults to bf16 on a GPU that supports it, fp32 on CPU. With fp16 the Q-Former
+            and query tokens stay fp32 (transformers' `_keep_in_fp32_modules`, as BLIP-2 does);
+            with bf16 they load in bf16 like the rest.
     """
     name_or_path = resolve_model(DEFAULT_MODEL if name_or_path is None else str(name_or_path))
     device = device or default_device()
@@ -253,7 +254,7 @@ def apply_adapter(model: VisionLanguageModel, folder: str | os.PathLike, model_n
 
     The bridge is checked first: a weight for a module `model` lacks, or of another shape, is
     a VLMError naming the file (`model_name` says what the model is, for that message). Values
-    are cast to the model's dtypes (the Q-Former stays fp32). Returns a `PeftModel` when the
+    are cast to the dtypes of the model's own parameters. Returns a `PeftModel` when the
     folder holds `adapter_config.json`, else `model` itself.
     """
     from safetensors.torch import load_file

@@ -59,7 +59,7 @@ def text_chat(model_dir: str) -> dict:
 
     def answer(prompt: str) -> str:
         enc = tokenizer(processor.format_chat([{"role": "user", "content": prompt}]), return_tensors="pt",
-                        add_special_tokens=False)
+                        add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             out = model.language_model.generate(**enc, max_new_tokens=24, do_sample=False,
                                                 pad_token_id=tokenizer.pad_token_id)

@@ -13,7 +13,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import VLMError
-from ..images import MAX_IMAGE_PIXELS
+from ..images import DECODE_ERRORS, MAX_IMAGE_PIXELS
 from .records import TASKS, Example, ExampleList
 
 # Below this many images the thread pool and progress bar cost more than they save.
@@ -103,7 +103,7 @@ def image_problem(image) -> str | None:
                 if width * height > MAX_IMAGE_PIXELS:
                     return f"{name}: {width}x{height} pixels is over the {MAX_IMAGE_PIXELS:,} limit"
                 im.verify()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except (*DECODE_ERRORS, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         # PIL's decode failures (UnidentifiedImageError is an OSError); reported by name.
         reason = "not an image (cannot identify the format)" if "cannot identify" in str(e) else f"broken ({e})"
         return f"{name}: {reason}"

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from ..errors import VLMError
-from ..images import load_image, to_rgb
+from ..images import DECODE_ERRORS, load_image, to_rgb
 from ..registry import resolve_dataset
 from .coco import is_coco_captions, is_karpathy, read_coco_captions, read_karpathy
 from .common import check_task, finish, read_json, resolve_image_path, row_error
@@ -104,7 +104,7 @@ def open_example_image(example: Example, image=None) -> Image.Image:
     if isinstance(image, Image.Image):
         try:
             return to_rgb(image)
-        except (OSError, ValueError, SyntaxError) as e:
+        except DECODE_ERRORS as e:
             raise VLMError(f"{example.source}: cannot decode the embedded image ({e})") from None
     raise VLMError(f"{example.source or 'example'}: has no image")
 
