@@ -19,7 +19,7 @@ import pytest
 
 from vlm.demo import fetch, pipeline
 from vlm.errors import VLMError
-from vlm.files import BRIDGE_WEIGHTS
+from vlm.files import BRIDGE_WEIGHTS, NOVELTY_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -493,7 +493,10 @@ def test_ship_writes_a_runs_weights_in_fp16_and_they_load(tiny_vlm_dir, tmp_path
     command = f"vlm train --output-dir {run}"
     with pytest.raises(SystemExit):
         ship_main([str(run)])  # --command is required (argparse stops before anything is written)
+    (weights / NOVELTY_FILE).write_text("from an older run")  # this run records no statistics
     ship(run, command, [json.loads(summary.read_text())], weights=weights)  # not the package's folder
+    assert not (weights / NOVELTY_FILE).exists() and sorted(p.name for p in weights.iterdir()) == sorted(
+        [BRIDGE_WEIGHTS, pipeline.DEMO_META, "adapter_config.json", "adapter_model.safetensors"])
     assert all(t.dtype == torch.float16 for t in load_file(weights / BRIDGE_WEIGHTS).values())
     meta = json.loads((weights / pipeline.DEMO_META).read_text())
     assert meta["command"] == command and meta["eval"][0]["metrics"]["accuracy"] == 12.5
@@ -508,6 +511,10 @@ def test_ship_writes_a_runs_weights_in_fp16_and_they_load(tiny_vlm_dir, tmp_path
         want, got = trained(**inputs).logits, shipped(**inputs).logits
     assert (want - got).abs().max() < 1e-2  # fp16 rounding of the bridge and adapter only
     assert not torch.allclose(want, load_pretrained(str(tiny_vlm_dir), device="cpu")[0](**inputs).logits)
+    before = {p.name: p.read_bytes() for p in weights.iterdir()}
+    with pytest.raises(VLMError, match="over the 0 MB budget; nothing was changed"):
+        ship(run, "another", [], weights=weights, max_bytes=0)
+    assert {p.name: p.read_bytes() for p in weights.iterdir()} == before
 
 
 @pytest.mark.slow

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -29,6 +31,8 @@ from vlm.files import BRIDGE_WEIGHTS
 
 PROCESSOR_KEYS = ("question_template", "caption_prompt")
 MAX_BYTES = 40 * 1024 * 1024
+# Every file `ship` manages in the weights folder (its README.md is written by hand).
+SHIPPED = (BRIDGE_WEIGHTS, NOVELTY_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEMO_META)
 
 
 def _fp16_copy(src: Path, dst: Path) -> None:
@@ -49,37 +53,57 @@ def stage1_parts(run: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.split(".")[0] in IMAGE_TEXT_MODULES and k not in skip}
 
 
-def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR) -> list[Path]:
-    """Write the run's trained weights (fp16) and demo.json into `weights`; returns the files written."""
+def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR,
+         max_bytes: int = MAX_BYTES) -> list[Path]:
+    """Write the run's trained weights (fp16) and demo.json into `weights`; returns the files written.
+
+    The files are written next to `weights` first and checked against the size budget; only then
+    do they replace the old ones (a file an older run shipped and this one lacks is removed), so a
+    failure leaves the shipped demo as it was."""
     if not (run / BRIDGE_WEIGHTS).is_file():
         raise VLMError(f"{run}: no {BRIDGE_WEIGHTS} (not the output folder of a finished bridge/LoRA run)")
-    written = [weights / BRIDGE_WEIGHTS]
+    staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=weights))
+    try:
+        names = _write(run, command, evals, staging)
+        total = sum((staging / name).stat().st_size for name in names)
+        if total > max_bytes:
+            raise VLMError(f"the shipped demo weights would be {total / 2**20:.1f} MB, over the "
+                           f"{max_bytes / 2**20:.0f} MB budget; nothing was changed")
+        for name in SHIPPED:
+            if name not in names:
+                (weights / name).unlink(missing_ok=True)
+        for name in names:  # demo.json last: it says which run the files are from
+            os.replace(staging / name, weights / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [weights / name for name in names]
+
+
+def _write(run: Path, command: str, evals: list[dict], out: Path) -> list[str]:
+    """The shipped files of `run`, written into `out`; their names, demo.json last."""
     bridge = load_file(run / BRIDGE_WEIGHTS)
     bridge.update(stage1_parts(run))
-    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in bridge.items()}, written[0],
-              metadata={"format": "pt"})
+    save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in bridge.items()},
+              out / BRIDGE_WEIGHTS, metadata={"format": "pt"})
+    names = [BRIDGE_WEIGHTS]
     if (run / NOVELTY_FILE).is_file():  # the training images' statistics: novelty warnings
-        shutil.copyfile(run / NOVELTY_FILE, weights / NOVELTY_FILE)
-        written.append(weights / NOVELTY_FILE)
+        shutil.copyfile(run / NOVELTY_FILE, out / NOVELTY_FILE)
+        names.append(NOVELTY_FILE)
     if (run / ADAPTER_CONFIG).is_file():
         adapter_config = json.loads((run / ADAPTER_CONFIG).read_text())
         # The run's base is a folder on the training machine; the demo's base is the demo build.
         adapter_config["base_model_name_or_path"] = "vlm-demo"
-        (weights / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
-        _fp16_copy(run / ADAPTER_WEIGHTS, weights / ADAPTER_WEIGHTS)
-        written += [weights / ADAPTER_CONFIG, weights / ADAPTER_WEIGHTS]
+        (out / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2, sort_keys=True) + "\n")
+        _fp16_copy(run / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
+        names += [ADAPTER_CONFIG, ADAPTER_WEIGHTS]
     processor_config = json.loads((run / "processor_config.json").read_text())
     meta = {
         "processor": {k: processor_config[k] for k in PROCESSOR_KEYS if processor_config.get(k) is not None},
         "command": command,
         "eval": evals,
     }
-    (weights / DEMO_META).write_text(json.dumps(meta, indent=2) + "\n")
-    written.append(weights / DEMO_META)
-    total = sum(p.stat().st_size for p in written)
-    if total > MAX_BYTES:
-        raise VLMError(f"the shipped demo weights are {total / 2**20:.1f} MB, over the 40 MB budget")
-    return written
+    (out / DEMO_META).write_text(json.dumps(meta, indent=2) + "\n")
+    return names + [DEMO_META]
 
 
 def main(argv: list[str] | None = None) -> int:
