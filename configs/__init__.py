@@ -27,11 +27,6 @@ def _find(folder: Path, name: str, what: str) -> Path:
     return path
 
 
-def train_preset(name: str) -> Path:
-    """The YAML file of a shipped training recipe preset, e.g. `lora`, `demo-easyvqa`."""
-    return _find(TRAIN_DIR, name, "training preset and no such file")
-
-
 def accelerate_config(name: str) -> Path:
     """The YAML file of a shipped accelerate config: `ddp`, `fsdp`, `deepspeed-zero2`."""
     return _find(ACCELERATE_DIR, name, "accelerate config")

@@ -189,7 +189,7 @@ def test_every_trainable_parameter_gets_a_gradient(stage1_base, recipe, override
     if recipe == "stage1":
         tokenizer = qformer_tokenizer(processor)
         examples = [Example(task="caption", image=im, caption=t) for im, t in zip(images, TEXTS)]
-        batch = Stage1Collator(tokenizer)([Stage1Dataset(examples, processor)[i] for i in range(3)])
+        batch = Stage1Collator(tokenizer, 32)([Stage1Dataset(examples, processor)[i] for i in range(3)])
         weights = {"itc": config.stage1.itc, "itm": config.stage1.itm, "itg": config.stage1.itg}
         loss = stage1_losses(model, batch, decoder_start_id(tokenizer), weights)["loss"]
     else:

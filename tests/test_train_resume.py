@@ -222,3 +222,15 @@ def test_checkpoint_saved_again_is_never_half_deleted(tmp_path):
     if staged.exists():  # killed before the swap: the next save does it
         replace_dir(str(staged), str(final))
     assert (final / "trainable.safetensors").read_text() == "new"
+
+
+def test_auto_resume_refuses_checkpoints_of_another_run(base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "out"
+    args = train_args(base_dir, data_file, out, "--max-steps", "2", "--save-steps", "1", "data.num_workers=0")
+    assert vlm_main(["train", *args]) == 0
+    assert vlm_main(["train", *args, "lora.r=8"]) == 1  # another adapter: not that run continued
+    err = capsys.readouterr().err
+    assert f"{out} holds checkpoints of a run with another lora" in err and "--no-resume" in err
+    assert vlm_main(["train", *args, "--max-steps", "3"]) == 0  # the same run, longer: continues
+    assert "resuming from " + str(out / "checkpoint-2") in capsys.readouterr().out
+    assert vlm_main(["train", *args, "lora.r=8", "--no-resume"]) == 0

@@ -35,6 +35,8 @@ several GPUs or CPU processes (accelerate configs ddp, fsdp, deepspeed-zero2 shi
   accelerate launch --config_file "$(vlm train --accelerate-config ddp)" -m vlm.cli train lora ...
 
 recipes:
+  stage1  BLIP-2 stage 1 on captions, no LLM loaded: queries, Q-Former and its text side learn
+          image-text contrast (ITC), matching (ITM) and captioning (ITG); stage 2 starts from its output
   align   the bridge alone, on captions: the soft prompt learns to hold the caption's words (read
           through the LLM's embeddings, no LLM layer runs); a fast first stage for a new bridge
   bridge  Q-Former, queries and projection train; vision tower and LLM frozen (BLIP-2 stage 2)

@@ -67,7 +67,8 @@ class Stage1Settings(_Section):
     itg: float = Field(1.0, ge=0.0)
     # "sample": drawn from the ITC similarities (LAVIS); "hardest": the most similar (deterministic)
     hard_negatives: Literal["sample", "hardest"] = "sample"
-    max_text_length: int = Field(32, ge=2, le=512)  # caption tokens (BERT) per pair; BERT has 512 positions
+    # Caption tokens (BERT) per pair: LAVIS's 32; BERT has 512 positions.
+    max_text_length: int = Field(32, ge=2, le=512)
     # false: the word embeddings (and the ITG decoder tied to them) stay as initialised, e.g.
     # BERT's: a small vocabulary of captions changes few rows, and the rest need not be shipped.
     train_word_embeddings: bool = True

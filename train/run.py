@@ -54,17 +54,10 @@ def train(
     """
     args = training_arguments(config, has_eval=bool(eval_examples or config.data.eval))
     # Everything that can be wrong with the input fails here, before the model loads.
-    if train_examples is None:
-        if not config.data.train:
-            raise VLMError("no training data: give --train-data or data.train in the config")
-        train_examples = load_data(config, config.data.train)
-    if eval_examples is None and config.data.eval:
-        eval_examples = load_data(config, config.data.eval)
-    if config.recipe == "align":
-        check_align_data(train_examples)
-        if args.world_size > 1:  # its loss is computed outside the model's forward, which DDP needs
-            raise VLMError("the align recipe runs in one process; launch it without accelerate/torchrun")
+    train_examples, eval_examples = read_inputs(config, args.world_size, train_examples, eval_examples)
     resume_from = find_resume_checkpoint(config.output_dir, config.resume)
+    if resume_from is not None and config.resume == "auto":
+        check_same_run(config)
 
     set_seed(config.seed)  # LoRA init draws from the RNG: same seed, same starting weights
     model, processor = prepare_model(config, device=str(args.device))
@@ -81,6 +74,15 @@ def train(
         os.makedirs(config.output_dir, exist_ok=True)
         clean_staging(config.output_dir)
         save_config(config, Path(config.output_dir) / TRAIN_CONFIG)
+    trainer = build_trainer(config, args, model, processor, train_dataset, eval_dataset, collator, callbacks)
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    report(trainer, result, eval_dataset, train_examples)
+    return save_output(trainer, processor, config, train_examples)
+
+
+def build_trainer(config: TrainConfig, args, model, processor, train_dataset, eval_dataset, collator,
+                  callbacks: Sequence | None) -> VLMTrainer:
+    """The `VLMTrainer` of the run, with its vision feature cache and the recipe's loss."""
     trainer = VLMTrainer(
         model=model,
         args=args,
@@ -96,7 +98,12 @@ def train(
         tokenizer = qformer_tokenizer(processor)
         weights = {"itc": config.stage1.itc, "itm": config.stage1.itm, "itg": config.stage1.itg}
         trainer.use_stage1_loss(decoder_start_id(tokenizer), weights, config.stage1.hard_negatives)
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    return trainer
+
+
+def report(trainer: VLMTrainer, result, eval_dataset, train_examples: Sequence) -> None:
+    """After training: the cache's counts, train_results.json, the evaluation loss, skipped rows."""
+    args = trainer.args
     cache = trainer.vision_cache
     if cache is not None and args.should_log:
         print(f"vision features: {cache.misses:,} computed, {cache.hits:,} reused from the cache", flush=True)
@@ -109,11 +116,15 @@ def train(
     skipped = getattr(train_examples, "skipped", 0)
     if skipped and args.should_log:
         print(f"skipped {skipped} rows with missing or broken images", flush=True)
+
+
+def save_output(trainer: VLMTrainer, processor, config: TrainConfig, train_examples: Sequence) -> Path | None:
+    """The run's output folder (on the main process; None on the others), with novelty statistics."""
     trainer.accelerator.wait_for_everyone()
     # Under FSDP / DeepSpeed the full weights exist only once gathered, which every process joins.
     sharded = trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
     state_dict = trainer.accelerator.get_state_dict(trainer.model) if sharded else None
-    if not args.should_save:
+    if not trainer.args.should_save:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
     if config.recipe == "stage1":
@@ -123,6 +134,44 @@ def train(
     if config.novelty_images:
         record_novelty(base_model(model), processor, train_examples, out, config.novelty_images, trainer.vision_cache)
     return out
+
+
+def read_inputs(config: TrainConfig, processes: int, train_examples: Sequence | None,
+                eval_examples: Sequence | None) -> tuple[Sequence, Sequence | None]:
+    """The training and evaluation examples (read from `config.data` unless given), checked
+    against the recipe and the number of processes."""
+    if train_examples is None:
+        if not config.data.train:
+            raise VLMError("no training data: give --train-data or data.train in the config")
+        train_examples = load_data(config, config.data.train)
+    if eval_examples is None and config.data.eval:
+        eval_examples = load_data(config, config.data.eval)
+    if config.recipe == "align":
+        check_align_data(train_examples)
+        if processes > 1:  # its loss is computed outside the model's forward, which DDP needs
+            raise VLMError("the align recipe runs in one process; launch it without accelerate/torchrun")
+    return train_examples, eval_examples
+
+
+# What makes a run that run: a checkpoint of another one must not be continued unasked.
+RUN_IDENTITY = ("recipe", "model", "data", "lora", "stage1", "prompt", "unfreeze")
+
+
+def check_same_run(config: TrainConfig) -> None:
+    """A VLMError when `output_dir`'s checkpoints come from a run with another model, recipe,
+    data or adapter settings (`resume: auto` would silently continue that run)."""
+    saved = Path(config.output_dir) / TRAIN_CONFIG
+    if not saved.is_file():
+        return
+    from .config import load_config
+
+    before, now = load_config(str(saved)).to_dict(), config.to_dict()
+    for key in RUN_IDENTITY:
+        if before[key] != now[key]:
+            raise VLMError(
+                f"{config.output_dir} holds checkpoints of a run with another {key} ({before[key]!r}; now "
+                f"{now[key]!r}): continue it with its settings ({saved}), start over with --no-resume, or "
+                "choose another --output-dir")
 
 
 def make_datasets(config: TrainConfig, processor, train_examples, eval_examples, processes: int = 1):

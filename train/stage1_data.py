@@ -11,8 +11,6 @@ from torch.utils.data import Dataset
 from vlm.data import image_key, open_example_image
 from vlm.errors import VLMError
 
-# LAVIS's stage-1 caption length (BERT tokens).
-MAX_TEXT_LENGTH = 32
 # The token that starts an ITG decode (LAVIS adds "[DEC]"); the first that the vocabulary has.
 DECODER_START_TOKENS = ("[DEC]", "[unused0]", "<s>")
 
@@ -59,7 +57,7 @@ class Stage1Collator:
     captions of all processes, which must have one shape); one process pads to the longest caption.
     """
 
-    def __init__(self, tokenizer, max_length: int = MAX_TEXT_LENGTH, same_width: bool = False):
+    def __init__(self, tokenizer, max_length: int, same_width: bool = False):
         self.tokenizer, self.max_length = tokenizer, max_length
         self.padding = "max_length" if same_width else "longest"
 

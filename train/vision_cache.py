@@ -50,8 +50,9 @@ class VisionFeatureCache:
     def features(self, model, pixel_values: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
         """Vision features for the images of a batch (`pixel_values` rows named by `keys`).
 
-        `model` is the bare `VisionLanguageModel`; the tower runs (without gradients) only on the
-        rows whose key is not cached yet.
+        `model` is the bare model (`VisionLanguageModel` or the stage-1 `ImageTextModel`). Each row
+        comes from memory, else from the folder on disk, else from the tower, which runs (without
+        gradients) once for all the rows found in neither; what it computes is kept in both.
         """
         if len(keys) != pixel_values.shape[0]:
             raise ValueError(f"{len(keys)} image keys for {pixel_values.shape[0]} images")

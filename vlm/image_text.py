@@ -60,6 +60,8 @@ def add_image_text_parts(model: nn.Module, config: VLMConfig) -> None:
     model.vision_projection = nn.Linear(qconfig.hidden_size, config.image_text_hidden_size)
     model.text_projection = nn.Linear(qconfig.hidden_size, config.image_text_hidden_size)
     model.itm_head = nn.Linear(qconfig.hidden_size, 2)
+    # Its dense layer and LayerNorm start from transformers' generic init (a BERT checkpoint has
+    # no LM head under these names); its decoder is tied to the word embeddings.
     model.itg_head = ItgHead(qconfig)
     model.temp = nn.Parameter(torch.tensor(ITC_TEMPERATURE))
 
