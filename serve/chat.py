@@ -42,9 +42,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(p, default_port=7860)
-    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], default=None,
-                   help="quantize the LLM with bitsandbytes (default: 4-bit NF4 on CUDA for LLMs of 1B+ parameters, "
-                        "none otherwise; the header says which)")
     p.add_argument("--share", action="store_true",
                    help="also publish a public *.gradio.live link (opt-in; the /v1 API is not served then)")
     p.add_argument("--auth", default=None, metavar="USER:PASS", help="require this login on the page")

@@ -50,6 +50,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: CUDA when available)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="weights dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU)")
+    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], default=None,
+                   help="quantize the LLM with bitsandbytes (default: 4-bit NF4 on CUDA for LLMs of 1B+ parameters, "
+                        "none otherwise; the startup line says which)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1 (required when --host is not loopback)")
     p.add_argument("--allow-remote-images", action="store_true",
@@ -96,8 +99,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(p, default_port=8000)
-    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], default=None,
-                   help="quantize the LLM (default: 4-bit NF4 on CUDA for LLMs of 1B+ parameters, else none)")
     p.add_argument("--max-batch-size", type=int, default=16, help="replies decoded together (default 16)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests allowed to wait; beyond that the API answers 503 (default 64)")
