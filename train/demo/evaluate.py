@@ -5,6 +5,7 @@
 RUN_DIR is a demo training output (or the demo itself with `--model vlm-demo`). Measures, on
 easy-vqa's test split (never trained on):
 - single questions (`vlm eval --task vqa`, greedy, 4 new tokens);
+- captions of the test images ("a red circle": exact match, CIDEr);
 - conversations (`vlm eval --task chat`): follow-ups without the image, two-image questions,
   held-out paraphrases;
 - text-only chat: "What is the capital of France?", and held-out general prompts answered with
@@ -112,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     greedy = ["--num-beams", "1", "--max-new-tokens", "4", "--batch-size", "64", *limit]
     summary = {"model": args.model, "vqa": run_eval(args.model, "easyvqa:test_vqa", "vqa", greedy)["metrics"]}
+    summary["captions"] = run_eval(args.model, "easyvqa:test_captions", "caption",
+                                   ["--num-beams", "1", "--max-new-tokens", "8", "--min-new-tokens", "0",
+                                    "--batch-size", "64", *limit])["metrics"]
     for name in ("followups", "two_images", "paraphrases"):
         result = run_eval(args.model, f"easyvqa:test_{name}", "chat", ["--batch-size", "64", *limit])
         summary[name] = result["metrics"]
