@@ -301,6 +301,26 @@ def top1(scores: dict, names: list[str], texts: list[str]) -> tuple[float, float
     return float(i2t), float(t2i)
 
 
+def test_the_demo_ships_the_stage1_weights_its_stage2_did_not_train(stage1_base, tmp_path):
+    """Stage 2 leaves the Q-Former's text FFN and the heads out of its bridge (they do not train):
+    `ship` takes them from the run's base."""
+    from safetensors.torch import load_file
+
+    from vlm.train.demo.ship import stage1_parts
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": str(stage1_base)}))
+    parts = stage1_parts(run)
+    base = load_file(stage1_base / "model.safetensors")
+    text_ffn = {k for k in base if k.startswith("qformer.") and (".intermediate." in k or ".output." in k)
+                and "attention" not in k and "_query" not in k}
+    assert text_ffn and text_ffn <= set(parts) and {"itm_head.weight", "temp", "text_projection.bias"} <= set(parts)
+    assert not {k for k in parts if k.startswith(("language_", "vision_model", "query_tokens"))}
+    assert "embeddings.word_embeddings.weight" not in parts
+    assert not {k for k in parts if ".attention." in k or "_query." in k or "crossattention" in k}
+
+
 def test_stage1_evaluation_reports_its_loss(stage1_base, tmp_path, capsys):
     data = captioned_pictures(tmp_path / "pictures")
     assert vlm_main(["train", "--recipe", "stage1", "--model", str(stage1_base), "--train-data", str(data),
@@ -350,7 +370,8 @@ def test_stage1_learns_retrieval_and_stage2_keeps_its_parts(stage1_base, tmp_pat
     trained, _ = load_pretrained(str(out), device="cpu")
     after, _ = load_pretrained(str(bridge), device="cpu")
     assert type(after).__name__ == "VisionLanguageModel"
-    for name in ("itm_head.weight", "text_projection.weight", "embeddings.word_embeddings.weight", "temp"):
+    for name in ("itm_head.weight", "text_projection.weight", "embeddings.word_embeddings.weight", "temp",
+                 "qformer.encoder.layer.0.intermediate.dense.weight", "qformer.encoder.layer.1.output.dense.bias"):
         assert torch.equal(after.state_dict()[name], trained.state_dict()[name]), name
     assert measure(bridge) == (i2t, t2i)
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from vlm import load_pretrained
 from vlm.errors import VLMError
-from vlm.image_text import IMAGE_TEXT_MODULES, ImageTextModel
+from vlm.image_text import IMAGE_TEXT_MODULES, TEXT_FFN, ImageTextModel
 from vlm.loading import default_dtype, model_class, read_vlm_config
 
 from .config import BRIDGE_MODULES, TrainConfig
@@ -151,8 +151,8 @@ def _freeze_text_side(model) -> None:
     (kept for stage 1's ITC/ITM/ITG) are not run. InstructBLIP's reads the instruction: they are."""
     if model.config.qformer_reads_instruction:
         return
-    for name, param in model.qformer.named_parameters():
-        if re.match(r"encoder\.layer\.\d+\.(?:intermediate|output)\.", name):
+    for name, param in model.named_parameters():
+        if TEXT_FFN.match(name):
             param.requires_grad_(False)
 
 

@@ -18,6 +18,8 @@ checkpoint holds both stages. Scoring works on either (`ImageTextScoring`):
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -67,6 +69,15 @@ def add_image_text_parts(model: nn.Module, config: VLMConfig) -> None:
 
 
 IMAGE_TEXT_MODULES = ("embeddings", "vision_projection", "text_projection", "itm_head", "itg_head", "temp")
+# The Q-Former's text-side feed-forward layers (`use_qformer_text_input`): they run on text only,
+# so stage 1 trains them and BLIP-2's stage 2, which feeds the Q-Former its queries, never does.
+TEXT_FFN = re.compile(r"^qformer\.encoder\.layer\.\d+\.(?:intermediate|output)\.")
+
+
+def is_stage1_weight(name: str) -> bool:
+    """Whether a state-dict key belongs to what only stage 1 trains: the heads, the text
+    embeddings and the Q-Former's text-side feed-forward layers."""
+    return name.split(".")[0] in IMAGE_TEXT_MODULES or TEXT_FFN.match(name) is not None
 
 
 class ImageTextScoring:

@@ -24,7 +24,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
 from vlm.demo.pipeline import ADAPTER_CONFIG, DEMO_META, WEIGHTS_DIR
-from vlm.image_text import IMAGE_TEXT_MODULES
+from vlm.image_text import is_stage1_weight
 from vlm.novelty import NOVELTY_FILE
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS
@@ -41,16 +41,17 @@ def _fp16_copy(src: Path, dst: Path) -> None:
 
 
 def stage1_parts(run: Path) -> dict[str, torch.Tensor]:
-    """The stage-1 heads of the run's base (a `stage1` output), when it has them: the demo build
-    has them untrained. The word embeddings (and the ITG decoder tied to them) are left out: the
-    demo's stage 1 keeps MiniLM's, which the build has already."""
+    """The stage-1 weights of the run's base (a `stage1` output: heads and the Q-Former's text-side
+    feed-forward layers, which stage 2 does not train, so they are not in the run's bridge), when
+    it has them: the demo build has them untrained. The word embeddings (and the ITG decoder tied
+    to them) are left out: the demo's stage 1 keeps MiniLM's, which the build has already."""
     config = json.loads((run / ADAPTER_CONFIG).read_text()) if (run / ADAPTER_CONFIG).is_file() else {}
     base = Path(config.get("base_model_name_or_path") or "")
     if not (base / "model.safetensors").is_file():
         return {}
     skip = ("embeddings.word_embeddings.weight", "itg_head.decoder.weight")
     state = load_file(base / "model.safetensors")
-    return {k: v for k, v in state.items() if k.split(".")[0] in IMAGE_TEXT_MODULES and k not in skip}
+    return {k: v for k, v in state.items() if is_stage1_weight(k) and k not in skip}
 
 
 def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR,
