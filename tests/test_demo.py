@@ -372,7 +372,7 @@ def _shipped_command() -> str:
     return json.loads(meta.read_text())["command"] if meta.is_file() else ""
 
 
-# The conversation data and novelty statistics came with the stage-1 recipe (issue 17). Until weights
+# The conversation data came with the stage-1 recipe (issue 17). Until weights
 # from it ship, the shipped ones (align recipe, single questions) are not expected to pass these.
 needs_conversation_weights = pytest.mark.skipif(
     "demo-easyvqa-stage1" not in _shipped_command(),
@@ -403,25 +403,28 @@ def test_shipped_demo_holds_a_conversation(demo_build, tmp_path, name, floor):
     assert len(wrong) <= round(60 * (1 - floor)), wrong
 
 
-@needs_conversation_weights
+@pytest.mark.skipif(not (pipeline.WEIGHTS_DIR / NOVELTY_FILE).is_file(), reason="no novelty statistics shipped")
 @pytest.mark.slow
 def test_shipped_demo_warns_on_the_chat_pages_photos_not_on_test_images(demo_build, tmp_path):
-    """`vlm caption` on the demo: every scikit-image photo carries the novelty warning; of 50 easy-vqa
-    test images, none."""
+    """`vlm caption` on the demo: every scikit-image photo carries the novelty warning; of easy-vqa's
+    1,000 test images, at most 1% (the acceptance bar)."""
     from vlm.demo import demo_photos
 
     cache, _, _ = demo_build
     photos = [str(p) for p in demo_photos(cache, progress=False).values()]
-    tests = [r["image"] for r in _first_rows(fetch.demo_root(cache) / "easyvqa" / "test_captions.jsonl", 50)]
+    listing = tmp_path / "images.txt"
+    tests = [r["image"] for r in _first_rows(fetch.demo_root(cache) / "easyvqa" / "test_captions.jsonl", 1000)]
+    listing.write_text("\n".join(photos + tests) + "\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}
     out = tmp_path / "captions.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "vlm.cli", "caption", *photos, *tests, "--out", str(out),
-                           "--max-new-tokens", "4", "--no-progress"], capture_output=True, text=True, env=env,
-                          timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "vlm.cli", "caption", str(listing), "--out", str(out),
+                           "--max-new-tokens", "1", "--batch-size", "64", "--no-progress"],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert all("warning" in rows[p] for p in photos) and len(photos) == 4
-    assert not [t for t in tests if "warning" in rows[t]]
+    assert len(photos) == 4 and all("warning" in rows[p] for p in photos)
+    flagged = [t for t in tests if "warning" in rows[t]]
+    assert len(tests) == 1000 and len(flagged) <= 10, flagged
 
 
 @needs_conversation_weights
