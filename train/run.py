@@ -166,6 +166,8 @@ def check_same_run(config: TrainConfig) -> None:
     from .config import load_config
 
     before, now = load_config(str(saved)).to_dict(), config.to_dict()
+    for settings in (before, now):  # how the data is read, not what it is
+        settings["data"].pop("num_workers")
     for key in RUN_IDENTITY:
         if before[key] != now[key]:
             raise VLMError(
