@@ -260,7 +260,7 @@ def test_recipe_configs_parse():
 
 
 def test_scheduler_kwargs_reach_the_schedule(tmp_path):
-    """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 350, a cool-down to 0 at 500."""
+    """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 150, a cool-down to 0 at 300."""
     from transformers import Trainer
 
     from vlm.train.config import load_config
@@ -277,8 +277,9 @@ def test_scheduler_kwargs_reach_the_schedule(tmp_path):
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
     assert lrs[0] == 0 and lrs[15] == pytest.approx(2.5e-4)  # linear warm-up over 30 steps
-    assert lrs[30] == lrs[349] == pytest.approx(5e-4)
-    assert lrs[425] == pytest.approx(2.5e-4, rel=0.02) and lrs[-1] < 1e-6  # cosine over the last 150
+    assert config.max_steps == 300
+    assert lrs[30] == lrs[149] == pytest.approx(5e-4)
+    assert lrs[225] == pytest.approx(2.5e-4, rel=0.02) and lrs[-1] < 1e-6  # cosine over the last 150
 
 
 def test_train_help_explains(capsys):
