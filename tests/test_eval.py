@@ -139,3 +139,19 @@ def test_eval_help():
     run = subprocess.run([sys.executable, "-m", "vlm.cli", "eval", "--help"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0 and "--num-beams" in run.stdout and "CIDEr" in run.stdout
+
+
+def test_eval_caption_groups_in_memory_images_by_pixels(blip2_opt_dir, tmp_path, capsys):
+    """A datasets folder decodes each row's image anew; rows of one image are still one sample."""
+    import datasets
+
+    images = [random_image(20), random_image(21), random_image(20)]
+    ds = datasets.Dataset.from_dict({"image": images, "text": ["a red circle", "a blue square", "a circle"]},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "text": datasets.Value("string")}))
+    datasets.DatasetDict({"test": ds}).save_to_disk(str(tmp_path / "ds"))
+    preds = tmp_path / "preds.jsonl"
+    assert vlm_main(["eval", "--model", str(blip2_opt_dir), "--data", str(tmp_path / "ds"), "--task", "caption",
+                     "--out", str(preds), "--num-beams", "1", "--max-new-tokens", "2", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 2
+    assert [r["references"] for r in read_jsonl(preds)] == [["a red circle", "a circle"], ["a blue square"]]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vlm.errors import VLMError
+from vlm.train.retrieval import K_TEST
 
 # BLIP-2's decoding for its paper tables (design.md section 4).
 DEFAULTS = {
@@ -44,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to score (chat: the last assistant turn of each conversation, given the turns "
                         "before it and its images, scored like a VQA answer; retrieval: image<->text "
                         "recall@1/5/10 with ITC + ITM, on caption data; needs a model with BLIP-2's stage-1 heads)")
-    p.add_argument("--k-test", type=int, default=128,
-                   help="retrieval: ITC candidates per query re-ranked by ITM (default 128, as LAVIS)")
+    p.add_argument("--k-test", type=int, default=K_TEST,
+                   help=f"retrieval: ITC candidates per query re-ranked by ITM (default {K_TEST}, as LAVIS)")
     p.add_argument("--out", help="write per-sample predictions and scores here (JSONL)")
     p.add_argument("--split", default="test", help="split of a Karpathy JSON or datasets folder (default: test)")
     p.add_argument("--image-root", help="folder relative image paths are under (default: the data file's folder)")
@@ -83,9 +84,12 @@ def generation_kwargs(task: str, args: argparse.Namespace) -> dict:
 
 def caption_items(examples: Sequence) -> list[tuple]:
     """One (example, references) per image: COCO-style data has a row per caption of an image."""
+    from vlm.data import image_key
+
     groups: dict = {}
     for e in examples:
-        key = e.image if isinstance(e.image, str) else id(e)
+        # In-memory images (a datasets folder has a row per caption) group by their pixels.
+        key = e.image if isinstance(e.image, str) else image_key(e.image)
         groups.setdefault(key, []).append(e)
     items = []
     for group in groups.values():
