@@ -33,10 +33,9 @@ from vlm.images import load_image_bytes
 
 from .conversation import Turn, render_prompt
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
-from .uploads import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS
+from .uploads import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, REMOTE_TIMEOUT_S
 
 MAX_IMAGES_PER_REQUEST = 16
-REMOTE_TIMEOUT_S = 10.0
 DISCONNECT_POLL_S = 0.5  # how often a waiting reply checks that its client is still there
 # Server-sent events must reach the client as they are made: no caching, no proxy buffering.
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -49,6 +48,7 @@ class ApiSettings:
     model_name: str
     api_key: str | None = None
     allow_remote_images: bool = False
+    remote_timeout_s: float = REMOTE_TIMEOUT_S
     max_body_bytes: int = 64 * 1024 * 1024
     max_image_bytes: int = MAX_UPLOAD_BYTES
     max_images: int = MAX_IMAGES_PER_REQUEST
@@ -268,7 +268,7 @@ def open_image(url: str, where: str, settings: ApiSettings):
         if not settings.allow_remote_images:
             raise ApiError(400, f"{where}: remote image URLs are disabled on this server; send the image as a "
                                 "data: URL (or start it with --allow-remote-images)", param=where)
-        data = fetch_remote(url, where, settings.max_image_bytes)
+        data = fetch_remote(url, where, settings.max_image_bytes, settings.remote_timeout_s)
     else:
         raise ApiError(400, f"{where}: unsupported image URL (use a data: URL)", param=where)
     try:
@@ -277,18 +277,22 @@ def open_image(url: str, where: str, settings: ApiSettings):
         raise ApiError(400, str(e), param=where) from None
 
 
-def fetch_remote(url: str, where: str, max_bytes: int) -> bytes:
-    """GET `url` within the time and size limits."""
+def fetch_remote(url: str, where: str, max_bytes: int, timeout_s: float = REMOTE_TIMEOUT_S) -> bytes:
+    """GET `url` within the size limit and a total deadline (httpx's timeout is per read: a server
+    dripping a byte at a time would otherwise hold the request forever)."""
     import httpx
 
+    deadline = time.monotonic() + timeout_s
     try:
-        with httpx.stream("GET", url, timeout=REMOTE_TIMEOUT_S, follow_redirects=True) as response:
+        with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=True) as response:
             response.raise_for_status()
             data = bytearray()
             for chunk in response.iter_bytes():
                 data += chunk
                 if len(data) > max_bytes:
                     raise ApiError(400, f"{where}: image over the {max_bytes // 2**20} MB limit", param=where)
+                if time.monotonic() > deadline:
+                    raise ApiError(400, f"{where}: the image took over {timeout_s:g} s to arrive", param=where)
             return bytes(data)
     except httpx.HTTPError as e:
         raise ApiError(400, f"{where}: cannot fetch the image ({e})", param=where) from None

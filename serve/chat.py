@@ -14,7 +14,7 @@ import sys
 
 from vlm.errors import VLMError
 
-from .server import add_model_arguments, bind, is_loopback, model_name, run_server
+from .server import add_model_arguments, api_settings, bind, is_loopback, run_server
 
 EPILOG = """examples:
   vlm chat                                  # demo model, http://127.0.0.1:7860 (API at /v1)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlm.engine import InferenceEngine
 
-    from .api import ApiSettings, make_app
+    from .api import make_app
     from .app import build_app, offline_theme
     from .loader import load_for_serving
 
@@ -154,8 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     import gradio as gr
 
     with_api = is_loopback(args.host) or args.api_key is not None
-    api = ApiSettings(model_name(args), api_key=args.api_key, allow_remote_images=args.allow_remote_images,
-                      max_body_bytes=args.max_request_mb * 2**20)
+    api = api_settings(args)
     app = gr.mount_gradio_app(make_app(engine, api, with_api=with_api), demo, path="/", **page)
     run_server(app, sock)
     engine.close()

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from vlm.errors import VLMError
 
+from .uploads import REMOTE_TIMEOUT_S
+
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
 EPILOG = """examples:
@@ -56,10 +58,24 @@ def add_model_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1 (required when --host is not loopback)")
     p.add_argument("--allow-remote-images", action="store_true",
-                   help="let API requests name http(s) image URLs, fetched by the server (off: data: URLs only)")
+                   help="let API requests name http(s) image URLs, fetched by the server (off: data: URLs only). "
+                        "The server fetches whatever address a client names, local network included: allow it "
+                        "only for clients you trust")
+    p.add_argument("--remote-image-timeout", type=float, default=REMOTE_TIMEOUT_S, metavar="SECONDS",
+                   help=f"total time a remote image may take to arrive (default {REMOTE_TIMEOUT_S:g})")
     p.add_argument("--served-model-name", default=None,
                    help="the model id the API lists and expects (default: the --model name, or vlm-demo)")
     p.add_argument("--max-request-mb", type=int, default=64, help="largest API request body (default 64)")
+
+
+def api_settings(args: argparse.Namespace):
+    """The API's `ApiSettings` from the shared flags."""
+    from .api import ApiSettings
+
+    if args.remote_image_timeout <= 0:
+        raise VLMError(f"--remote-image-timeout must be above 0 seconds, got {args.remote_image_timeout:g}")
+    return ApiSettings(model_name(args), api_key=args.api_key, allow_remote_images=args.allow_remote_images,
+                       remote_timeout_s=args.remote_image_timeout, max_body_bytes=args.max_request_mb * 2**20)
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -112,7 +128,7 @@ def check_exposure(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlm serve`."""
-    from .api import ApiSettings, make_app
+    from .api import make_app
     from .loader import load_for_serving
 
     args = build_parser().parse_args(argv)
@@ -127,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.max_batch_size,
                              max_waiting=args.max_queue)
-    settings = ApiSettings(model_name(args), api_key=args.api_key, allow_remote_images=args.allow_remote_images,
-                           max_body_bytes=args.max_request_mb * 2**20)
+    settings = api_settings(args)
     print(f"vlm serve: {settings.model_name} on {loaded.description}; "
           f"API at http://{args.host}:{args.port}/v1", flush=True)
     run_server(make_app(engine, settings), sock)

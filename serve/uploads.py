@@ -17,6 +17,7 @@ from vlm.errors import VLMError
 from vlm.images import load_image
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+REMOTE_TIMEOUT_S = 10.0  # total seconds a remote image URL may take (vlm serve --allow-remote-images)
 MAX_UPLOAD_PIXELS = 40_000_000  # e.g. 8000x5000; a bomb decodes to far more
 MAX_IMAGES_PER_MESSAGE = 8
 

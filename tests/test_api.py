@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import http.server
 import io
 import json
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -240,7 +242,7 @@ def test_full_queue_is_503_and_the_server_recovers(client, pictures):
 @pytest.fixture(scope="module")
 def blip2_server(blip2_opt_dir, tmp_path_factory):
     srv = ServerProcess("serve", blip2_opt_dir, tmp_path_factory.mktemp("api-blip2") / "serve.log",
-                        "--allow-remote-images", ready="v1/models")
+                        "--allow-remote-images", "--remote-image-timeout", "2", ready="v1/models")
     yield srv
     srv.stop()
 
@@ -277,6 +279,40 @@ def test_remote_images_when_allowed(blip2_server, pictures):
         remote["content"][0]["image_url"]["url"] = url + ".missing"
         with pytest.raises(openai.BadRequestError, match="cannot fetch the image"):
             client.chat.completions.create(model=name, max_tokens=2, messages=[remote])
+    finally:
+        web.shutdown()
+
+
+class DrippingHandler(http.server.BaseHTTPRequestHandler):
+    """An image server that sends a byte every 0.2 s: each read is quick, the whole never arrives."""
+
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", "1000")
+        self.end_headers()
+        with contextlib.suppress(OSError):  # the API gives up and closes the connection
+            for _ in range(100):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.2)
+
+
+def test_remote_image_total_deadline(blip2_server):
+    """--remote-image-timeout bounds the whole download, not each read: a dripping server gets a 400
+    after about 2 s, and the server keeps serving."""
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), DrippingHandler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        client = openai.OpenAI(base_url=blip2_server.url + "v1", api_key="none", max_retries=0)
+        name = client.models.list().data[0].id
+        remote = {"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"http://127.0.0.1:{web.server_port}/slow.png"}}]}
+        started = time.monotonic()
+        with pytest.raises(openai.BadRequestError, match=r"messages\[0\].content\[0\].*took over 2 s"):
+            client.chat.completions.create(model=name, max_tokens=2, messages=[remote])
+        assert time.monotonic() - started < 8
+        assert client.models.list().data[0].id == name
     finally:
         web.shutdown()
 

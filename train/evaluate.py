@@ -16,8 +16,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm.errors import VLMError
 from vlm.train.retrieval import K_TEST
+
+from vlm.errors import VLMError
 
 # BLIP-2's decoding for its paper tables (design.md section 4).
 DEFAULTS = {
