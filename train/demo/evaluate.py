@@ -70,9 +70,9 @@ def text_chat(model_dir: str) -> dict:
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
             base = [answer(p) for p in HELD_OUT_PROMPTS]
-    else:
-        base = tuned
-    same = sum(a == b for a, b in zip(tuned, base))
+        same = sum(a == b for a, b in zip(tuned, base))
+    else:  # a merged LoRA (the built demo): the base is not here to ask, so there is nothing to compare
+        base, same = [None] * len(tuned), None
     return {"prompts": len(HELD_OUT_PROMPTS), "same_first_sentence_as_base": same,
             "paris": "paris" in tuned[0].lower(), "answers": [{"prompt": p, "tuned": a, "base": b}
                                                            for p, a, b in zip(HELD_OUT_PROMPTS, tuned, base)]}
