@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm.demo import fetch, pipeline
+from vlm.demo import CONVERSATIONS_VERSION, fetch, pipeline
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS, NOVELTY_FILE
 
@@ -194,6 +194,41 @@ def test_easyvqa_train_chat_mixes_in_the_text_rows(wheel_cache):
     assert lines[: -len(text) * TEXT_REPEATS] == files["train"].read_text().splitlines()
     assert lines[-len(text) * TEXT_REPEATS :] == text * TEXT_REPEATS
     assert easyvqa_data(wheel_cache, progress=False)["train_chat"] == files["train_chat"]  # written once
+
+
+def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel_cache):
+    """The demo's dialog data: train conversations only on train images, none of the held-out
+    wordings in anything the demo trains on, test conversations only on test images, and answers
+    that agree with the image labels."""
+    from vlm.demo import DIALOG_TEXT_REPEATS, TEXT_CHAT_FILE, easyvqa_data
+    from vlm.demo.conversations import HELD_OUT, labels_of
+
+    files = easyvqa_data(wheel_cache, progress=False)
+    train = {r["image"]: r for r in labels_of(files["train_captions"])}
+    test = {r["image"]: r for r in labels_of(files["test_captions"])}
+    dialog = files["train_dialog"].read_text()
+    assert not any(wording in dialog for wordings in HELD_OUT.values() for wording in wordings)
+    talks = [json.loads(line) for line in files["train_conversations"].read_text().splitlines()]
+    two = [t for t in talks if isinstance(t["image"], list)]
+    assert len(talks) == 18000 and len(two) == 12000
+    assert all(image in train for t in talks for image in ([t["image"]] if isinstance(t["image"], str) else t["image"]))
+    for t in two:  # "which image shows the X?": its answer agrees with the two labels
+        question, answer = t["messages"][0]["content"], t["messages"][1]["content"]
+        if "circle" in question and question.startswith(("Which image", "which of", "In which")):
+            hits = [train[i]["shape"] == "circle" for i in t["image"]]
+            assert answer == {(True, False): "the first image", (False, True): "the second image",
+                              (True, True): "both images", (False, False): "neither image"}[tuple(hits)]
+    text = TEXT_CHAT_FILE.read_text()
+    assert dialog == (files["train_vqa"].read_text() + files["train_captions"].read_text()
+                      + files["train_conversations"].read_text() + text * DIALOG_TEXT_REPEATS)
+    for name in ("test_followups", "test_two_images", "test_paraphrases"):
+        rows = [json.loads(line) for line in files[name].read_text().splitlines()]
+        images = [i for r in rows for i in ([r["image"]] if isinstance(r["image"], str) else r["image"])]
+        assert len(rows) == 1000 and all(i in test for i in images), name
+    paraphrases = [json.loads(line) for line in files["test_paraphrases"].read_text().splitlines()]
+    for row in paraphrases:
+        question = row["messages"][0]["content"].removeprefix("<image>\n")
+        assert question in HELD_OUT[row["kind"]] and row["messages"][1]["content"] == test[row["image"]][row["kind"]]
 
 
 def test_example_photos_come_from_the_pinned_scikit_image_wheel(tmp_path, monkeypatch):
@@ -391,7 +426,7 @@ def test_shipped_demo_holds_a_conversation(demo_build, tmp_path, name, floor):
     images; paraphrases in wordings kept out of training)."""
     cache, _, _ = demo_build
     data = tmp_path / f"{name}.jsonl"
-    rows = _first_rows(fetch.demo_root(cache) / "conversations-v1" / f"test_{name}.jsonl", 60)
+    rows = _first_rows(fetch.demo_root(cache) / f"conversations-v{CONVERSATIONS_VERSION}" / f"test_{name}.jsonl", 60)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}
     proc = subprocess.run([sys.executable, "-m", "vlm.cli", "eval", "--data", str(data), "--task", "chat",

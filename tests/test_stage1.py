@@ -15,6 +15,7 @@ from transformers import Blip2ForImageTextRetrieval, Blip2Processor
 
 import tiny
 from vlm import load_pretrained
+from vlm.errors import VLMError
 from vlm.cli import main as vlm_main
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -173,6 +174,7 @@ def test_rows_without_a_negative_leave_itm(stage1_base):
 
 @pytest.mark.parametrize("recipe, overrides", [("stage1", ["stage1.itm=0"]), ("stage1", ["stage1.itg=0"]),
                                                ("stage1", ["gradient_checkpointing=true"]),
+                                               ("stage1", ["stage1.train_query_path=false"]),
                                                ("bridge", []), ("lora", [])])
 def test_every_trainable_parameter_gets_a_gradient(stage1_base, recipe, overrides):
     """DDP (find_unused_parameters off) fails at the second step on a trainable parameter no loss
@@ -319,6 +321,34 @@ def test_the_demo_ships_the_stage1_weights_its_stage2_did_not_train(stage1_base,
     assert not {k for k in parts if k.startswith(("language_", "vision_model", "query_tokens"))}
     assert "embeddings.word_embeddings.weight" not in parts
     assert not {k for k in parts if ".attention." in k or "_query." in k or "crossattention" in k}
+
+
+def test_heads_only_stage1_leaves_what_stage2_runs_and_ships(stage1_base, tmp_path):
+    """`stage1.train_query_path: false` fits the heads to a finished bridge: the queries, the
+    Q-Former's shared layers and the LLM are as they were, the heads moved; `ship --stage1` takes
+    them from that run."""
+    from safetensors.torch import load_file
+
+    from vlm.image_text import is_stage1_weight
+    from vlm.train.demo.ship import stage1_parts
+
+    data = captioned_pictures(tmp_path / "pictures")
+    out = tmp_path / "heads"
+    assert vlm_main(["train", "--recipe", "stage1", "--model", str(stage1_base), "--train-data", str(data),
+                     "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8", "--learning-rate", "1e-2",
+                     "stage1.train_query_path=false", "report_to=none", "data.num_workers=0",
+                     "save_steps=1000"]) == 0
+    before, after = load_file(stage1_base / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(is_stage1_weight(k) for k in moved), sorted(moved - {k for k in moved if is_stage1_weight(k)})
+    assert {"itm_head.weight", "text_projection.weight", "vision_projection.weight"} <= moved
+    run = tmp_path / "run"
+    run.mkdir()
+    parts = stage1_parts(run, heads=out)
+    assert torch.equal(parts["itm_head.weight"], after["itm_head.weight"])
+    with pytest.raises(VLMError, match="--stage1"):
+        stage1_parts(run, heads=tmp_path)
 
 
 def test_stage1_evaluation_reports_its_loss(stage1_base, tmp_path, capsys):

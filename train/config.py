@@ -72,6 +72,10 @@ class Stage1Settings(_Section):
     # false: the word embeddings (and the ITG decoder tied to them) stay as initialised, e.g.
     # BERT's: a small vocabulary of captions changes few rows, and the rest need not be shipped.
     train_word_embeddings: bool = True
+    # false: only what stage 2 never runs trains (text embeddings, the text-side feed-forward
+    # layers, the heads): the ITC/ITM heads are fitted to a finished stage-2 bridge (queries and
+    # Q-Former unchanged), so one checkpoint answers and scores. The demo does this last.
+    train_query_path: bool = True
 
 
 class PromptConfig(_Section):

@@ -21,7 +21,7 @@ from torch import nn
 
 from vlm import load_pretrained
 from vlm.errors import VLMError
-from vlm.image_text import IMAGE_TEXT_MODULES, TEXT_FFN, ImageTextModel
+from vlm.image_text import IMAGE_TEXT_MODULES, TEXT_FFN, ImageTextModel, is_stage1_weight
 from vlm.loading import default_dtype, model_class, read_vlm_config
 
 from .config import BRIDGE_MODULES, TrainConfig
@@ -108,6 +108,10 @@ def apply_recipe(model, config: TrainConfig):
         _unfreeze(model, STAGE1_MODULES, "stage1")
         if not config.stage1.train_word_embeddings:
             model.embeddings.word_embeddings.requires_grad_(False)
+        if not config.stage1.train_query_path:
+            for name, param in model.named_parameters():
+                if not is_stage1_weight(name):
+                    param.requires_grad_(False)
         _freeze_unweighted_heads(model, config)
     elif recipe in ("align", "bridge"):
         _unfreeze(model, BRIDGE_MODULES, "bridge")

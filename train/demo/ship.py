@@ -1,10 +1,11 @@
 """Copy a demo training run's weights into `vlm/demo_weights/` (fp16), for a release.
 
-    python -m vlm.train.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...]
+    python -m vlm.train.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...] [--stage1 DIR]
 
-RUN_DIR is the output folder of `vlm train demo-easyvqa` (a LoRA + bridge run on the demo model,
-from `vlm train demo-easyvqa-stage1`'s output). Writes `bridge.safetensors` (with the stage-1 heads
-of the run's base) and the LoRA adapter cast to fp16, the novelty statistics, and
+RUN_DIR is the output folder of `vlm train demo-easyvqa` (a LoRA + bridge run on the demo model).
+Writes `bridge.safetensors` (with the stage-1 heads of `--stage1 DIR`, a heads-only stage1 run on
+the merged RUN_DIR, or else of the run's base) and the LoRA adapter cast to fp16, the novelty
+statistics, and
 `demo.json` with the processor prompts the run trained with, the command, and the eval summaries
 (`vlm eval` JSON) given. The next `vlm build --demo` (or first use) rebuilds the demo with them.
 """
@@ -40,22 +41,28 @@ def _fp16_copy(src: Path, dst: Path) -> None:
     save_file(tensors, dst, metadata={"format": "pt"})
 
 
-def stage1_parts(run: Path) -> dict[str, torch.Tensor]:
-    """The stage-1 weights of the run's base (a `stage1` output: heads and the Q-Former's text-side
-    feed-forward layers, which stage 2 does not train, so they are not in the run's bridge), when
-    it has them: the demo build has them untrained. The word embeddings (and the ITG decoder tied
-    to them) are left out: the demo's stage 1 keeps MiniLM's, which the build has already."""
-    config = json.loads((run / ADAPTER_CONFIG).read_text()) if (run / ADAPTER_CONFIG).is_file() else {}
-    base = Path(config.get("base_model_name_or_path") or "")
-    if not (base / "model.safetensors").is_file():
-        return {}
+def stage1_parts(run: Path, heads: Path | None = None) -> dict[str, torch.Tensor]:
+    """The stage-1 weights (heads and the Q-Former's text-side feed-forward layers, which stage 2
+    does not train, so they are not in the run's bridge) of `heads`, a `stage1` run with
+    `stage1.train_query_path: false` on the run's merged output; without it, of the run's base
+    when it has them (the demo build has them untrained). The word embeddings (and the ITG decoder
+    tied to them) are left out: the demo's stage 1 keeps MiniLM's, which the build has already."""
+    if heads is not None:
+        base = heads
+        if not (base / "model.safetensors").is_file():
+            raise VLMError(f"--stage1 {heads}: no model.safetensors (not the output folder of a finished stage1 run)")
+    else:
+        config = json.loads((run / ADAPTER_CONFIG).read_text()) if (run / ADAPTER_CONFIG).is_file() else {}
+        base = Path(config.get("base_model_name_or_path") or "")
+        if not (base / "model.safetensors").is_file():
+            return {}
     skip = ("embeddings.word_embeddings.weight", "itg_head.decoder.weight")
     state = load_file(base / "model.safetensors")
     return {k: v for k, v in state.items() if is_stage1_weight(k) and k not in skip}
 
 
 def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR,
-         max_bytes: int = MAX_BYTES) -> list[Path]:
+         max_bytes: int = MAX_BYTES, heads: Path | None = None) -> list[Path]:
     """Write the run's trained weights (fp16) and demo.json into `weights`; returns the files written.
 
     The files are written next to `weights` first and checked against the size budget; only then
@@ -65,7 +72,7 @@ def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR
         raise VLMError(f"{run}: no {BRIDGE_WEIGHTS} (not the output folder of a finished bridge/LoRA run)")
     staging = Path(tempfile.mkdtemp(prefix=".ship-", dir=weights))
     try:
-        names = _write(run, command, evals, staging)
+        names = _write(run, command, evals, staging, heads)
         total = sum((staging / name).stat().st_size for name in names)
         if total > max_bytes:
             raise VLMError(f"the shipped demo weights would be {total / 2**20:.1f} MB, over the "
@@ -80,10 +87,10 @@ def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR
     return [weights / name for name in names]
 
 
-def _write(run: Path, command: str, evals: list[dict], out: Path) -> list[str]:
+def _write(run: Path, command: str, evals: list[dict], out: Path, heads: Path | None) -> list[str]:
     """The shipped files of `run`, written into `out`; their names, demo.json last."""
     bridge = load_file(run / BRIDGE_WEIGHTS)
-    bridge.update(stage1_parts(run))
+    bridge.update(stage1_parts(run, heads))
     save_file({k: v.to(torch.float16) if v.is_floating_point() else v for k, v in bridge.items()},
               out / BRIDGE_WEIGHTS, metadata={"format": "pt"})
     names = [BRIDGE_WEIGHTS]
@@ -112,10 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run", type=Path, help="output folder of the demo training run")
     p.add_argument("--command", required=True, help="the exact command that trained it (recorded in demo.json)")
     p.add_argument("--eval", action="append", default=[], type=Path, help="a `vlm eval` JSON summary to record")
+    p.add_argument("--stage1", type=Path, default=None, metavar="DIR",
+                   help="take the ITC/ITM/ITG heads and the Q-Former's text side from DIR, a stage1 run "
+                        "(stage1.train_query_path=false) on the run's merged output (default: from the run's base)")
     args = p.parse_args(argv)
     try:
         evals = [json.loads(path.read_text()) for path in args.eval]
-        for path in ship(args.run, args.command, evals):
+        for path in ship(args.run, args.command, evals, heads=args.stage1):
             print(f"{path} ({path.stat().st_size / 2**20:.1f} MB)")
     except VLMError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -52,8 +52,11 @@ TEXT_CHAT_FILE = HERE / "text_chat.jsonl"
 # Text rows are ~4% of `easyvqa:train_chat` (145 prompts x 12 among ~42,600 image rows): about
 # one per batch of 32, enough to keep text answers, few enough not to slow the image training.
 TEXT_REPEATS = 12
+# `train_dialog` is ~64,000 rows (all VQA rows, captions, 18,000 conversations): twice the repeats
+# keep the text rows at ~5% of it.
+DIALOG_TEXT_REPEATS = 24
 # Bump when conversations.py changes what it writes.
-CONVERSATIONS_VERSION = 1
+CONVERSATIONS_VERSION = 2
 CONVERSATION_FILES = ("train_conversations", "test_followups", "test_two_images", "test_paraphrases")
 
 
@@ -82,7 +85,7 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
     answers to general text-only prompts (`TEXT_CHAT_FILE`), so that a LoRA keeps the LLM's text
     chat; the conversations of `conversations.py` (`train_conversations`, and the test sets
     `test_followups`, `test_two_images`, `test_paraphrases`); and `train_dialog`, what the demo's
-    LoRA trains on: half the VQA rows, the captions, the conversations and the text rows.
+    LoRA trains on: the VQA rows, the captions, the conversations and the text rows.
     VQA rows are `{image, question, answer, question_type, image_id}`, caption rows
     `{image, text, image_id}`, text rows `{messages}`, conversations `{image(s), messages}`.
     """
@@ -108,9 +111,8 @@ def easyvqa_data(cache_dir: str | os.PathLike | None = None, progress: bool = Tr
         files.update({name: talks / f"{name}.jsonl" for name in CONVERSATION_FILES})
 
         def dialog_mix() -> str:
-            vqa = files["train_vqa"].read_text().splitlines(keepends=True)[::2]
-            return "".join(vqa) + files["train_captions"].read_text() + \
-                files["train_conversations"].read_text() + text * TEXT_REPEATS
+            return files["train_vqa"].read_text() + files["train_captions"].read_text() + \
+                files["train_conversations"].read_text() + text * DIALOG_TEXT_REPEATS
 
         files["train_dialog"] = _write_once(
             out / f"train_dialog-v{CONVERSATIONS_VERSION}-{digest}.jsonl", dialog_mix)

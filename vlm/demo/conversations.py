@@ -129,7 +129,7 @@ def _pair(rng: random.Random, rows: list[dict]) -> tuple[dict, dict]:
     return first, rng.choice([r for r in rows if r["image"] != first["image"]])
 
 
-def training_rows(labels: list[dict], seed: int = 0, one_image: int = 6000, two_images: int = 3000) -> list[dict]:
+def training_rows(labels: list[dict], seed: int = 0, one_image: int = 6000, two_images: int = 12000) -> list[dict]:
     """Train-split conversations: `labels` rows are `{image, color, shape}`."""
     rng = random.Random(seed)
     others = {"color": sorted({r["color"] for r in labels}), "shape": sorted({r["shape"] for r in labels})}
