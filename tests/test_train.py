@@ -257,10 +257,12 @@ def test_recipe_configs_parse():
     for recipe in ("bridge", "lora", "qlora", "full"):
         assert load_config(str(root / f"{recipe}.yaml")).recipe == recipe
     assert load_config(str(root / "demo-easyvqa-align.yaml")).recipe == "align"
+    heads = load_config(str(root / "demo-easyvqa-heads.yaml"))
+    assert heads.recipe == "stage1" and not heads.stage1.train_query_path
 
 
 def test_scheduler_kwargs_reach_the_schedule(tmp_path):
-    """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 150, a cool-down to 0 at 300."""
+    """The demo recipe's warmup_stable_decay: warm-up, a flat LR until 400, a cool-down to 0 at 600."""
     from transformers import Trainer
 
     from vlm.train.config import load_config
@@ -268,7 +270,7 @@ def test_scheduler_kwargs_reach_the_schedule(tmp_path):
 
     config = load_config(str(Path(__file__).parent.parent / "configs/train/demo-easyvqa.yaml"),
                          [f"output_dir={tmp_path}", "report_to=none"])
-    assert config.lr_scheduler_kwargs == {"num_decay_steps": 150}
+    assert config.lr_scheduler_kwargs == {"num_decay_steps": 200}
     trainer = Trainer(model=torch.nn.Linear(2, 2), args=training_arguments(config, has_eval=False))
     trainer.create_optimizer_and_scheduler(num_training_steps=config.max_steps)
     lrs = []
@@ -277,9 +279,9 @@ def test_scheduler_kwargs_reach_the_schedule(tmp_path):
         trainer.optimizer.step()
         trainer.lr_scheduler.step()
     assert lrs[0] == 0 and lrs[15] == pytest.approx(2.5e-4)  # linear warm-up over 30 steps
-    assert config.max_steps == 300
-    assert lrs[30] == lrs[149] == pytest.approx(5e-4)
-    assert lrs[225] == pytest.approx(2.5e-4, rel=0.02) and lrs[-1] < 1e-6  # cosine over the last 150
+    assert config.max_steps == 600
+    assert lrs[30] == lrs[399] == pytest.approx(5e-4)
+    assert lrs[500] == pytest.approx(2.5e-4, rel=0.02) and lrs[-1] < 1e-6  # cosine over the last 200
 
 
 def test_train_help_explains(capsys):
