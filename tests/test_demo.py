@@ -212,12 +212,15 @@ def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel
     two = [t for t in talks if isinstance(t["image"], list)]
     assert len(talks) == 18000 and len(two) == 12000
     assert all(image in train for t in talks for image in ([t["image"]] if isinstance(t["image"], str) else t["image"]))
-    for t in two:  # "which image shows the X?": its answer agrees with the two labels
-        question, answer = t["messages"][0]["content"], t["messages"][1]["content"]
+    checked = 0
+    for t in two:  # "which image shows the circle?": its answer agrees with the two labels
+        question, answer = t["messages"][0]["content"].replace("<image>\n", ""), t["messages"][1]["content"]
         if "circle" in question and question.startswith(("Which image", "which of", "In which")):
             hits = [train[i]["shape"] == "circle" for i in t["image"]]
             assert answer == {(True, False): "the first image", (False, True): "the second image",
                               (True, True): "both images", (False, False): "neither image"}[tuple(hits)]
+            checked += 1
+    assert checked > 100
     text = TEXT_CHAT_FILE.read_text()
     assert dialog == (files["train_vqa"].read_text() + files["train_captions"].read_text()
                       + files["train_conversations"].read_text() + text * DIALOG_TEXT_REPEATS)
@@ -410,7 +413,7 @@ def _shipped_figures() -> dict:
 
 
 # Issue 17's bars. Until weights that meet them ship, a test holds the demo to what demo.json says
-# its weights measured on all 1,000 rows, less 8 points for the 60 rows it reads (what a broken
+# its weights measured, less 8 points for the 60 rows it reads (what a broken
 # build, engine or chat template would fall through); weights shipped without conversation
 # figures predate the conversation training and are not held to any.
 CONVERSATION_BARS = {"followups": 0.97, "two_images": 0.95, "paraphrases": 0.95}
@@ -419,7 +422,7 @@ needs_conversation_weights = pytest.mark.skipif(
 
 
 def _floor(name: str) -> float:
-    return min(CONVERSATION_BARS[name], _shipped_figures()[name]["accuracy"] / 100 - 0.08)
+    return min(CONVERSATION_BARS[name], max(0.5, _shipped_figures()[name]["accuracy"] / 100 - 0.08))
 
 
 def _first_rows(path: Path, n: int) -> list[dict]:

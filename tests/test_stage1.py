@@ -327,7 +327,7 @@ def test_heads_only_stage1_leaves_what_stage2_runs_and_ships(stage1_base, tmp_pa
     """`stage1.train_query_path: false` fits the heads to a finished bridge: the queries, the
     Q-Former's shared layers and the LLM are as they were, the heads moved; `ship --stage1` takes
     them from that run."""
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file, save_file
 
     from vlm.image_text import is_stage1_weight
     from vlm.train.demo.ship import stage1_parts
@@ -342,13 +342,18 @@ def test_heads_only_stage1_leaves_what_stage2_runs_and_ships(stage1_base, tmp_pa
     assert before.keys() == after.keys()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(is_stage1_weight(k) for k in moved), sorted(moved - {k for k in moved if is_stage1_weight(k)})
-    assert {"itm_head.weight", "text_projection.weight", "vision_projection.weight"} <= moved
+    assert {"itm_head.weight", "text_projection.weight", "vision_projection.weight",
+            "qformer.encoder.layer.0.intermediate.dense.weight"} <= moved
     run = tmp_path / "run"
     run.mkdir()
+    save_file({"query_tokens": after["query_tokens"]}, run / "bridge.safetensors")
     parts = stage1_parts(run, heads=out)
     assert torch.equal(parts["itm_head.weight"], after["itm_head.weight"])
-    with pytest.raises(VLMError, match="--stage1"):
+    with pytest.raises(VLMError, match="--stage1 .*no model.safetensors"):
         stage1_parts(run, heads=tmp_path)
+    save_file({"query_tokens": after["query_tokens"] + 1}, run / "bridge.safetensors")  # another run's bridge
+    with pytest.raises(VLMError, match="query_tokens is not"):
+        stage1_parts(run, heads=out)
 
 
 def test_stage1_evaluation_reports_its_loss(stage1_base, tmp_path, capsys):

@@ -1,7 +1,8 @@
 """Training recipes: which parts of the model train, and how.
 
 - `stage1`: BLIP-2 stage 1 (`stage1.py`): queries, Q-Former, its text side and the ITC/ITM/ITG
-  heads train on captions; the vision tower is frozen and no LLM is loaded.
+  heads train on captions; the vision tower is frozen and no LLM is loaded. With
+  `stage1.train_query_path: false`, only the text side and the heads train.
 - `align`: the bridge alone, scored against the LLM's word embeddings on captions, no LLM layer
   run (`align.py`): a cheap first stage for a bridge that starts from scratch.
 - `bridge`: BLIP-2 stage 2. Q-Former, query tokens and projection train; vision tower and LLM frozen.
@@ -109,9 +110,7 @@ def apply_recipe(model, config: TrainConfig):
         if not config.stage1.train_word_embeddings:
             model.embeddings.word_embeddings.requires_grad_(False)
         if not config.stage1.train_query_path:
-            for name, param in model.named_parameters():
-                if not is_stage1_weight(name):
-                    param.requires_grad_(False)
+            _freeze_query_path(model)
         _freeze_unweighted_heads(model, config)
     elif recipe in ("align", "bridge"):
         _unfreeze(model, BRIDGE_MODULES, "bridge")
@@ -148,6 +147,14 @@ def _freeze_unweighted_heads(model, config: TrainConfig) -> None:
             for param in head.parameters():
                 if param is not tied:
                     param.requires_grad_(False)
+
+
+def _freeze_query_path(model) -> None:
+    """Freeze all that stage 2 runs (queries, the Q-Former's shared layers): only the text side and
+    the heads (`is_stage1_weight`) stay trainable, so they fit the bridge as it is."""
+    for name, param in model.named_parameters():
+        if not is_stage1_weight(name):
+            param.requires_grad_(False)
 
 
 def _freeze_text_side(model) -> None:

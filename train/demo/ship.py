@@ -5,8 +5,7 @@
 RUN_DIR is the output folder of `vlm train demo-easyvqa` (a LoRA + bridge run on the demo model).
 Writes `bridge.safetensors` (with the stage-1 heads of `--stage1 DIR`, a heads-only stage1 run on
 the merged RUN_DIR, or else of the run's base) and the LoRA adapter cast to fp16, the novelty
-statistics, and
-`demo.json` with the processor prompts the run trained with, the command, and the eval summaries
+statistics, and `demo.json` with the processor prompts the run trained with, the command, and the eval summaries
 (`vlm eval` JSON) given. The next `vlm build --demo` (or first use) rebuilds the demo with them.
 """
 
@@ -58,7 +57,18 @@ def stage1_parts(run: Path, heads: Path | None = None) -> dict[str, torch.Tensor
             return {}
     skip = ("embeddings.word_embeddings.weight", "itg_head.decoder.weight")
     state = load_file(base / "model.safetensors")
+    if heads is not None:
+        _check_fitted_to(run, heads, state)
     return {k: v for k, v in state.items() if is_stage1_weight(k) and k not in skip}
+
+
+def _check_fitted_to(run: Path, heads: Path, state: dict[str, torch.Tensor]) -> None:
+    """Heads fitted to another bridge would score nothing: the bridge parts in `heads` must be the run's."""
+    bridge = load_file(run / BRIDGE_WEIGHTS) if (run / BRIDGE_WEIGHTS).is_file() else {}
+    for key in ("query_tokens", "language_projection.weight"):
+        if key in bridge and not (key in state and torch.allclose(bridge[key].float(), state[key].float(), atol=1e-6)):
+            raise VLMError(f"--stage1 {heads}: its {key} is not {run}'s; fit the heads on `vlm export {run} "
+                           "--merge-lora` (configs/train/demo-easyvqa-heads.yaml)")
 
 
 def ship(run: Path, command: str, evals: list[dict], weights: Path = WEIGHTS_DIR,

@@ -27,6 +27,8 @@ from .pipeline import build_demo, checkpoint_dir, demo_checkpoint, has_trained_b
 
 __all__ = [
     "CACHE_ENV",
+    "CONVERSATIONS_VERSION",
+    "DIALOG_TEXT_REPEATS",
     "PROMPTS_FILE",
     "TEXT_CHAT_FILE",
     "TEXT_REPEATS",
