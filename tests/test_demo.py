@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm.demo import CONVERSATIONS_VERSION, fetch, pipeline
+from vlm.demo import fetch, pipeline
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS, NOVELTY_FILE
 
@@ -437,7 +437,9 @@ def test_shipped_demo_holds_a_conversation(demo_build, tmp_path, name):
     images; paraphrases in wordings kept out of training)."""
     cache, _, _ = demo_build
     data = tmp_path / f"{name}.jsonl"
-    rows = _first_rows(fetch.demo_root(cache) / f"conversations-v{CONVERSATIONS_VERSION}" / f"test_{name}.jsonl", 60)
+    from vlm.demo import easyvqa_data
+
+    rows = _first_rows(easyvqa_data(cache, progress=False)[f"test_{name}"], 60)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}
     proc = subprocess.run([sys.executable, "-m", "vlm.cli", "eval", "--data", str(data), "--task", "chat",
