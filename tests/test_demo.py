@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm.demo import fetch, pipeline
+from vlm.demo import easyvqa_data, fetch, pipeline
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS, NOVELTY_FILE
 
@@ -200,8 +200,11 @@ def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel
     """The demo's dialog data: train conversations only on train images, none of the held-out
     wordings in anything the demo trains on, test conversations only on test images, and answers
     that agree with the image labels."""
-    from vlm.demo import DIALOG_TEXT_REPEATS, TEXT_CHAT_FILE, easyvqa_data
+    from vlm.demo import DIALOG_TEXT_REPEATS, TEXT_CHAT_FILE
     from vlm.demo.conversations import HELD_OUT, labels_of
+
+    def images_of(row: dict) -> list[str]:
+        return [row["image"]] if isinstance(row["image"], str) else row["image"]
 
     files = easyvqa_data(wheel_cache, progress=False)
     train = {r["image"]: r for r in labels_of(files["train_captions"])}
@@ -211,7 +214,7 @@ def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel
     talks = [json.loads(line) for line in files["train_conversations"].read_text().splitlines()]
     two = [t for t in talks if isinstance(t["image"], list)]
     assert len(talks) == 18000 and len(two) == 12000
-    assert all(image in train for t in talks for image in ([t["image"]] if isinstance(t["image"], str) else t["image"]))
+    assert all(image in train for t in talks for image in images_of(t))
     checked = 0
     for t in two:  # "which image shows the circle?": its answer agrees with the two labels
         question, answer = t["messages"][0]["content"].replace("<image>\n", ""), t["messages"][1]["content"]
@@ -224,12 +227,11 @@ def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel
     text = TEXT_CHAT_FILE.read_text()
     assert dialog == (files["train_vqa"].read_text() + files["train_captions"].read_text()
                       + files["train_conversations"].read_text() + text * DIALOG_TEXT_REPEATS)
-    for name in ("test_followups", "test_two_images", "test_paraphrases"):
-        rows = [json.loads(line) for line in files[name].read_text().splitlines()]
-        images = [i for r in rows for i in ([r["image"]] if isinstance(r["image"], str) else r["image"])]
-        assert len(rows) == 1000 and all(i in test for i in images), name
-    paraphrases = [json.loads(line) for line in files["test_paraphrases"].read_text().splitlines()]
-    for row in paraphrases:
+    tests = {name: [json.loads(line) for line in files[name].read_text().splitlines()]
+             for name in ("test_followups", "test_two_images", "test_paraphrases")}
+    for name, rows in tests.items():
+        assert len(rows) == 1000 and all(i in test for r in rows for i in images_of(r)), name
+    for row in tests["test_paraphrases"]:
         question = row["messages"][0]["content"].removeprefix("<image>\n")
         assert question in HELD_OUT[row["kind"]] and row["messages"][1]["content"] == test[row["image"]][row["kind"]]
 
@@ -437,8 +439,6 @@ def test_shipped_demo_holds_a_conversation(demo_build, tmp_path, name):
     images; paraphrases in wordings kept out of training)."""
     cache, _, _ = demo_build
     data = tmp_path / f"{name}.jsonl"
-    from vlm.demo import easyvqa_data
-
     rows = _first_rows(easyvqa_data(cache, progress=False)[f"test_{name}"], 60)
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     env = {**os.environ, "PYTHONPATH": str(REPO), fetch.CACHE_ENV: str(cache)}

@@ -48,18 +48,17 @@ def stage1_parts(run: Path, heads: Path | None = None) -> dict[str, torch.Tensor
     when it has them (the demo build has them untrained). The word embeddings (and the ITG decoder
     tied to them) are left out: the demo's stage 1 keeps MiniLM's, which the build has already."""
     if heads is not None:
-        base = heads
-        if not (base / "model.safetensors").is_file():
+        if not (heads / "model.safetensors").is_file():
             raise VLMError(f"--stage1 {heads}: no model.safetensors (not the output folder of a finished stage1 run)")
+        state = load_file(heads / "model.safetensors")
+        _check_fitted_to(run, heads, state)
     else:
         config = json.loads((run / ADAPTER_CONFIG).read_text()) if (run / ADAPTER_CONFIG).is_file() else {}
         base = Path(config.get("base_model_name_or_path") or "")
         if not (base / "model.safetensors").is_file():
             return {}
+        state = load_file(base / "model.safetensors")
     skip = ("embeddings.word_embeddings.weight", "itg_head.decoder.weight")
-    state = load_file(base / "model.safetensors")
-    if heads is not None:
-        _check_fitted_to(run, heads, state)
     return {k: v for k, v in state.items() if is_stage1_weight(k) and k not in skip}
 
 
