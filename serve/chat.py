@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_for_serving(args)
     settings = settings_for(args, loaded)
     engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.concurrency,
-                             max_waiting=args.max_queue)
+                             max_waiting=args.max_queue, adapter_for_text=args.adapter_for_text)
     demo = build_app(make_frontend(engine, args), settings)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     page = dict(auth=auth, max_file_size=f"{args.max_file_size}mb", allowed_paths=[], show_error=True,

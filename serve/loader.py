@@ -30,19 +30,12 @@ class Loaded:
 
 def llm_parameters(name_or_path: str) -> int:
     """Parameters of a checkpoint's LLM, counted from its config on the meta device (no weights read)."""
-    import os
-
     import torch
     from transformers import AutoModelForCausalLM
 
-    from vlm.loading import read_vlm_config
+    from vlm.loading import model_folder, read_vlm_config
 
-    folder = name_or_path
-    if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
-        from vlm.loading import adapter_base
-
-        folder = adapter_base(name_or_path)
-    config, _ = read_vlm_config(folder)
+    config, _ = read_vlm_config(model_folder(name_or_path))
     with torch.device("meta"):
         llm = AutoModelForCausalLM.from_config(config.text_config)
     return sum(p.numel() for p in llm.parameters())

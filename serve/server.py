@@ -66,6 +66,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--served-model-name", default=None,
                    help="the model id the API lists and expects (default: the --model name, or vlm-demo)")
     p.add_argument("--max-request-mb", type=int, default=64, help="largest API request body (default 64)")
+    p.add_argument("--adapter-for-text", action="store_true",
+                   help="with a LoRA adapter folder as --model: run conversations without images through the "
+                        "adapter too (default: they get the base LLM's answers, so text chat stays as it was)")
 
 
 def api_settings(args: argparse.Namespace):
@@ -142,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.engine import InferenceEngine
 
     engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.max_batch_size,
+                             adapter_for_text=args.adapter_for_text,
                              max_waiting=args.max_queue)
     settings = api_settings(args)
     print(f"vlm serve: {settings.model_name} on {loaded.description}; "

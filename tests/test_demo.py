@@ -500,6 +500,44 @@ def test_demo_chat_follow_up_through_gradio_client(demo_build, tmp_path):
         server.stop()
 
 
+@needs_conversation_weights
+@pytest.mark.slow
+def test_demo_answers_text_chat_as_the_base_smollm2_through_the_api(demo_build, tmp_path):
+    """A real `vlm serve` on the demo, asked through the `openai` package: general prompts it never
+    trained on get the base SmolLM2's answers (an image-free conversation runs the LLM without the
+    demo's LoRA), "What is the capital of France?" -> Paris among them."""
+    import openai
+    from server_process import ServerProcess
+
+    from vlm import load_pretrained
+    from vlm.engine import GenerationSettings, InferenceEngine, Request
+    from vlm.train.demo.evaluate import HELD_OUT_PROMPTS
+
+    cache, checkpoint, _ = demo_build
+    model, processor = load_pretrained(str(checkpoint), device="cpu")
+    requests = [Request(processor.format_chat([{"role": "user", "content": p}]), [],
+                        GenerationSettings(max_new_tokens=24)) for p in HELD_OUT_PROMPTS]
+    engine = InferenceEngine(model, processor, max_batch_size=len(requests), adapter_for_text=True)
+    with_adapter = [c.text for c in engine.generate(requests)]
+    with model.disable_adapter():  # the demo's LLM without its LoRA: SmolLM2-135M-Instruct itself
+        base = [c.text for c in engine.generate(requests)]
+    assert sum(a != b for a, b in zip(with_adapter, base)) >= 3  # the LoRA alone would change them
+    del model, engine
+    os.environ[fetch.CACHE_ENV] = str(cache)
+    try:
+        server = ServerProcess("serve", checkpoint, tmp_path / "serve.log", ready="v1/models")
+    finally:
+        del os.environ[fetch.CACHE_ENV]
+    try:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
+        served = [client.chat.completions.create(model=client.models.list().data[0].id, temperature=0, max_tokens=24,
+                                                 messages=[{"role": "user", "content": p}]).choices[0].message.content
+                  for p in HELD_OUT_PROMPTS]
+    finally:
+        server.stop()
+    assert [s.strip() for s in served] == base and "Paris" in served[0]
+
+
 # -- shipped weights -----------------------------------------------------------------------------
 def test_shipped_weights_load_and_change_the_fingerprint(tiny_vlm_dir, tmp_path):
     """The weights-folder format (bridge + demo.json) on a tiny real model; bad files are named."""
@@ -577,6 +615,15 @@ def test_ship_writes_a_runs_weights_in_fp16_and_they_load(tiny_vlm_dir, tmp_path
         want, got = trained(**inputs).logits, shipped(**inputs).logits
     assert (want - got).abs().max() < 1e-2  # fp16 rounding of the bridge and adapter only
     assert not torch.allclose(want, load_pretrained(str(tiny_vlm_dir), device="cpu")[0](**inputs).logits)
+    # The demo checkpoint keeps the adapter unmerged: an adapter folder over `base/`, which loads
+    # back to the same model, and whose image-free requests run without the LoRA.
+    checkpoint = tmp_path / "checkpoint"
+    pipeline.save_checkpoint(shipped, shipped_processor, checkpoint, weights)
+    reloaded, reloaded_processor = load_pretrained(str(checkpoint), device="cpu")
+    assert hasattr(reloaded, "disable_adapter") and reloaded_processor.caption_prompt == "a picture of"
+    with torch.no_grad():
+        assert (reloaded(**inputs).logits - got).abs().max() < 1e-5
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["base_model_name_or_path"] == "base"
     before = {p.name: p.read_bytes() for p in weights.iterdir()}
     with pytest.raises(VLMError, match="over the 0 MB budget; nothing was changed"):
         ship(run, "another", [], weights=weights, max_bytes=0)

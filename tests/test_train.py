@@ -161,6 +161,62 @@ def test_lora_save_reload_merge_export_same_outputs(runs, tmp_path):
     assert greedy_captions(standalone, processor2) == CAPTIONS
 
 
+def test_engine_runs_text_only_requests_on_the_base_llm(runs):
+    """With an unmerged LoRA, requests without images get the base LLM's answers (the adapter off),
+    requests with images the adapter's: alone, in one `generate` batch and decoded together."""
+    from vlm.engine import GenerationSettings, InferenceEngine, Request
+
+    model, processor = load_pretrained(str(runs("lora")), device="cpu")
+    settings = GenerationSettings(max_new_tokens=8)
+    texts = [Request(prompt, [], settings) for prompt in ("", "the", "hello", "x y z")]
+    images = [Request(processor.caption_prompt, [shape_image(i)], settings) for i in range(4)]
+
+    def alone(requests, adapter: bool) -> list[str]:
+        engine = InferenceEngine(model, processor, adapter_for_text=True)
+        if adapter:
+            return [engine.generate([r])[0].text for r in requests]
+        with model.disable_adapter():
+            return [engine.generate([r])[0].text for r in requests]
+
+    base, tuned = alone(texts, adapter=False), alone(texts, adapter=True)
+    assert base != tuned  # the LoRA changes text answers: what is routed matters
+    assert alone(images, adapter=True) == CAPTIONS
+    mixed = [texts[0], images[0], texts[1], images[1], texts[2], images[2], texts[3], images[3]]
+    expected = [answer for pair in zip(base, CAPTIONS) for answer in pair]
+    engine = InferenceEngine(model, processor, max_batch_size=8)
+    try:
+        assert [c.text for c in engine.generate(mixed)] == expected
+        streams = [engine.submit(r) for r in mixed]  # one running batch of both kinds
+        assert [s.result().text.strip() for s in streams] == expected
+        assert engine.stats["peak_batch"] > 1
+    finally:
+        engine.close()
+    everything = InferenceEngine(model, processor, adapter_for_text=True)  # --adapter-for-text
+    assert [c.text for c in everything.generate(mixed)] == [a for pair in zip(tuned, CAPTIONS) for a in pair]
+
+
+def test_lora_output_as_the_model_trains_its_adapter_on(runs, data_file, tmp_path, capsys):
+    """`model:` a LoRA output continues its adapter (a second stage), r and alpha checked."""
+    from safetensors.torch import load_file
+
+    first = runs("lora")
+    out = tmp_path / "second"
+    argv = ["train", "--recipe", "lora", "--model", str(first), "--train-data", str(data_file),
+            "--output-dir", str(out), "--max-steps", "3", "--batch-size", "4", "warmup=0", "report_to=none",
+            "data.num_workers=0", "--learning-rate", "1e-2", "lora.r=8", "lora.alpha=16"]
+    assert vlm_main(argv) == 0
+    before, after = (load_file(d / "adapter_model.safetensors") for d in (first, out))
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained on
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == json.loads((first / "adapter_config.json").read_text())[
+        "base_model_name_or_path"]  # the first stage's base, not the first stage's folder
+    model, processor = load_pretrained(str(out), device="cpu")
+    assert greedy_captions(model, processor) == CAPTIONS
+    assert vlm_main([*argv[:-2], "lora.r=4", "lora.alpha=16", "--output-dir", str(tmp_path / "x")]) == 1
+    assert "lora.r: 4, but the adapter of" in capsys.readouterr().err
+
+
 def test_export_without_merge_flag_is_an_error(runs, tmp_path, capsys):
     assert vlm_main(["export", str(runs("lora")), "--output-dir", str(tmp_path / "x")]) == 1
     assert "--merge-lora" in capsys.readouterr().err

@@ -25,7 +25,7 @@ DEFAULTS = {
     "caption": {"num_beams": 5, "max_new_tokens": 30, "min_new_tokens": 8, "length_penalty": 1.0},
     "vqa": {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 0, "length_penalty": -1.0},
     # A conversation's last answer, greedy (chat models are served greedy by default).
-    "chat": {"num_beams": 1, "max_new_tokens": 16, "min_new_tokens": 0, "length_penalty": 1.0},
+    "chat": {"num_beams": 1, "max_new_tokens": 32, "min_new_tokens": 0, "length_penalty": 1.0},
 }
 # Per-group VQA reports, when the data has these fields (VQAv2 annotations do).
 GROUP_FIELDS = ("question_type", "answer_type", "kind")

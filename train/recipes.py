@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import torch
@@ -22,10 +23,12 @@ from torch import nn
 
 from vlm import load_pretrained
 from vlm.errors import VLMError
+from vlm.files import BRIDGE_WEIGHTS
 from vlm.image_text import IMAGE_TEXT_MODULES, TEXT_FFN, ImageTextModel, is_stage1_weight
-from vlm.loading import default_dtype, model_class, read_vlm_config
+from vlm.loading import default_dtype, model_class, model_folder, read_vlm_config
 
 from .config import BRIDGE_MODULES, TrainConfig
+from .save import is_peft
 
 LLM_PREFIX = "language_model"
 # What stage 1 trains: everything but the (frozen) vision tower.
@@ -58,6 +61,10 @@ def prepare_model(config: TrainConfig, device: str | None = None):
         model, processor = load_image_text_model(config.model, device=device, dtype=dtype)
     else:
         model, processor = load_pretrained(config.model, quantization=quantization, device=device, dtype=dtype)
+        if is_peft(model) and config.recipe not in ("lora", "qlora"):
+            # A LoRA output (the demo is one) under another recipe: its adapter becomes part of
+            # the LLM's weights, which that recipe keeps frozen or trains as a whole.
+            model = model.merge_and_unload()
     apply_prompts(processor, config)
     model = apply_recipe(model, config)
     trainable_in_fp32(model)
@@ -78,6 +85,10 @@ def load_image_text_model(name_or_path: str | None, device: str | None, dtype: t
     from vlm.registry import DEFAULT_MODEL, resolve_model
 
     path = resolve_model(name_or_path or DEFAULT_MODEL)
+    if os.path.isfile(os.path.join(path, BRIDGE_WEIGHTS)):
+        raise VLMError(f"{path}: a LoRA output with a trained bridge; merge it first "
+                       f"(vlm export {path} --merge-lora --output-dir DIR) and start the stage1 recipe from DIR")
+    path = model_folder(path)  # an adapter folder: its base (the LLM's adapter plays no part in stage 1)
     config, _ = read_vlm_config(path)
     if model_class(config) is ImageTextModel:
         return load_pretrained(path, device=device, dtype=dtype)
@@ -123,7 +134,7 @@ def apply_recipe(model, config: TrainConfig):
         # QLoRA: no peft `prepare_model_for_kbit_training`: it would upcast every non-quantized
         # weight (the frozen vision tower included) to fp32. The LoRA weights are fp32 (peft's
         # autocast_adapter_dtype), the 4-bit layers compute in the compute dtype.
-        model = wrap_lora(model, config)
+        model = continue_lora(model, config) if is_peft(model) else wrap_lora(model, config)
         if config.lora.train_bridge:
             _unfreeze(model.get_base_model(), BRIDGE_MODULES, "bridge")
             _freeze_text_side(model.get_base_model())
@@ -206,6 +217,21 @@ def wrap_lora(model, config: TrainConfig):
         bias="none",
     )
     return get_peft_model(model, lora_config)
+
+
+def continue_lora(model, config: TrainConfig):
+    """`config.model` is a LoRA output: its adapter (loaded onto its base) trains on as it is, so
+    a second stage can refine the first one's adapter (`lora.r` and `lora.alpha` must match it)."""
+    adapter = model.peft_config[model.active_adapter]
+    for key, have in (("r", adapter.r), ("alpha", adapter.lora_alpha)):
+        if getattr(config.lora, key) != have:
+            raise VLMError(f"lora.{key}: {getattr(config.lora, key)}, but the adapter of {config.model} has "
+                           f"{key} {have} (a LoRA output's adapter trains on as it is; set lora.{key}: {have})")
+    adapter.inference_mode = False
+    for name, param in model.named_parameters():
+        if "lora_" in name:
+            param.requires_grad_(True)
+    return model
 
 
 def trainable_parameter_count(model) -> tuple[int, int]:

@@ -137,10 +137,10 @@ def save_stage1(model, processor, config: TrainConfig, state_dict: dict | None =
     base without an LLM (an official retrieval checkpoint) gives a stage-1 model again.
     """
     from vlm.image_text import ImageTextModel
-    from vlm.loading import load_pretrained, model_class, read_vlm_config
+    from vlm.loading import load_pretrained, model_class, model_folder, read_vlm_config
     from vlm.registry import DEFAULT_MODEL, resolve_model
 
-    base_path = resolve_model(config.model or DEFAULT_MODEL)
+    base_path = model_folder(resolve_model(config.model or DEFAULT_MODEL))
     base_config, _ = read_vlm_config(base_path)
     trained = state_dict if state_dict is not None else model.state_dict()
     if model_class(base_config) is not ImageTextModel:

@@ -182,6 +182,8 @@ def load_pretrained(
     processor = load_processor(name_or_path, config, model_type)
     if adapter_dir is not None:
         model = apply_adapter(model, adapter_dir)
+        for adapter in model.peft_config.values():  # what a save (a second training stage) records
+            adapter.base_model_name_or_path = name_or_path
         if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
             processor = VLMProcessor.from_pretrained(adapter_dir)
     # The training images' statistics, for warnings on images unlike them (`vlm.novelty`).
@@ -233,8 +235,16 @@ def _load_weights(name_or_path: str, config: VLMConfig, quantization: str | None
     return model
 
 
+def model_folder(name_or_path: str) -> str:
+    """Where a checkpoint's `config.json` is: an adapter folder's base, else the folder itself."""
+    if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+        return resolve_model(adapter_base(name_or_path))
+    return name_or_path
+
+
 def adapter_base(adapter_dir: str) -> str:
-    """The base checkpoint of an adapter folder: a config.json beside it wins over peft's record."""
+    """The base checkpoint of an adapter folder: a config.json beside it wins over peft's record,
+    and a relative record names a folder inside the adapter's (the demo keeps its base there)."""
     if os.path.isfile(os.path.join(adapter_dir, "config.json")):
         return adapter_dir
     path = os.path.join(adapter_dir, "adapter_config.json")
@@ -246,7 +256,8 @@ def adapter_base(adapter_dir: str) -> str:
     base = data.get("base_model_name_or_path") if isinstance(data, dict) else None
     if not base:
         raise VLMError(f"{path}: names no base_model_name_or_path")
-    return base
+    inside = os.path.join(adapter_dir, base)
+    return inside if not os.path.isabs(base) and os.path.isdir(inside) else base
 
 
 def apply_adapter(model: VisionLanguageModel, folder: str | os.PathLike, model_name: str = "model"):

@@ -8,8 +8,9 @@ easy-vqa's test split (never trained on):
 - captions of the test images ("a red circle": exact match, CIDEr);
 - conversations (`vlm eval --task chat`): follow-ups without the image, two-image questions,
   held-out paraphrases;
-- text-only chat: "What is the capital of France?", and held-out general prompts answered with
-  the LoRA on and off (off = the base SmolLM2): the share whose first sentence is the same;
+- text-only chat: "What is the capital of France?", and held-out general prompts answered as
+  served, with the LoRA on for them too, and by the base SmolLM2 (the LoRA off): how many first
+  sentences are the base's;
 - novelty warnings: the chat page's scikit-image photos, and all test images;
 - retrieval recall@1/5/10 on the test captions (ITC re-ranked by ITM), when the model has the
   stage-1 heads.
@@ -49,33 +50,36 @@ def run_eval(model: str, data: str, task: str, extra: list[str]) -> dict:
 
 
 def text_chat(model_dir: str) -> dict:
-    """Answers to general prompts with the LoRA and without it (the base LLM), greedy."""
-    import torch
-
+    """Answers to general prompts through the engine (greedy, first sentence), three ways: as
+    served (image-free conversations run the base LLM, `vlm.engine.adapters`), with the LoRA on
+    for them too (`--adapter-for-text`), and the base LLM itself (the LoRA off)."""
     from vlm import load_pretrained
-    from vlm.train.demo.rehearsal import first_sentence
+    from vlm.engine import GenerationSettings, InferenceEngine, Request
+    from vlm.train.demo.rehearsal import MAX_NEW_TOKENS, first_sentence
 
     model, processor = load_pretrained(model_dir)
-    tokenizer = processor.tokenizer
+    settings = GenerationSettings(max_new_tokens=MAX_NEW_TOKENS)
+    requests = [Request(processor.format_chat([{"role": "user", "content": p}]), [], settings)
+                for p in HELD_OUT_PROMPTS]
 
-    def answer(prompt: str) -> str:
-        enc = tokenizer(processor.format_chat([{"role": "user", "content": prompt}]), return_tensors="pt",
-                        add_special_tokens=False).to(model.device)
-        with torch.inference_mode():
-            out = model.language_model.generate(**enc, max_new_tokens=24, do_sample=False,
-                                                pad_token_id=tokenizer.pad_token_id)
-        return first_sentence(tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    def answers(adapter_for_text: bool) -> list[str]:
+        engine = InferenceEngine(model, processor, max_batch_size=len(requests), adapter_for_text=adapter_for_text)
+        return [first_sentence(c.text) for c in engine.generate(requests)]
 
-    tuned = [answer(p) for p in HELD_OUT_PROMPTS]
+    served, tuned = answers(False), answers(True)
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            base = [answer(p) for p in HELD_OUT_PROMPTS]
-        same = sum(a == b for a, b in zip(tuned, base))
-    else:  # a merged LoRA (the built demo): the base is not here to ask, so there is nothing to compare
-        base, same = [None] * len(tuned), None
-    return {"prompts": len(HELD_OUT_PROMPTS), "same_first_sentence_as_base": same,
-            "paris": "paris" in tuned[0].lower(), "answers": [{"prompt": p, "tuned": a, "base": b}
-                                                           for p, a, b in zip(HELD_OUT_PROMPTS, tuned, base)]}
+            base = answers(True)
+    else:  # a merged LoRA: the base is not here to ask, so there is nothing to compare
+        base = [None] * len(served)
+
+    def same(these: list[str]) -> int | None:
+        return None if base[0] is None else sum(a == b for a, b in zip(these, base))
+
+    return {"prompts": len(HELD_OUT_PROMPTS), "same_first_sentence_as_base": same(served),
+            "with_adapter_same_first_sentence_as_base": same(tuned), "paris": "paris" in served[0].lower(),
+            "answers": [{"prompt": p, "served": a, "with_adapter": t, "base": b}
+                        for p, a, t, b in zip(HELD_OUT_PROMPTS, served, tuned, base)]}
 
 
 def novelty(model_dir: str) -> dict:

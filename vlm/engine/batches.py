@@ -15,6 +15,7 @@ import torch
 
 from ..errors import VLMError
 from ..novelty import WARNING as NOVELTY_WARNING
+from .adapters import AdapterRouting
 from .encode import Encoder, prompt_too_long
 from .request import Completion, Request
 
@@ -72,8 +73,9 @@ class BatchGenerator:
     `on_oom()` is called for every out-of-memory split (the engine counts them)."""
 
     def __init__(self, model, processor, encoder: Encoder, stop_token_ids: list[int], context_length: int,
-                 on_oom: Callable[[], None] | None = None):
+                 on_oom: Callable[[], None] | None = None, routing: AdapterRouting | None = None):
         self.model, self.processor, self.encoder = model, processor, encoder
+        self.routing = routing or AdapterRouting(model)
         self.stop_token_ids = stop_token_ids
         self.context_length = context_length
         self.oom_splits = 0
@@ -97,8 +99,20 @@ class BatchGenerator:
             results[i] = result
         return [r if isinstance(r, Completion) else Completion("", "error", error=r) for r in results]
 
-    @torch.inference_mode()
     def _generate(self, requests: list[Request]) -> list[Completion]:
+        """One `generate` call per adapter route (beam search expands the rows, which a per-row
+        adapter list would not follow; batches mixing routes are rare offline)."""
+        names = [self.routing.name(r) for r in requests]
+        out: list = [None] * len(requests)
+        for name in dict.fromkeys(names):
+            rows = [i for i, n in enumerate(names) if n == name]
+            with self.routing.rows([name]):
+                for i, completion in zip(rows, self._generate_batch([requests[i] for i in rows])):
+                    out[i] = completion
+        return out
+
+    @torch.inference_mode()
+    def _generate_batch(self, requests: list[Request]) -> list[Completion]:
         settings = requests[0].settings
         encoding, features, novel = self.encoder.encode_batch(requests)
         device = self.encoder.device

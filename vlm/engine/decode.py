@@ -21,6 +21,7 @@ from torch.nn import functional as F
 from transformers import DynamicCache
 
 from ..novelty import WARNING as NOVELTY_WARNING
+from .adapters import AdapterRouting
 from .encode import Encoded
 from .request import Completion, GenerationSettings, Stream
 
@@ -30,8 +31,10 @@ REPLACEMENT_CHAR = "\ufffd"  # a byte-level token that ends inside a UTF-8 chara
 class Sequence:
     """One request in the running batch: its tokens so far, its sampler, its stop rules."""
 
-    def __init__(self, stream: Stream, encoded: Encoded, stop_token_ids: list[int], tokenizer, max_length: int):
+    def __init__(self, stream: Stream, encoded: Encoded, stop_token_ids: list[int], tokenizer, max_length: int,
+                 adapter: str | None = None):
         self.stream = stream
+        self.adapter = adapter  # the LoRA adapter this row runs (`adapters.py`)
         self.settings: GenerationSettings = stream.request.settings
         self.encoded = encoded
         self.stop_token_ids = stop_token_ids
@@ -145,8 +148,9 @@ class Sequence:
 class RunningBatch:
     """The sequences being decoded together, with their stacked KV cache."""
 
-    def __init__(self, model):
+    def __init__(self, model, routing: AdapterRouting | None = None):
         self.model = model
+        self.routing = routing or AdapterRouting(model)
         self.llm = model.language_model
         # transformers 5.24 names the KV cache argument `cache`; earlier releases `past_key_values`.
         params = inspect.signature(self.llm.forward).parameters
@@ -172,14 +176,15 @@ class RunningBatch:
         features = seq.encoded.image_features
         embeds = self.model.embed_inputs(input_ids, image_features=features)
         cache = DynamicCache()
-        out = self.llm(
-            inputs_embeds=embeds,
-            attention_mask=torch.ones_like(input_ids),
-            position_ids=torch.arange(len(ids), device=self.device)[None],
-            use_cache=True,
-            **{self.cache_arg: cache},
-            logits_to_keep=1,
-        )
+        with self.routing.rows([seq.adapter]):
+            out = self.llm(
+                inputs_embeds=embeds,
+                attention_mask=torch.ones_like(input_ids),
+                position_ids=torch.arange(len(ids), device=self.device)[None],
+                use_cache=True,
+                **{self.cache_arg: cache},
+                logits_to_keep=1,
+            )
         if pending is None:
             pending = seq.choose(out.logits[0, -1].float().cpu())
             if seq.accept(pending):
@@ -217,13 +222,14 @@ class RunningBatch:
         length = self.mask.shape[1]
         try:
             mask = torch.cat([self.mask, torch.ones_like(self.mask[:, :1])], dim=1)
-            out = self.llm(
-                input_ids=self.pending[:, None],
-                attention_mask=mask,
-                position_ids=mask.sum(dim=1, keepdim=True) - 1,
-                use_cache=True,
-                **{self.cache_arg: self.cache},
-            )
+            with self.routing.rows([seq.adapter for seq in self.seqs]):
+                out = self.llm(
+                    input_ids=self.pending[:, None],
+                    attention_mask=mask,
+                    position_ids=mask.sum(dim=1, keepdim=True) - 1,
+                    use_cache=True,
+                    **{self.cache_arg: self.cache},
+                )
             chosen = self._choose(out.logits[:, -1].float().cpu())
             pending = torch.tensor(chosen, device=self.device)
         except torch.OutOfMemoryError:

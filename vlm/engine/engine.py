@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..errors import VLMError
+from .adapters import AdapterRouting
 from .batches import BatchGenerator, OutOfMemory, free_memory
 from .cache import FeatureCache
 from .decode import RunningBatch, Sequence
@@ -81,10 +82,12 @@ class InferenceEngine:
         max_waiting: requests allowed to wait beyond the free places of the running batch (a
             request that can join it at once never counts); `submit` raises `EngineBusy` past
             that. 0: nothing waits.
+        adapter_for_text: run requests without images through the model's LoRA adapter too
+            (default: they run on the base LLM, `adapters.py`).
     """
 
     def __init__(self, model, processor, max_batch_size: int = 16, feature_cache_bytes: int = 1 << 30,
-                 max_waiting: int = 64):
+                 max_waiting: int = 64, adapter_for_text: bool = False):
         if max_batch_size < 1 or max_waiting < 0:
             raise VLMError(f"max_batch_size must be >= 1 and max_waiting >= 0, got {max_batch_size}, {max_waiting}")
         self.model, self.processor = model, processor
@@ -92,12 +95,13 @@ class InferenceEngine:
         self.encoder = Encoder(model, processor, FeatureCache(feature_cache_bytes))
         self.stop_token_ids = stop_token_ids(model, processor)
         self.context_length = context_length(model, processor.tokenizer)
+        self.routing = AdapterRouting(model, adapter_for_text)
         self.batches = BatchGenerator(model, processor, self.encoder, self.stop_token_ids, self.context_length,
-                                      on_oom=lambda: self._bump("out_of_memory"))
+                                      on_oom=lambda: self._bump("out_of_memory"), routing=self.routing)
         self._model_lock = threading.RLock()  # one forward pass at a time, online or offline
         self._wake = threading.Condition()  # guards _waiting, _admitting, _closed and failure
         self._waiting: deque[Stream | Sequence] = deque()
-        self._running = RunningBatch(model)
+        self._running = RunningBatch(model, self.routing)
         self._thread: threading.Thread | None = None
         self._admitting: Stream | Sequence | None = None  # taken from the queue, not yet running
         # Rows the running batch may grow to: after a prefill ran out of memory, fewer than at
@@ -267,7 +271,8 @@ class InferenceEngine:
         if too_long is not None:  # its positions would run past the LLM's: an index error, or a CUDA assert
             stream.finish(Completion("", "error", prompt_tokens=len(encoded.input_ids), error=too_long))
             return None
-        return Sequence(stream, encoded, self.stop_token_ids, self.processor.tokenizer, self.context_length)
+        return Sequence(stream, encoded, self.stop_token_ids, self.processor.tokenizer, self.context_length,
+                        adapter=self.routing.name(stream.request))
 
     def _run_alone(self, stream: Stream) -> None:
         """A request the decode loop cannot run, through `generate` (the running batch waits)."""
