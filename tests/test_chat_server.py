@@ -24,6 +24,7 @@ from tiny import random_image
 from vlm import load_pretrained
 
 NOTICE = "⚠️ "
+NO_TEXT = "produced no text"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
@@ -191,9 +192,12 @@ def test_full_queue_says_busy_and_server_recovers(server, pictures):
     errors = [r for r in results if isinstance(r, Exception)]
     answers = [r for r in results if isinstance(r, str)]
     assert errors and all("try again" in str(e).lower() for e in errors), errors
-    assert answers and all(not a.startswith(NOTICE) for a in answers)
+    # A random tiny model may pick EOS first (numerics differ with batch make-up and CPU kernels):
+    # that reply is a model outcome, not a failure; any other notice is.
+    assert answers and all(not a.startswith(NOTICE) or NO_TEXT in a for a in answers), answers
     recovered = ask(client_for(server), "still there?", max_new_tokens=3)
-    assert isinstance(recovered, str) and recovered.strip() and not recovered.startswith(NOTICE), recovered
+    assert isinstance(recovered, str) and recovered.strip(), recovered
+    assert not recovered.startswith(NOTICE) or NO_TEXT in recovered, recovered
 
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Debian's chromium is not installed (apt-get install chromium)")
