@@ -201,7 +201,7 @@ def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel
     wordings in anything the demo trains on, test conversations only on test images, and answers
     that agree with the image labels."""
     from vlm.demo import DIALOG_TEXT_REPEATS, TEXT_CHAT_FILE
-    from vlm.demo.conversations import HELD_OUT, labels_of
+    from vlm.demo.conversations import HELD_OUT, SAME_COLOUR, labels_of
 
     def images_of(row: dict) -> list[str]:
         return [row["image"]] if isinstance(row["image"], str) else row["image"]
@@ -213,17 +213,23 @@ def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel
     assert not any(wording in dialog for wordings in HELD_OUT.values() for wording in wordings)
     talks = [json.loads(line) for line in files["train_conversations"].read_text().splitlines()]
     two = [t for t in talks if isinstance(t["image"], list)]
-    assert len(talks) == 18000 and len(two) == 12000
+    assert len(talks) == 26000 and len(two) == 20000
     assert all(image in train for t in talks for image in images_of(t))
     checked = 0
-    for t in two:  # "which image shows the circle?": its answer agrees with the two labels
+    for t in two:  # a comparison's answer names both images' labels, then agrees with them
         question, answer = t["messages"][0]["content"].replace("<image>\n", ""), t["messages"][1]["content"]
+        first, second = (train[i] for i in t["image"])
         if "circle" in question and question.startswith(("Which image", "which of", "In which")):
-            hits = [train[i]["shape"] == "circle" for i in t["image"]]
-            assert answer == {(True, False): "the first image", (False, True): "the second image",
-                              (True, True): "both images", (False, False): "neither image"}[tuple(hits)]
+            hits = (first["shape"] == "circle", second["shape"] == "circle")
+            verdict = {(True, False): "the first image", (False, True): "the second image",
+                       (True, True): "both images", (False, False): "neither image"}[hits]
+            assert answer == f"the first is a {first['shape']} and the second is a {second['shape']}, so {verdict}"
             checked += 1
-    assert checked > 100
+        if question in SAME_COLOUR:
+            verdict = "yes" if first["color"] == second["color"] else "no"
+            assert answer == f"the first is {first['color']} and the second is {second['color']}, so {verdict}"
+            checked += 1
+    assert checked > 1000
     text = TEXT_CHAT_FILE.read_text()
     assert dialog == (files["train_vqa"].read_text() + files["train_captions"].read_text()
                       + files["train_conversations"].read_text() + text * DIALOG_TEXT_REPEATS)

@@ -50,7 +50,7 @@ def test_wheel_installs_one_package_with_the_presets(wheel):
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"vlm"}
     for preset in ("stage1", "lora", "qlora", "bridge", "full", "align", "demo-easyvqa", "demo-easyvqa-align",
-                   "demo-easyvqa-stage1", "demo-easyvqa-heads"):
+                   "demo-easyvqa-stage1", "demo-easyvqa-compare", "demo-easyvqa-heads"):
         assert f"vlm/configs/train/{preset}.yaml" in names
     for name in ("ddp", "fsdp", "deepspeed-zero2"):
         assert f"vlm/configs/accelerate/{name}.yaml" in names

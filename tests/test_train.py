@@ -315,6 +315,11 @@ def test_recipe_configs_parse():
     assert load_config(str(root / "demo-easyvqa-align.yaml")).recipe == "align"
     heads = load_config(str(root / "demo-easyvqa-heads.yaml"))
     assert heads.recipe == "stage1" and not heads.stage1.train_query_path
+    second, compare = (load_config(str(root / f"{name}.yaml")) for name in ("demo-easyvqa", "demo-easyvqa-compare"))
+    # The third stage continues the second's adapter: its model is that output, with the same r/alpha.
+    assert compare.recipe == "lora" and compare.model == second.output_dir
+    assert (compare.lora.r, compare.lora.alpha) == (second.lora.r, second.lora.alpha)
+    assert heads.model == "runs/demo-easyvqa-merged"
 
 
 def test_scheduler_kwargs_reach_the_schedule(tmp_path):

@@ -2,7 +2,8 @@
 
     python -m vlm.train.demo.ship RUN_DIR --command "vlm train ..." [--eval EVAL.json ...] [--stage1 DIR]
 
-RUN_DIR is the output folder of `vlm train demo-easyvqa` (a LoRA + bridge run on the demo model).
+RUN_DIR is the output folder of the demo's last LoRA stage, `vlm train demo-easyvqa-compare` (a LoRA
++ bridge run on the demo model).
 Writes `bridge.safetensors` (with the stage-1 heads of `--stage1 DIR`, a heads-only stage1 run on
 the merged RUN_DIR, or else of the run's base) and the LoRA adapter cast to fp16, the novelty
 statistics, and `demo.json` with the processor prompts the run trained with, the command, and the eval summaries

@@ -58,7 +58,7 @@ TEXT_REPEATS = 12
 # keep the text rows at ~5% of it.
 DIALOG_TEXT_REPEATS = 24
 # Bump when conversations.py changes what it writes.
-CONVERSATIONS_VERSION = 2
+CONVERSATIONS_VERSION = 3
 CONVERSATION_FILES = ("train_conversations", "test_followups", "test_two_images", "test_paraphrases")
 
 

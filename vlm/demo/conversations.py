@@ -11,8 +11,9 @@ the images go, `image` holding one path or a list):
 - many wordings of each question. The wordings in `HELD_OUT` never appear in training: the test
   conversations use them to measure generalisation to new phrasings.
 
-Answers are short and fixed per question kind (a colour, a shape, yes/no, "a red circle",
-"the first image" ...), so a test answer is right or wrong by exact match. Test rows end with the
+Answers are short and fixed per question kind (a colour, a shape, yes/no, "a red circle"; a
+two-image comparison names both images first: "the first is red and the second is blue, so no"),
+so a test answer is right or wrong by exact match. Test rows end with the
 assistant turn to compare with; `meta.kind` names what the last question tests.
 """
 
@@ -100,22 +101,38 @@ def _question(rng: random.Random, kind: str, label: dict, others: dict, first_tu
     return [_user(template.format(value)), _assistant("yes" if truth else "no")]
 
 
-def two_image_question(rng: random.Random, labels: tuple[dict, dict], shapes: list[str]) -> tuple[str, str, str]:
-    """(question, answer, kind) about two images sent together."""
-    kind = rng.choice(["which_shape", "color_in", "shape_in", "same_color", "same_shape"])
+TWO_IMAGE_KINDS = ("which_shape", "color_in", "shape_in", "same_color", "same_shape")
+# Training draws the comparisons twice as often: they need both images at once (one image's colour
+# or shape alone is what single-image rows already teach).
+TRAINING_TWO_IMAGE_KINDS = TWO_IMAGE_KINDS + ("which_shape", "same_color", "same_shape")
+
+
+def _both(labels: tuple[dict, dict], attribute: str) -> str:
+    """What a comparison compares, named per image: "the first is red and the second is blue"."""
+    article = "a " if attribute == "shape" else ""
+    return f"the first is {article}{labels[0][attribute]} and the second is {article}{labels[1][attribute]}"
+
+
+def two_image_question(rng: random.Random, labels: tuple[dict, dict], shapes: list[str],
+                       kinds: tuple[str, ...] = TWO_IMAGE_KINDS) -> tuple[str, str, str]:
+    """(question, answer, kind) about two images sent together. A comparison's answer says what
+    each image shows before its verdict ("the first is a circle and the second is a triangle, so
+    the first image"): the verdict then follows from two single-image facts the model gets right."""
+    kind = rng.choice(kinds)
     if kind == "which_shape":
         shape = rng.choice([labels[0]["shape"], labels[1]["shape"], *shapes])
         hits = [i for i in (0, 1) if labels[i]["shape"] == shape]
-        answer = {(0,): "the first image", (1,): "the second image", (0, 1): "both images"}.get(tuple(hits),
-                                                                                                 "neither image")
-        return rng.choice(WHICH_SHAPE).format(shape), answer, kind
+        verdict = {(0,): "the first image", (1,): "the second image", (0, 1): "both images"}.get(tuple(hits),
+                                                                                                  "neither image")
+        return rng.choice(WHICH_SHAPE).format(shape), f"{_both(labels, 'shape')}, so {verdict}", kind
     if kind in ("color_in", "shape_in"):
         which = rng.choice((0, 1))
         template = rng.choice(COLOUR_IN if kind == "color_in" else SHAPE_IN)
         return template.format(ORDINAL[which]), labels[which]["color" if kind == "color_in" else "shape"], kind
     attribute = "color" if kind == "same_color" else "shape"
-    same = labels[0][attribute] == labels[1][attribute]
-    return rng.choice(SAME_COLOUR if attribute == "color" else SAME_SHAPE), "yes" if same else "no", kind
+    verdict = "yes" if labels[0][attribute] == labels[1][attribute] else "no"
+    question = rng.choice(SAME_COLOUR if attribute == "color" else SAME_SHAPE)
+    return question, f"{_both(labels, attribute)}, so {verdict}", kind
 
 
 def _pair(rng: random.Random, rows: list[dict]) -> tuple[dict, dict]:
@@ -129,7 +146,7 @@ def _pair(rng: random.Random, rows: list[dict]) -> tuple[dict, dict]:
     return first, rng.choice([r for r in rows if r["image"] != first["image"]])
 
 
-def training_rows(labels: list[dict], seed: int = 0, one_image: int = 6000, two_images: int = 12000) -> list[dict]:
+def training_rows(labels: list[dict], seed: int = 0, one_image: int = 6000, two_images: int = 20000) -> list[dict]:
     """Train-split conversations: `labels` rows are `{image, color, shape}`."""
     rng = random.Random(seed)
     others = {"color": sorted({r["color"] for r in labels}), "shape": sorted({r["shape"] for r in labels})}
@@ -139,7 +156,7 @@ def training_rows(labels: list[dict], seed: int = 0, one_image: int = 6000, two_
         rows.append({"image": label["image"], "messages": one_image_conversation(rng, label, others)})
     for _ in range(two_images):
         pair = _pair(rng, labels)
-        question, answer, _ = two_image_question(rng, pair, others["shape"])
+        question, answer, _ = two_image_question(rng, pair, others["shape"], TRAINING_TWO_IMAGE_KINDS)
         messages = [_user(question, images=2), _assistant(answer)]
         if rng.random() < 0.4:  # a follow-up about one of them, without the images
             which = rng.choice((0, 1))

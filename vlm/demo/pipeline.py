@@ -310,7 +310,7 @@ def demo_checkpoint(cache_dir: str | os.PathLike | None = None, progress: bool =
     if not info.get("trained_bridge"):
         logger.warning(
             "the demo model's bridge (Q-Former + projection) is untrained: answers ignore the image. "
-            "Train it with `vlm train demo-easyvqa-align` and then "
-            "`vlm train demo-easyvqa` (configs/train/demo-easyvqa.yaml), or pass --model."
+            "Train it with `vlm train demo-easyvqa-align`, `vlm train demo-easyvqa` and "
+            "`vlm train demo-easyvqa-compare` (configs/train/demo-easyvqa.yaml), or pass --model."
         )
     return final
