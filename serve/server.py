@@ -131,10 +131,10 @@ def check_exposure(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlm serve`."""
+    args = build_parser().parse_args(argv)  # first: --help and flag errors need no torch
     from .api import make_app
     from .loader import load_for_serving
 
-    args = build_parser().parse_args(argv)
     check_exposure(args)
     for flag in ("max_batch_size", "max_queue", "max_request_mb"):
         if getattr(args, flag) < 1:

@@ -88,6 +88,26 @@ def test_importing_the_core_api_loads_nothing_above_it(tmp_path):
     assert result.stdout.strip() == "[]"
 
 
+# `vlm score` and `vlm build` are the torch code itself (a Dataset, the model composer): their
+# --help still imports it. Every other command's help is instant.
+FAST_HELP = ("chat", "serve", "caption", "train", "eval", "export")
+
+
+@pytest.mark.parametrize("command", FAST_HELP)
+def test_help_imports_no_torch(command, tmp_path):
+    code = (
+        "import contextlib, io, sys\n"
+        "from vlm.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()) as out:\n"
+        f"    try: main([{command!r}, '--help'])\n"
+        "    except SystemExit: pass\n"
+        "print('usage:' in out.getvalue(), 'torch' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "False"], f"vlm {command} --help imported torch"
+
+
 # -- static import graph of the installed package ------------------------------------------------------
 def package_modules(folder: Path, name: str = "vlm") -> dict[str, Path]:
     """Every module of the package in `folder` (named `name`), subpackages included."""

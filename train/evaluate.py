@@ -16,9 +16,8 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlm.train.retrieval import K_TEST
-
 from vlm.errors import VLMError
+from vlm.metrics import K_TEST
 
 # BLIP-2's decoding for its paper tables (design.md section 4).
 DEFAULTS = {

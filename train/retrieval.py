@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 
 from vlm.data import image_key
+from vlm.metrics import K_TEST
 
-# LAVIS's evaluation settings for BLIP-2 retrieval.
-K_TEST = 128
+# LAVIS's evaluation settings for BLIP-2 retrieval (and K_TEST).
 TEXT_MAX_LENGTH = 35
 
 

@@ -20,6 +20,12 @@ from collections.abc import Sequence
 
 from .errors import VLMError
 
+# --- retrieval (the recall@k itself is train/retrieval.py: it needs the model) ------------------
+
+# LAVIS's BLIP-2 retrieval setting: ITC candidates per query that ITM re-ranks. Here, not beside
+# the torch code, so that `vlm eval --help` can show it without importing torch.
+K_TEST = 128
+
 # --- captions ----------------------------------------------------------------------------------
 
 # What pycocoevalcap's PTBTokenizer drops after tokenizing (its PUNCTUATIONS list).
