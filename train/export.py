@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def export(model_dir: str, output_dir: str, merge_lora: bool = False, fmt: str = "vlm", dtype: str = "float32") -> Path:
     """Load `model_dir`, merge LoRA if asked, write `output_dir`; returns its path."""
     from vlm import load_pretrained
-
-    from .save import is_peft
+    from vlm.loading import is_peft
 
     out = Path(output_dir)
     if out.exists() and not out.is_dir():

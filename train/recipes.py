@@ -25,10 +25,9 @@ from vlm import load_pretrained
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS
 from vlm.image_text import IMAGE_TEXT_MODULES, TEXT_FFN, ImageTextModel, is_stage1_weight
-from vlm.loading import default_dtype, model_class, model_folder, read_vlm_config
+from vlm.loading import default_dtype, is_peft, model_class, model_folder, read_vlm_config
 
 from .config import BRIDGE_MODULES, TrainConfig
-from .save import is_peft
 
 LLM_PREFIX = "language_model"
 # What stage 1 trains: everything but the (frozen) vision tower.

@@ -21,7 +21,8 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.tensor import DTensor
 
 from vlm.errors import VLMError
-from vlm.files import BRIDGE_WEIGHTS
+from vlm.files import ADAPTER_CONFIG, BRIDGE_WEIGHTS
+from vlm.loading import is_peft
 
 from .config import BRIDGE_MODULES, TrainConfig, save_config
 
@@ -31,15 +32,7 @@ TRAIN_CONFIG = "train_config.yaml"
 # Half-written checkpoints and output files; cleared when a run starts.
 STAGING_DIR = ".partial"
 # What makes `load_pretrained` take a folder for a LoRA adapter / a vlm checkpoint.
-MODEL_MARKERS = ("adapter_config.json", "config.json")
-
-
-def is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
+MODEL_MARKERS = (ADAPTER_CONFIG, "config.json")
 
 
 def base_model(model):
@@ -186,7 +179,7 @@ def _absolute_base_path(out: Path) -> None:
     """Record the base as an absolute path when it is a local folder, so the output moves freely."""
     import json
 
-    path = out / "adapter_config.json"
+    path = out / ADAPTER_CONFIG
     data = json.loads(path.read_text())
     base = data.get("base_model_name_or_path")
     if base and os.path.isdir(base):

@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, BitsAndBytesConfig, 
 
 from .configuration import VLMConfig
 from .errors import VLMError
-from .files import BRIDGE_WEIGHTS
+from .files import ADAPTER_CONFIG, BRIDGE_WEIGHTS
 from .image_text import ImageTextModel
 from .modeling import VisionLanguageModel
 from .novelty import NoveltyDetector
@@ -172,7 +172,7 @@ def load_pretrained(
     dtype = dtype or default_dtype(device)
 
     adapter_dir = None
-    if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+    if os.path.isfile(os.path.join(name_or_path, ADAPTER_CONFIG)):
         adapter_dir, name_or_path = name_or_path, resolve_model(adapter_base(name_or_path))
     config, model_type = read_vlm_config(name_or_path)
     cls = model_class(config)
@@ -235,9 +235,16 @@ def _load_weights(name_or_path: str, config: VLMConfig, quantization: str | None
     return model
 
 
+def is_peft(model) -> bool:
+    """True for a model wrapped by peft (a LoRA adapter on it, unmerged)."""
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
 def model_folder(name_or_path: str) -> str:
     """Where a checkpoint's `config.json` is: an adapter folder's base, else the folder itself."""
-    if os.path.isfile(os.path.join(name_or_path, "adapter_config.json")):
+    if os.path.isfile(os.path.join(name_or_path, ADAPTER_CONFIG)):
         return resolve_model(adapter_base(name_or_path))
     return name_or_path
 
@@ -247,7 +254,7 @@ def adapter_base(adapter_dir: str) -> str:
     and a relative record names a folder inside the adapter's (the demo keeps its base there)."""
     if os.path.isfile(os.path.join(adapter_dir, "config.json")):
         return adapter_dir
-    path = os.path.join(adapter_dir, "adapter_config.json")
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     try:
         with open(path) as f:
             data = json.load(f)
@@ -284,7 +291,7 @@ def apply_adapter(model: VisionLanguageModel, folder: str | os.PathLike, model_n
                 f"the {model_name} expects {tuple(known[wrong[0]].shape)}"
             )
         model.load_state_dict({k: v.to(known[k].dtype) for k, v in state.items()}, strict=False)
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+    if not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
         return model
     from peft import PeftModel
 

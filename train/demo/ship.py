@@ -21,14 +21,13 @@ import tempfile
 from pathlib import Path
 
 import torch
-from peft.utils import SAFETENSORS_WEIGHTS_NAME as ADAPTER_WEIGHTS
 from safetensors.torch import load_file, save_file
 
-from vlm.demo.pipeline import ADAPTER_CONFIG, DEMO_META, WEIGHTS_DIR
+from vlm.demo.pipeline import DEMO_META, WEIGHTS_DIR
+from vlm.errors import VLMError
+from vlm.files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BRIDGE_WEIGHTS
 from vlm.image_text import is_stage1_weight
 from vlm.novelty import NOVELTY_FILE
-from vlm.errors import VLMError
-from vlm.files import BRIDGE_WEIGHTS
 
 PROCESSOR_KEYS = ("question_template", "caption_prompt")
 # The LoRA on every projection (r 16) is 9.4 MB fp16, the Q-Former with its text side 39 MB.

