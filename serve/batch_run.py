@@ -12,7 +12,9 @@ import os
 import sys
 from dataclasses import dataclass
 
-from .writers import CSV_FIELDS, CsvWriter, JsonlWriter, TxtWriter, merge_parts, part_paths, read_done
+from vlm.errors import VLMError
+
+from .writers import CSV_FIELDS, CsvWriter, JsonlWriter, TxtWriter, check_folder, merge_parts, part_paths, read_done
 
 
 def positive(text: str) -> int:
@@ -104,6 +106,66 @@ def make_writer(fmt: str, path: str | None, overwrite: bool = False, part: bool 
     if fmt == "txt":
         return TxtWriter(JsonlWriter(path) if path else None, overwrite)
     return CsvWriter(path, fields) if fmt == "csv" and not part else JsonlWriter(path)
+
+
+def lock_path(out: str) -> str:
+    """The lock file beside `--out` that one run holds for its whole life."""
+    return f"{out}.lock"
+
+
+def hold_output(out: str | None, state, command: str):
+    """Take the exclusive lock on `out` (main process), or raise `VLMError` naming the run that holds
+    it: two runs appending to one output would both do every pending image. Returns the held lock
+    (release it when the run ends; the OS releases it if the process dies), or None without `out`.
+    Under a multi-process launch every process learns whether the main one got it."""
+    lock, error = None, None
+    if out and (state is None or state.is_main_process):
+        try:
+            lock = _acquire(out, command)
+        except VLMError as e:
+            error = e
+    if state is not None and state.num_processes > 1:
+        import torch
+
+        failed = torch.tensor([error is not None], dtype=torch.int64, device=state.device)
+        torch.distributed.all_reduce(failed)
+        if failed.item() and error is None:
+            raise VLMError(f"{out}: the main process could not lock it (see its error)")
+    if error is not None:
+        raise error
+    return lock
+
+
+def _acquire(out: str, command: str):
+    from filelock import FileLock, Timeout
+
+    check_folder(out)
+    path = lock_path(out)
+    try:  # created here first: filelock reports a file it cannot create as a lock held by someone else
+        open(path, "a").close()
+    except OSError as e:
+        raise VLMError(f"{out}: cannot write the output ({e.strerror or e})") from None
+    lock = FileLock(path, timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise VLMError(f"{out}: another {command} run{_owner(path)} is writing it; wait for it to end, or choose "
+                       "another --out") from None
+    try:  # who holds it, for the message a second run prints (the lock is on the file, not its text)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(f"{os.getpid()}\n")
+    except OSError:
+        pass
+    return lock
+
+
+def _owner(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            pid = f.read().strip()
+    except OSError:
+        return ""
+    return f" (PID {pid})" if pid.isdigit() else ""
 
 
 def prepare_outputs(out: str | None, overwrite: bool, fmt: str, state) -> set[tuple]:

@@ -13,6 +13,7 @@ from .batch_run import (
     distributed,
     exit_status,
     finish_outputs,
+    hold_output,
     make_writer,
     positive,
     prepare_outputs,
@@ -100,13 +101,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace, fmt: str) -> Summary:
-    """Load the model, caption everything pending, merge multi-process parts; print a summary."""
+    """Load the model, caption everything pending, merge multi-process parts; print a summary.
+    The run holds `--out`'s lock throughout (a second run on the same output exits at once)."""
+    rank, world, state = distributed(args.device)
+    lock = hold_output(args.out, state, "vlm caption")
+    try:
+        return _run_locked(args, fmt, rank, world, state)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(args: argparse.Namespace, fmt: str, rank: int, world: int, state) -> Summary:
     from vlm.engine import GenerationSettings, InferenceEngine
     from vlm.loading import load_pretrained
 
     from .pipeline import BatchBuilder, PendingBatches
 
-    rank, world, state = distributed(args.device)
     done = prepare_outputs(args.out, args.overwrite, fmt, state)
     writer = make_writer(fmt, part_path(args.out, rank) if (world > 1 and args.out) else args.out,
                          args.overwrite, part=world > 1)

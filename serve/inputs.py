@@ -115,7 +115,8 @@ def iter_list_file(list_path: str) -> Iterator[Item]:
     base = os.path.dirname(os.path.abspath(list_path))
     suffix = os.path.splitext(list_path)[1].lower()
     try:
-        with open(list_path, encoding="utf-8", newline="") as f:
+        # utf-8-sig: spreadsheet programs (Excel) start their UTF-8 CSVs with a byte-order mark.
+        with open(list_path, encoding="utf-8-sig", newline="") as f:
             if suffix == ".txt":
                 for line in f:
                     line = line.strip()

@@ -23,6 +23,7 @@ from .batch_run import (
     distributed,
     exit_status,
     finish_outputs,
+    hold_output,
     make_writer,
     prepare_outputs,
     sum_over_processes,
@@ -149,15 +150,26 @@ def load_scorer(args: argparse.Namespace, device: str | None):
 
 def main(argv: list[str] | None = None) -> int:
     """Run `vlm score`; returns the exit status (as `vlm caption`'s)."""
-    from tqdm import tqdm
-
-    from .pipeline import PendingBatches, batch_loader, count_pending
-
     args = build_parser().parse_args(argv)
     fmt = args.format or ("csv" if args.out.lower().endswith(".csv") else "jsonl")
     check_inputs(args.inputs)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     rank, world, state = distributed(args.device)
+    lock = hold_output(args.out, state, "vlm score")
+    try:
+        summary = _score_all(args, fmt, rank, world, state)
+    finally:
+        if lock is not None:
+            lock.release()
+    return exit_status(summary, args.max_error_rate)
+
+
+def _score_all(args: argparse.Namespace, fmt: str, rank: int, world: int, state) -> Summary:
+    """Score every pending pair, writing rows after each batch; merge parts and print the summary."""
+    from tqdm import tqdm
+
+    from .pipeline import PendingBatches, batch_loader, count_pending
+
     done = prepare_outputs(args.out, args.overwrite, fmt, state)
     writer = make_writer(fmt, part_path(args.out, rank) if world > 1 else args.out, part=world > 1,
                          fields=SCORE_FIELDS)
@@ -183,4 +195,4 @@ def main(argv: list[str] | None = None) -> int:
     summary.seconds = time.perf_counter() - start
     if rank == 0:
         finish_outputs(args.out, fmt, summary, 0, fields=SCORE_FIELDS)
-    return exit_status(summary, args.max_error_rate)
+    return summary

@@ -11,7 +11,9 @@ merge is also harmless.
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import glob
 import io
 import json
@@ -119,7 +121,8 @@ def part_paths(out: str) -> list[str]:
     return sorted(glob.glob(glob.escape(out) + ".part*.jsonl"))
 
 
-def _check_folder(path: str) -> None:
+def check_folder(path: str) -> None:
+    """`VLMError` unless `path` can be an output file: its folder exists and it is not a folder."""
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
         raise VLMError(f"{path}: folder {parent} does not exist")
@@ -135,23 +138,39 @@ def _truncate_partial(path: str, quoted: bool) -> None:
 
 
 class JsonlWriter:
-    """Appends JSON lines (after cutting off a half-written last one); each `write` is fsync'ed."""
+    """Appends JSON lines (after cutting off a half-written last one); each `write` is fsync'ed.
+
+    A file that cannot be written (read-only folder, full disk) is a `VLMError` naming it."""
 
     def __init__(self, path: str):
         self.path = path
-        _check_folder(path)
-        _truncate_partial(path, quoted=False)
-        self.file = open(path, "a", encoding="utf-8", newline="")
+        check_folder(path)
+        with _writing(path):
+            _truncate_partial(path, quoted=False)
+            self.file = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115 -- open for the run
 
     def write(self, rows: list[dict]) -> list[dict]:
         if rows:
             # One write call per batch: either the whole batch lands or a tail is cut on resume.
-            self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            _sync(self.file)
+            with _writing(self.path):
+                self.file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+                _sync(self.file)
         return rows
 
     def close(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the failed write already said why; closing flushes the same bytes again
+
+
+@contextlib.contextmanager
+def _writing(path: str):
+    """OS errors while opening or writing `path` as one line naming it (read-only, full disk...)."""
+    try:
+        yield
+    except OSError as e:
+        raise VLMError(f"{path}: cannot write the output ({e.strerror or e})") from None
 
 
 class CsvWriter(JsonlWriter):
@@ -163,19 +182,21 @@ class CsvWriter(JsonlWriter):
 
     def __init__(self, path: str, fields: list[str] = CSV_FIELDS):
         self.path = path
-        _check_folder(path)
-        _truncate_partial(path, quoted=True)
-        fields = _csv_header(path) or fields
-        self.file = open(path, "a", encoding="utf-8", newline="")
-        self.csv = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
-        if self.file.tell() == 0:
-            self.csv.writeheader()
-            _sync(self.file)
+        check_folder(path)
+        with _writing(path):
+            _truncate_partial(path, quoted=True)
+            fields = _csv_header(path) or fields
+            self.file = open(path, "a", encoding="utf-8", newline="")  # noqa: SIM115 -- open for the run
+            self.csv = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n", extrasaction="ignore")
+            if self.file.tell() == 0:
+                self.csv.writeheader()
+                _sync(self.file)
 
     def write(self, rows: list[dict]) -> list[dict]:
         if rows:
-            self.csv.writerows(rows)
-            _sync(self.file)
+            with _writing(self.path):
+                self.csv.writerows(rows)
+                _sync(self.file)
         return rows
 
 
@@ -266,5 +287,7 @@ def _sync(f) -> None:
     f.flush()
     try:
         os.fsync(f.fileno())
-    except OSError:
-        pass  # pipes and some network filesystems cannot fsync; the flush still happened
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise
+        # pipes and some network filesystems cannot fsync; the flush still happened

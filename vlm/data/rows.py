@@ -45,7 +45,7 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
 def read_csv(path: Path) -> Iterator[tuple[int, dict]]:
     """(line number, row dict) for each data row; TSV when the file name ends in .tsv."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's UTF-8 byte-order mark
         reader = csv.DictReader(f, delimiter=delimiter)
         if not reader.fieldnames:
             raise VLMError(f"{path}: no header row (expected columns such as image,text)")
