@@ -19,6 +19,7 @@ whose prefill does not fit waits until the batch is smaller than when it failed.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
@@ -96,8 +97,12 @@ class InferenceEngine:
         self.stop_token_ids = stop_token_ids(model, processor)
         self.context_length = context_length(model, processor.tokenizer)
         self.routing = AdapterRouting(model, adapter_for_text)
+        self.stats = EngineStats()
+        # The counter is the stats object's method, not a closure over the engine: engine and model
+        # would keep each other alive after `del` until the garbage collector ran (issue 28).
         self.batches = BatchGenerator(model, processor, self.encoder, self.stop_token_ids, self.context_length,
-                                      on_oom=lambda: self._bump("out_of_memory"), routing=self.routing)
+                                      on_oom=functools.partial(self.stats.bump, "out_of_memory"),
+                                      routing=self.routing)
         self._model_lock = threading.RLock()  # one forward pass at a time, online or offline
         self._wake = threading.Condition()  # guards _waiting, _admitting, _closed and failure
         self._waiting: deque[Stream | Sequence] = deque()
@@ -109,9 +114,6 @@ class InferenceEngine:
         self._admit_limit = self.max_batch_size
         self._closed = False
         self.failure: BaseException | None = None
-        self._stats_lock = threading.Lock()  # `generate` callers and the scheduler thread both count
-        self.stats = {"requests": 0, "completion_tokens": 0, "decode_steps": 0, "peak_batch": 0,
-                      "evicted": 0, "out_of_memory": 0}
 
     @property
     def feature_cache(self) -> FeatureCache:
@@ -345,12 +347,28 @@ class InferenceEngine:
         self._bump("completion_tokens", len(seq.tokens))
 
     def _bump(self, name: str, n: int = 1) -> None:
-        with self._stats_lock:
-            self.stats[name] += n
+        self.stats.bump(name, n)
 
     def _peak(self, rows: int) -> None:
-        with self._stats_lock:
-            self.stats["peak_batch"] = max(self.stats["peak_batch"], rows)
+        self.stats.peak(rows)
+
+
+class EngineStats(dict):
+    """The engine's counters (a dict, read by `/metrics`), safe to bump from many threads."""
+
+    def __init__(self):
+        super().__init__(requests=0, completion_tokens=0, decode_steps=0, peak_batch=0, evicted=0, out_of_memory=0)
+        self._lock = threading.Lock()  # `generate` callers and the scheduler thread both count
+
+    def bump(self, name: str, n: int = 1) -> None:
+        """Add `n` to counter `name`."""
+        with self._lock:
+            self[name] += n
+
+    def peak(self, rows: int) -> None:
+        """Record a running batch of `rows` (the largest one is kept)."""
+        with self._lock:
+            self["peak_batch"] = max(self["peak_batch"], rows)
 
 
 def _stream(item: Stream | Sequence) -> Stream:
