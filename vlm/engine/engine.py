@@ -134,6 +134,8 @@ class InferenceEngine:
             for start in range(0, len(indices), size):
                 chunk = indices[start:start + size]
                 with self._model_lock:
+                    if self.model is None:
+                        raise VLMError("the inference engine is closed")
                     results = self.batches.run([requests[i] for i in chunk])
                 for i, result in zip(chunk, results):
                     out[i] = result
@@ -170,12 +172,24 @@ class InferenceEngine:
         return len(self._waiting) + len(self._running) + (self._admitting is not None)
 
     def close(self) -> None:
-        """Stop the scheduler thread; waiting and running requests end as cancelled."""
+        """Stop the scheduler thread (waiting and running requests end as cancelled) and let go of
+        the model: whoever still holds the engine (an app's routes, a page's callbacks), the
+        model's memory is back once its last other owner drops it. Nothing runs after this."""
         with self._wake:
             self._closed = True
             self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self._thread is None or not self._thread.is_alive():  # a step still running needs the model
+            with self._model_lock:  # after an offline batch in another thread
+                self._release_model()
+
+    def _release_model(self) -> None:
+        """Drop every reference to the model and the image features cached on its device."""
+        self.feature_cache.clear()
+        for part in (self, self.encoder, self.batches, self.routing, self._running):
+            part.model = None
+        self._running.llm = self.encoder.novelty = None
 
     @property
     def waiting(self) -> int:
