@@ -16,10 +16,11 @@ import binascii
 import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -29,12 +30,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from vlm.engine import Completion, EngineBusy, EngineFailed, GenerationSettings, InferenceEngine, OutOfMemory, Stream
 from vlm.engine import Request as EngineRequest
 from vlm.errors import VLMError
-from vlm.images import load_image_bytes
 
+from .body import BODY_TIMEOUT_S, parse_json, read_body, require_json
 from .conversation import Turn, render_prompt
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
-from .uploads import MAX_UPLOAD_BYTES, MAX_UPLOAD_PIXELS, REMOTE_TIMEOUT_S
+from .remote import any_address, fetch_remote, is_public_address
+from .uploads import REMOTE_TIMEOUT_S, ImageBudgetExceeded, ImageLimits, RequestImages, ServerBusyDecoding
 
+log = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 16
 DISCONNECT_POLL_S = 0.5  # how often a waiting reply checks that its client is still there
 # Server-sent events must reach the client as they are made: no caching, no proxy buffering.
@@ -48,11 +51,12 @@ class ApiSettings:
     model_name: str
     api_key: str | None = None
     allow_remote_images: bool = False
+    allow_private_image_hosts: bool = False
     remote_timeout_s: float = REMOTE_TIMEOUT_S
     max_body_bytes: int = 64 * 1024 * 1024
-    max_image_bytes: int = MAX_UPLOAD_BYTES
+    body_timeout_s: float = BODY_TIMEOUT_S
     max_images: int = MAX_IMAGES_PER_REQUEST
-    max_pixels: int = MAX_UPLOAD_PIXELS
+    images: ImageLimits = field(default_factory=ImageLimits)  # shared with the chat page in `vlm chat`
 
 
 def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
@@ -61,6 +65,7 @@ def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
                   dependencies=[Depends(require_key(settings.api_key))])
     created = int(time.time())
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _server_error)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException):
@@ -81,7 +86,9 @@ def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        body = parse_request(_json(await _read_body(request, settings.max_body_bytes)))
+        require_json(request)
+        data = await parse_json(await read_body(request, settings.max_body_bytes, settings.body_timeout_s))
+        body = await run_in_threadpool(parse_request, data)
         if body.model != settings.model_name:
             raise ApiError(404, f"the model {body.model!r} does not exist (this server has {settings.model_name!r})",
                            param="model", code="model_not_found")
@@ -136,6 +143,7 @@ def make_app(engine, api_settings, with_api: bool = True):
     """The root FastAPI app: `/v1` (the API) and `/metrics`; `vlm chat` mounts its page at `/`."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(Exception, _server_error)
 
     @app.get("/metrics", dependencies=[Depends(require_key(api_settings.api_key))])
     async def metrics():
@@ -162,6 +170,13 @@ async def _api_error(_, error: ApiError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
+async def _server_error(request: Request, error: Exception) -> JSONResponse:
+    """A bug while handling one request: a 500 in OpenAI's shape (the traceback goes to the log)."""
+    log.error("%s %s failed", request.method, request.url.path, exc_info=error)
+    return JSONResponse(ApiError(500, "the server failed on this request; see its log", kind="server_error").body(),
+                        status_code=500)
+
+
 def _submit(engine: InferenceEngine, request: EngineRequest) -> Stream:
     try:
         return engine.submit(request)
@@ -177,13 +192,16 @@ def _submit(engine: InferenceEngine, request: EngineRequest) -> Stream:
 def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings: ApiSettings) -> EngineRequest:
     """The engine request for a chat-completions body (prompt rendered as the chat page renders it)."""
     processor = engine.processor
-    turns, system = messages_to_turns(body, settings, processor.image_token)
+    turns, system = messages_to_turns(body, settings, RequestImages(settings.images, engine.encoder.pixels),
+                                      processor.image_token)
     try:
         prompt = render_prompt(processor, turns, system)
     except VLMError as e:
         raise ApiError(400, str(e), param="messages") from None
     images = [image for turn in turns for image in turn.images]
     length = processor(text=prompt, images_per_text=[len(images)])["input_ids"].shape[1]
+    if length == 0:
+        raise ApiError(400, "the messages are empty: send some text or an image", param="messages")
     room = engine.context_length - length
     if room < 1:
         raise ApiError(400, f"the messages need {length} tokens (images included); this model reads at most "
@@ -197,10 +215,11 @@ def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings
     return EngineRequest(prompt, images, generation)
 
 
-def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings,
+def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings, images: RequestImages,
                       marker: str = "<image>") -> tuple[list[Turn], str | None]:
-    """OpenAI messages -> chat turns (images decoded, in the order sent) and the system prompt.
-    No text may hold the processor's image `marker`: images are `image_url` parts."""
+    """OpenAI messages -> chat turns (images decoded into pixel values by `images`, in the order
+    sent) and the system prompt. No text may hold the processor's image `marker`: images are
+    `image_url` parts."""
     turns: list[Turn] = []
     system: list[str] = []
     count = 0
@@ -224,7 +243,7 @@ def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings,
                 count += 1
                 if count > settings.max_images:
                     raise ApiError(400, f"more than {settings.max_images} images in one request", param=where)
-                turns[-1].images.append(open_image(part.image_url.url, f"{where}.content[{p}]", settings))
+                turns[-1].images.append(open_image(part.image_url.url, f"{where}.content[{p}]", settings, images))
                 turns[-1].parts.append({"type": "image"})
     if not turns or turns[-1].reply is not None or not turns[-1].parts:
         raise ApiError(400, "the last message must be a user message with text or images", param="messages")
@@ -252,14 +271,16 @@ def _texts(parts: list, where: str, allow_images: bool) -> list[str]:
     return out
 
 
-def open_image(url: str, where: str, settings: ApiSettings):
-    """Decode an `image_url` (a `data:` URL, or http(s) when remote images are allowed)."""
+def open_image(url: str, where: str, settings: ApiSettings, images: RequestImages):
+    """Decode an `image_url` (a `data:` URL, or http(s) when remote images are allowed) into the
+    model's pixel values, within the image limits."""
+    limit = settings.images.max_bytes
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
         if not sep or ";base64" not in header:
             raise ApiError(400, f"{where}: expected a data URL like data:image/png;base64,...", param=where)
-        if len(payload) * 3 // 4 > settings.max_image_bytes:
-            raise ApiError(400, f"{where}: image over the {settings.max_image_bytes // 2**20} MB limit", param=where)
+        if len(payload) * 3 // 4 > limit:
+            raise ApiError(400, f"{where}: image over the {limit // 2**20} MB limit", param=where)
         try:
             data = base64.b64decode(payload, validate=True)
         except (binascii.Error, ValueError):
@@ -268,54 +289,18 @@ def open_image(url: str, where: str, settings: ApiSettings):
         if not settings.allow_remote_images:
             raise ApiError(400, f"{where}: remote image URLs are disabled on this server; send the image as a "
                                 "data: URL (or start it with --allow-remote-images)", param=where)
-        data = fetch_remote(url, where, settings.max_image_bytes, settings.remote_timeout_s)
+        allowed = any_address if settings.allow_private_image_hosts else is_public_address
+        data = fetch_remote(url, where, limit, settings.remote_timeout_s, allowed)
     else:
         raise ApiError(400, f"{where}: unsupported image URL (use a data: URL)", param=where)
     try:
-        return load_image_bytes(data, where, settings.max_pixels)
+        return images.from_bytes(data, where)
+    except ImageBudgetExceeded as e:
+        raise ApiError(413, str(e), param=where, code="request_too_large") from None
+    except ServerBusyDecoding as e:
+        raise ApiError(503, str(e), code="server_busy", kind="server_error", headers={"Retry-After": "1"}) from None
     except VLMError as e:
         raise ApiError(400, str(e), param=where) from None
-
-
-def fetch_remote(url: str, where: str, max_bytes: int, timeout_s: float = REMOTE_TIMEOUT_S) -> bytes:
-    """GET `url` within the size limit and a total deadline (httpx's timeout is per read: a server
-    dripping a byte at a time would otherwise hold the request forever)."""
-    import httpx
-
-    deadline = time.monotonic() + timeout_s
-    try:
-        with httpx.stream("GET", url, timeout=timeout_s, follow_redirects=True) as response:
-            response.raise_for_status()
-            data = bytearray()
-            for chunk in response.iter_bytes():
-                data += chunk
-                if len(data) > max_bytes:
-                    raise ApiError(400, f"{where}: image over the {max_bytes // 2**20} MB limit", param=where)
-                if time.monotonic() > deadline:
-                    raise ApiError(400, f"{where}: the image took over {timeout_s:g} s to arrive", param=where)
-            return bytes(data)
-    except httpx.HTTPError as e:
-        raise ApiError(400, f"{where}: cannot fetch the image ({e})", param=where) from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"the request body is over the {limit // 2**20} MB limit", code="request_too_large")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise ApiError(413, f"the request body is over the {limit // 2**20} MB limit", code="request_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _json(data: bytes):
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
 
 # -- responses -------------------------------------------------------------------------------------
@@ -354,12 +339,13 @@ def _usage(completion) -> dict:
 
 
 def _generation_error(error: BaseException) -> ApiError:
-    """A failed reply as an API error: out of memory and a failed engine are the server's fault."""
+    """A failed reply as an API error: only `VLMError` is the client's bad input (400); out of
+    memory, a failed engine and a bug are the server's fault."""
     if isinstance(error, OutOfMemory):
         return ApiError(503, str(error), code="out_of_memory", kind="server_error", headers={"Retry-After": "5"})
-    if isinstance(error, EngineFailed):
-        return ApiError(500, str(error), kind="server_error")
-    return ApiError(400, str(error))
+    if isinstance(error, VLMError):
+        return ApiError(400, str(error))
+    return ApiError(500, str(error), kind="server_error")
 
 
 def _failure(completion: Completion) -> ApiError | None:

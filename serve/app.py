@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 
 from vlm.errors import VLMError
 
-from vlm.engine import EngineFailed, GenerationSettings
+from vlm.engine import EngineFailed, GenerationSettings, RequestFailed
 
 from .conversation import NOTICE_PREFIX, history_to_turns, new_turn
 from .frontend import ChatFrontend
@@ -74,8 +74,6 @@ def make_respond(frontend: ChatFrontend):
             return
         try:
             check_count(paths)
-            for path in paths:
-                frontend.open_upload(path)  # refuse bad uploads now, with the user's file name
             settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                           top_p=float(top_p))
             turns = history_to_turns(history) + [new_turn(text, paths)]
@@ -94,7 +92,7 @@ def make_respond(frontend: ChatFrontend):
             for piece in stream:
                 reply += piece
                 yield reply
-        except VLMError as e:  # out of memory even for this reply alone (the engine freed memory)
+        except (VLMError, RequestFailed) as e:  # out of memory even alone (memory was freed), or a server bug
             yield notice(f"Generation failed: {e}")
             return
         except EngineFailed as e:

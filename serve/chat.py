@@ -14,7 +14,7 @@ import sys
 
 from vlm.errors import VLMError
 
-from .server import add_model_arguments, api_settings, bind, is_loopback, run_server
+from .server import add_model_arguments, api_settings, bind, check_limits, image_limits, is_loopback, run_server
 
 EPILOG = """examples:
   vlm chat                                  # demo model, http://127.0.0.1:7860 (API at /v1)
@@ -40,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "plus the OpenAI-compatible API under /v1.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     add_model_arguments(p, default_port=7860)
     p.add_argument("--share", action="store_true",
@@ -73,7 +74,8 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Reject impossible values with one line naming the flag."""
-    for flag in ("concurrency", "max_queue", "max_file_size", "max_new_tokens", "max_request_mb"):
+    check_limits(args)
+    for flag in ("concurrency", "max_queue", "max_file_size", "max_new_tokens"):
         if getattr(args, flag) < 1:
             raise VLMError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     if args.temperature < 0:
@@ -113,11 +115,13 @@ def settings_for(args: argparse.Namespace, loaded):
     )
 
 
-def make_frontend(engine, args: argparse.Namespace):
-    """The `ChatFrontend` for `args`: `--max-file-size` is its upload limit (the page's and the frontend's)."""
+def make_frontend(engine, args: argparse.Namespace, images=None):
+    """The `ChatFrontend` for `args`: `--max-file-size` is its upload limit (the page's and the frontend's);
+    `images`: the `ImageLimits` it shares with the API (one decode budget per process)."""
     from .frontend import ChatFrontend
 
-    return ChatFrontend(engine, max_upload_bytes=args.max_file_size * 1024 * 1024)
+    max_bytes = args.max_file_size * 1024 * 1024
+    return ChatFrontend(engine, max_upload_bytes=max_bytes, limits=images or image_limits(args, max_bytes))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = settings_for(args, loaded)
     engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.concurrency,
                              max_waiting=args.max_queue, adapter_for_text=args.adapter_for_text)
-    demo = build_app(make_frontend(engine, args), settings)
+    images = image_limits(args, args.max_file_size * 1024 * 1024)
+    frontend = make_frontend(engine, args, images)
+    demo = build_app(frontend, settings)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.max_queue)
     page = dict(auth=auth, max_file_size=f"{args.max_file_size}mb", allowed_paths=[], show_error=True,
                 ssr_mode=False, theme=offline_theme())
@@ -154,11 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     import gradio as gr
 
     with_api = is_loopback(args.host) or args.api_key is not None
-    api = api_settings(args)
+    from .file_guard import FileRefGuard
+
+    api = api_settings(args, images)
     app = gr.mount_gradio_app(make_app(engine, api, with_api=with_api), demo, path="/", **page)
-    run_server(app, sock)
-    engine.close()
-    return 0
+    # Gradio checks client-sent file paths only once `launch()` has run, which a mounted page never
+    # does: switch its check on as `launch()` would, and check every file reference ourselves first.
+    demo.has_launched = True
+    return run_server(FileRefGuard(app, frontend.upload_dirs), sock, engine)
 
 
 if __name__ == "__main__":

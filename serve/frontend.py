@@ -19,7 +19,7 @@ from vlm.engine import GenerationSettings, InferenceEngine, Request, Stream
 from vlm.errors import VLMError
 
 from .conversation import Turn, fit_to_context, render_prompt
-from .uploads import MAX_UPLOAD_BYTES, check_upload_file, open_upload
+from .uploads import MAX_UPLOAD_BYTES, ImageLimits, RequestImages, check_upload_file, display_name, open_upload
 
 log = logging.getLogger(__name__)
 
@@ -37,12 +37,14 @@ class ChatFrontend:
     """Builds engine requests from chat turns; safe to call from Gradio's handler threads."""
 
     def __init__(self, engine: InferenceEngine, max_upload_bytes: int = MAX_UPLOAD_BYTES,
-                 upload_dirs: list[str] | None = None):
+                 upload_dirs: list[str] | None = None, limits: ImageLimits | None = None):
         """`upload_dirs`: the only folders images may be read from (default: Gradio's upload
-        folder, `gradio.utils.get_upload_folder()`); `max_upload_bytes`: the upload size limit."""
+        folder, `gradio.utils.get_upload_folder()`); `max_upload_bytes`: the upload size limit;
+        `limits`: pixels per image and per message, and the decode budget shared with the API."""
         self.engine = engine
         self.processor = engine.processor
         self.max_upload_bytes = int(max_upload_bytes)
+        self.limits = limits or ImageLimits(max_bytes=self.max_upload_bytes)
         if upload_dirs is None:
             from gradio.utils import get_upload_folder  # where Gradio stores uploads and its file cache
 
@@ -67,7 +69,7 @@ class ChatFrontend:
         """Trim `turns` to the context, open their images, and build the request.
 
         Raises `VLMError` for a last turn that cannot fit even alone, or an image that cannot be
-        opened any more.
+        opened, or images over the limits (`ImageBudgetExceeded`, `ServerBusyDecoding`).
         """
         settings = settings or GenerationSettings()
         max_new_tokens = max(1, min(settings.max_new_tokens, self.context_length // 2))
@@ -81,7 +83,8 @@ class ChatFrontend:
             )
         if dropped:
             log.info("left out the %d oldest turn(s) to fit %d tokens", dropped, budget)
-        images = [self.open_upload(path) for turn in turns for path in turn.images]
+        reader = RequestImages(self.limits, self.engine.encoder.pixels)
+        images = [self._pixels(reader, path) for turn in turns for path in turn.images]
         settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens)
         return Prepared(Request(self.prompt_text(turns, system_prompt), images, settings), input_ids, dropped)
 
@@ -91,6 +94,15 @@ class ChatFrontend:
         Paths can come from a client-sent history: they are checked before a byte is read."""
         check_upload_file(path, self.upload_dirs, self.max_upload_bytes)
         return open_upload(path, max_bytes=self.max_upload_bytes)
+
+    def _pixels(self, reader: RequestImages, path: str):
+        """An upload's pixel values (checked as in `open_upload`, decoded within the limits)."""
+        check_upload_file(path, self.upload_dirs, self.max_upload_bytes)
+        name = display_name(path)
+        try:
+            return reader.from_file(path, name)
+        except VLMError as e:  # the image functions name the server's path; users see their file's name
+            raise type(e)(str(e).replace(str(path), name)) from None
 
     # -- generation ----------------------------------------------------------------------------
     def submit(self, prepared: Prepared) -> Stream:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from vlm.errors import VLMError
 
-from .uploads import REMOTE_TIMEOUT_S
+from .body import BODY_TIMEOUT_S
+from .uploads import MAX_DECODING_PIXELS, MAX_REQUEST_PIXELS, REMOTE_TIMEOUT_S
 
 LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost"}
 
@@ -58,27 +59,60 @@ def add_model_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1 (required when --host is not loopback)")
     p.add_argument("--allow-remote-images", action="store_true",
-                   help="let API requests name http(s) image URLs, fetched by the server (off: data: URLs only). "
-                        "The server fetches whatever address a client names, local network included: allow it "
-                        "only for clients you trust")
+                   help="let API requests name http(s) image URLs, fetched by the server (off: data: URLs only); "
+                        "only public addresses are fetched, checked after DNS and after each redirect")
+    p.add_argument("--allow-private-image-hosts", action="store_true",
+                   help="with --allow-remote-images: also fetch from loopback, private, link-local and other "
+                        "non-public addresses (the server's own network: allow only for clients you trust)")
     p.add_argument("--remote-image-timeout", type=float, default=REMOTE_TIMEOUT_S, metavar="SECONDS",
                    help=f"total time a remote image may take to arrive (default {REMOTE_TIMEOUT_S:g})")
     p.add_argument("--served-model-name", default=None,
                    help="the model id the API lists and expects (default: the --model name, or vlm-demo)")
     p.add_argument("--max-request-mb", type=int, default=64, help="largest API request body (default 64)")
+    p.add_argument("--body-timeout", type=float, default=BODY_TIMEOUT_S, metavar="SECONDS",
+                   help=f"time an API request body may take to arrive (default {BODY_TIMEOUT_S:g})")
+    p.add_argument("--max-request-pixels", type=int, default=MAX_REQUEST_PIXELS, metavar="N",
+                   help=f"decoded pixels of all images in one request or chat message (default {MAX_REQUEST_PIXELS:,}; "
+                        "over it: HTTP 413 / a notice in the chat)")
+    p.add_argument("--max-decoding-pixels", type=int, default=MAX_DECODING_PIXELS, metavar="N",
+                   help=f"pixels decoded at once over the whole server, which bounds its image memory (default "
+                        f"{MAX_DECODING_PIXELS:,}, ~{MAX_DECODING_PIXELS * 3 // 2**20} MB of RGB); more wait")
     p.add_argument("--adapter-for-text", action="store_true",
                    help="with a LoRA adapter folder as --model: run conversations without images through the "
                         "adapter too (default: they get the base LLM's answers, so text chat stays as it was)")
 
 
-def api_settings(args: argparse.Namespace):
-    """The API's `ApiSettings` from the shared flags."""
+def check_limits(args: argparse.Namespace) -> None:
+    """One line naming the flag for a limit that cannot work."""
+    for flag in ("max_request_mb", "max_request_pixels", "max_decoding_pixels"):
+        if getattr(args, flag) < 1:
+            raise VLMError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
+    for flag in ("remote_image_timeout", "body_timeout"):
+        if getattr(args, flag) <= 0:
+            raise VLMError(f"--{flag.replace('_', '-')} must be above 0 seconds, got {getattr(args, flag):g}")
+    if args.allow_private_image_hosts and not args.allow_remote_images:
+        raise VLMError("--allow-private-image-hosts needs --allow-remote-images")
+
+
+def image_limits(args: argparse.Namespace, max_bytes: int | None = None):
+    """The `ImageLimits` (with the server's one decode budget) from the shared flags."""
+    from .uploads import ImageLimits, PixelBudget
+
+    limits = ImageLimits(max_request_pixels=args.max_request_pixels, budget=PixelBudget(args.max_decoding_pixels))
+    if max_bytes is not None:
+        limits.max_bytes = max_bytes
+    return limits
+
+
+def api_settings(args: argparse.Namespace, images=None):
+    """The API's `ApiSettings` from the shared flags; `images`: the `ImageLimits` to share (the chat's)."""
     from .api import ApiSettings
 
-    if args.remote_image_timeout <= 0:
-        raise VLMError(f"--remote-image-timeout must be above 0 seconds, got {args.remote_image_timeout:g}")
+    check_limits(args)
     return ApiSettings(model_name(args), api_key=args.api_key, allow_remote_images=args.allow_remote_images,
-                       remote_timeout_s=args.remote_image_timeout, max_body_bytes=args.max_request_mb * 2**20)
+                       allow_private_image_hosts=args.allow_private_image_hosts,
+                       remote_timeout_s=args.remote_image_timeout, max_body_bytes=args.max_request_mb * 2**20,
+                       body_timeout_s=args.body_timeout, images=images or image_limits(args))
 
 
 def model_name(args: argparse.Namespace) -> str:
@@ -101,12 +135,24 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run_server(app, sock: socket.socket) -> None:
-    """Serve `app` (ASGI) on `sock` until interrupted."""
+def run_server(app, sock: socket.socket, engine) -> int:
+    """Serve `app` (ASGI) on `sock` until interrupted, or until `engine` stops after a device fault;
+    returns the exit status: 0, or 1 after a fault, so a supervisor restarts the server."""
     import uvicorn
 
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+
+    def stop() -> None:  # in the engine's thread; uvicorn polls the flag
+        server.should_exit = True
+
+    engine.on_failure = stop
     server.run(sockets=[sock])
+    engine.close()
+    if engine.failure is not None:
+        print(f"error: the inference engine stopped ({engine.failure}); exiting so that a supervisor can restart "
+              "the server", file=sys.stderr)
+        return 1
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "GET /v1/models) for one model.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     add_model_arguments(p, default_port=8000)
     p.add_argument("--max-batch-size", type=int, default=16, help="replies decoded together (default 16)")
@@ -136,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     from .loader import load_for_serving
 
     check_exposure(args)
-    for flag in ("max_batch_size", "max_queue", "max_request_mb"):
+    check_limits(args)
+    for flag in ("max_batch_size", "max_queue"):
         if getattr(args, flag) < 1:
             raise VLMError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     sock = bind(args.host, args.port)  # fail on a taken port before the (slow) model load
@@ -150,9 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = api_settings(args)
     print(f"vlm serve: {settings.model_name} on {loaded.description}; "
           f"API at http://{args.host}:{args.port}/v1", flush=True)
-    run_server(make_app(engine, settings), sock)
-    engine.close()
-    return 0
+    return run_server(make_app(engine, settings), sock, engine)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,134 @@
-"""Checking chat uploads: size, decoded pixels, decompression bombs, non-images, truncation.
+"""Images that clients send (chat uploads, API data URLs): size, decoded pixels, memory, bad files.
 
 Every refusal is a `VLMError` whose message names the file by its uploaded name (never the
 server's temp path) and says what to do, so the chat can show it as-is.
+
+Memory: a small file can decode to a huge image (a 130 KB PNG of 6300x6300 pixels is 119 MB
+decoded). So each image is decoded only within a server-wide budget of pixels being decoded at
+once (`PixelBudget`; the others wait), turned into the model's pixel values at once and its
+full-size copy dropped, and one request's images together may not exceed `max_request_pixels`.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import os
 import stat
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from vlm.errors import VLMError
-from vlm.images import load_image
+from vlm.images import file_image_size, image_size, load_image, load_image_bytes
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 REMOTE_TIMEOUT_S = 10.0  # total seconds a remote image URL may take (vlm serve --allow-remote-images)
 MAX_UPLOAD_PIXELS = 40_000_000  # e.g. 8000x5000; a bomb decodes to far more
 MAX_IMAGES_PER_MESSAGE = 8
+MAX_REQUEST_PIXELS = 200_000_000  # one request's images together (five of the largest allowed)
+MAX_DECODING_PIXELS = 100_000_000  # decoded at once over the whole server (~300 MB of RGB)
+DECODE_WAIT_S = 30.0
+
+
+class ImageBudgetExceeded(VLMError):
+    """A request whose images decode to more pixels than one request may have (HTTP 413)."""
+
+
+class ServerBusyDecoding(VLMError):
+    """No room in the server's decode budget within the wait (HTTP 503: try again)."""
+
+
+class PixelBudget:
+    """Pixels being decoded at once across the whole server; a decode waits until it fits."""
+
+    def __init__(self, limit: int = MAX_DECODING_PIXELS, wait_s: float = DECODE_WAIT_S):
+        self.limit, self.wait_s, self.used = int(limit), float(wait_s), 0
+        self._room = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        """Hold `pixels` of the budget while the block runs (an image larger than the whole
+        budget runs alone); `ServerBusyDecoding` after `wait_s` without room."""
+        pixels = min(int(pixels), self.limit)
+        with self._room:
+            if not self._room.wait_for(lambda: self.used + pixels <= self.limit, timeout=self.wait_s):
+                raise ServerBusyDecoding(f"the server is busy decoding other images; try again shortly "
+                                         f"(--max-decoding-pixels {self.limit:,})")
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._room:
+                self.used -= pixels
+                self._room.notify_all()
+
+
+@dataclass
+class ImageLimits:
+    """What one image and one request may cost, and the server's shared decode budget."""
+
+    max_bytes: int = MAX_UPLOAD_BYTES
+    max_pixels: int = MAX_UPLOAD_PIXELS
+    max_request_pixels: int = MAX_REQUEST_PIXELS
+    budget: PixelBudget = field(default_factory=PixelBudget)
+
+
+class RequestImages:
+    """Decodes the images of one request within `limits`, one at a time, each turned into pixel
+    values by `to_pixels` at once (so the decoded full-size image is dropped right away)."""
+
+    def __init__(self, limits: ImageLimits, to_pixels: Callable[[Image.Image], object]):
+        self.limits, self.to_pixels, self.pixels = limits, to_pixels, 0
+
+    def from_bytes(self, data: bytes, name: str):
+        """Pixel values of an image sent as bytes; `VLMError` naming `name` when it is refused."""
+        if len(data) > self.limits.max_bytes:
+            raise VLMError(f"{name}: {len(data) / 2**20:.1f} MB is over the {self.limits.max_bytes / 2**20:g} MB "
+                           "image limit")
+        width, height = image_size(data, name)
+        return self._decode(width * height, lambda: load_image_bytes(data, name, self.limits.max_pixels), name)
+
+    def from_file(self, path: str, name: str):
+        """Pixel values of an image file (already checked to be a regular file within the size limit)."""
+        width, height = file_image_size(path)
+        return self._decode(width * height, lambda: load_image(path, self.limits.max_pixels), name)
+
+    def _decode(self, pixels: int, decode: Callable[[], Image.Image], name: str):
+        if pixels > self.limits.max_pixels:  # refused before the budget: it would never be decoded
+            return decode()  # raises the per-image error naming the size
+        self.pixels += pixels
+        if self.pixels > self.limits.max_request_pixels:
+            raise ImageBudgetExceeded(
+                f"{name}: this request's images decode to over {self.limits.max_request_pixels:,} pixels in all "
+                "(--max-request-pixels); send fewer or smaller images")
+        with self.limits.budget.hold(pixels):
+            values = self.to_pixels(decode())
+        if pixels >= LARGE_IMAGE_PIXELS:
+            release_memory()
+        return values
+
+
+LARGE_IMAGE_PIXELS = 4_000_000
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc keeps freed blocks under 32 MB, e.g. a large
+    image's rows, in its arenas; resident memory would stay at a burst's peak). No-op elsewhere."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim():
+    name = ctypes.util.find_library("c")
+    return getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
 
 
 def display_name(path: str | os.PathLike) -> str:
@@ -55,7 +164,20 @@ def check_upload_file(
     it may name `/dev/zero` (reading it never ends) or any image the server can read.
     """
     name = display_name(path)
-    real = os.path.realpath(path)  # resolves symlinks and "..", so neither can leave the folder
+    info = upload_stat(path, upload_dirs)
+    if info is None:
+        raise VLMError(f"{name}: that file is not an upload to this chat; please attach the image again")
+    if info is False:
+        raise VLMError(f"{name}: the upload is gone from the server; please send it again")
+    if info.st_size > max_bytes:
+        raise VLMError(f"{name}: {info.st_size / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit")
+
+
+def upload_stat(path: str | os.PathLike, upload_dirs: Iterable[str | os.PathLike]) -> os.stat_result | None | bool:
+    """The file's stat when `path` is a regular file inside one of `upload_dirs` (symlinks and ".."
+    resolved first, so neither can leave the folder); None when it is not (outside, a device, a
+    FIFO, a folder); False when it does not exist (any more). Reads nothing from the file."""
+    real = os.path.realpath(path)
     inside = False
     for folder in upload_dirs:
         root = os.path.realpath(folder)
@@ -63,17 +185,13 @@ def check_upload_file(
             inside = inside or os.path.commonpath([real, root]) == root
         except ValueError:  # different drives (Windows)
             continue
-    not_upload = f"{name}: that file is not an upload to this chat; please attach the image again"
     if not inside:
-        raise VLMError(not_upload)
+        return None
     try:
         info = os.stat(real)
     except OSError:
-        raise VLMError(f"{name}: the upload is gone from the server; please send it again") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise VLMError(not_upload)
-    if info.st_size > max_bytes:
-        raise VLMError(f"{name}: {info.st_size / 2**20:.1f} MB is over the {max_bytes / 2**20:.0f} MB upload limit")
+        return False
+    return info if stat.S_ISREG(info.st_mode) else None
 
 
 def check_count(paths: list[str], limit: int = MAX_IMAGES_PER_MESSAGE) -> None:

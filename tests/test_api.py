@@ -242,7 +242,8 @@ def test_full_queue_is_503_and_the_server_recovers(client, pictures):
 @pytest.fixture(scope="module")
 def blip2_server(blip2_opt_dir, tmp_path_factory):
     srv = ServerProcess("serve", blip2_opt_dir, tmp_path_factory.mktemp("api-blip2") / "serve.log",
-                        "--allow-remote-images", "--remote-image-timeout", "2", ready="v1/models")
+                        "--allow-remote-images", "--allow-private-image-hosts", "--remote-image-timeout", "2",
+                        ready="v1/models")
     yield srv
     srv.stop()
 
@@ -327,10 +328,13 @@ def test_serve_refuses_an_open_host_without_a_key(tiny_vlm_dir):
 
 def test_images_in_a_data_url_decode_like_files(pictures):
     from vlm.serve.api import ApiSettings, open_image
+    from vlm.serve.uploads import ImageLimits, RequestImages
 
-    image = open_image(data_url(pictures[0]), "messages[0].content[0]", ApiSettings("m"))
+    settings = ApiSettings("m")
+    decoded = RequestImages(ImageLimits(), lambda image: image)  # the decoded image itself, not pixel values
+    image = open_image(data_url(pictures[0]), "messages[0].content[0]", settings, decoded)
     assert image.tobytes() == Image.open(pictures[0]).convert("RGB").tobytes()
     buffer = io.BytesIO()
     Image.new("1", (9000, 9000)).save(buffer, "PNG")  # a bomb: few bytes, 81M pixels
     with pytest.raises(Exception, match="pixels is over"):
-        open_image("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), "m[0]", ApiSettings("m"))
+        open_image("data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(), "m[0]", settings, decoded)

@@ -19,13 +19,28 @@ DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError)
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """First frame, EXIF orientation applied, alpha composited on white, 8-bit RGB."""
+# JPEGs over this many pixels decode at a reduced scale (libjpeg's DCT scaling, 1/2 to 1/8) that
+# keeps their short side at least DRAFT_MIN_SIDE: a 100-megapixel photo then costs ~20 MB, not
+# 300, and the model's input (a few hundred pixels a side) is made from far more pixels than it keeps.
+DRAFT_ABOVE_PIXELS = 16_000_000
+DRAFT_MIN_SIDE = 2048
+
+
+def to_rgb(image: Image.Image, in_place: bool = False) -> Image.Image:
+    """First frame, EXIF orientation applied, alpha composited on white, 8-bit RGB.
+
+    `in_place`: `image` is ours to change (just decoded): no copy is made when nothing but the
+    orientation changes (a large image would otherwise exist two or three times at once)."""
     try:
         image.seek(0)
     except EOFError:
         pass
-    image = ImageOps.exif_transpose(image)
+    if in_place:
+        ImageOps.exif_transpose(image, in_place=True)
+    else:
+        image = ImageOps.exif_transpose(image)
+    if image.mode == "RGB":
+        return image
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -56,16 +71,44 @@ def load_image_bytes(data: bytes, name: str, max_pixels: int = MAX_IMAGE_PIXELS)
     return _decode(lambda: Image.open(io.BytesIO(data)), name, max_pixels)
 
 
+def image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(width, height) of an image sent as bytes, from its header alone (nothing is decoded)."""
+    if not data:
+        raise VLMError(f"{name}: empty image")
+    return _guarded(lambda: _header_size(lambda: Image.open(io.BytesIO(data))), name)
+
+
+def file_image_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(width, height) of an image file, from its header alone."""
+    return _guarded(lambda: _header_size(lambda: Image.open(path)), str(path))
+
+
+def _header_size(opener) -> tuple[int, int]:
+    with opener() as image:
+        return image.size
+
+
 def _decode(opener, name: str, max_pixels: int) -> Image.Image:
+    def decode() -> Image.Image:
+        with opener() as image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise VLMError(f"{name}: {width}x{height} pixels is over the {max_pixels:,} limit")
+            if image.format == "JPEG" and width * height > DRAFT_ABOVE_PIXELS:
+                scale = min(width, height) / DRAFT_MIN_SIDE
+                image.draft(None, (int(width / scale), int(height / scale)))
+            image.load()
+            return to_rgb(image, in_place=True)
+
+    return _guarded(decode, name)
+
+
+def _guarded(work, name: str):
+    """`work()` with Pillow's failures (and decompression-bomb warnings) as one `VLMError` naming `name`."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with opener() as image:
-                width, height = image.size
-                if width * height > max_pixels:
-                    raise VLMError(f"{name}: {width}x{height} pixels is over the {max_pixels:,} limit")
-                image.load()
-                return to_rgb(image)
+            return work()
     except VLMError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

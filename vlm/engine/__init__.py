@@ -9,7 +9,16 @@
 
 from .batches import split_on_oom
 from .cache import FeatureCache, pixel_digest
-from .engine import EngineBusy, EngineFailed, InferenceEngine, OutOfMemory, context_length, stop_token_ids
+from .engine import (
+    EngineBusy,
+    EngineFailed,
+    InferenceEngine,
+    OutOfMemory,
+    RequestFailed,
+    context_length,
+    is_device_fault,
+    stop_token_ids,
+)
 from .request import Completion, GenerationSettings, ImageInput, Request, Stream
 
 __all__ = [
@@ -22,8 +31,10 @@ __all__ = [
     "InferenceEngine",
     "OutOfMemory",
     "Request",
+    "RequestFailed",
     "Stream",
     "context_length",
+    "is_device_fault",
     "pixel_digest",
     "split_on_oom",
     "stop_token_ids",

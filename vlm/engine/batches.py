@@ -16,7 +16,7 @@ import torch
 from ..errors import VLMError
 from ..novelty import WARNING as NOVELTY_WARNING
 from .adapters import AdapterRouting
-from .encode import Encoder, prompt_too_long
+from .encode import Encoder
 from .request import Completion, Request
 
 
@@ -89,9 +89,9 @@ class BatchGenerator:
         free_memory()
 
     def run(self, requests: list[Request]) -> list[Completion]:
-        """Completions in request order; a request whose prompt fills the LLM's context, or that
-        does not fit in memory even alone, gets an error completion, the others their text."""
-        results: list = [prompt_too_long(n, self.context_length) for n in self.encoder.prompt_lengths(requests)]
+        """Completions in request order; a request whose prompt is empty or fills the LLM's context,
+        or that does not fit in memory even alone, gets an error completion, the others their text."""
+        results: list = self.encoder.prompt_problems(requests, self.context_length)
         todo = [i for i, error in enumerate(results) if error is None]
         done = split_on_oom(lambda idx: self._generate([requests[todo[i]] for i in idx]),
                             list(range(len(todo))), self._on_oom) if todo else []

@@ -85,6 +85,19 @@ class Encoder:
         while len(self._novel) > MAX_NOVELTY_ENTRIES:
             self._novel.popitem(last=False)
 
+    def prompt_problems(self, requests: list[Request], context_length: int) -> list[VLMError | None]:
+        """Per request, why the LLM cannot take its prompt (`prompt_problem`, misplaced images), or None."""
+        problems: list[VLMError | None] = [None] * len(requests)
+        for i, request in enumerate(requests):
+            try:
+                check_markers(request, self.processor.image_token)
+            except VLMError as e:
+                problems[i] = e
+        fine = [i for i, problem in enumerate(problems) if problem is None]
+        for i, length in zip(fine, self.prompt_lengths([requests[i] for i in fine]) if fine else []):
+            problems[i] = prompt_problem(length, context_length)
+        return problems
+
     def prompt_lengths(self, requests: list[Request]) -> list[int]:
         """Tokens of each request's prompt, image blocks included (no image is encoded)."""
         encoding = self.processor(text=[r.prompt for r in requests], images_per_text=[len(r.images) for r in requests],
@@ -95,6 +108,8 @@ class Encoder:
         """Left-padded `input_ids` / `attention_mask` for `requests`, the soft prompts of all
         their images in reading order (None when there are none), and per request whether one of
         its images is unlike the training images."""
+        for request in requests:
+            check_markers(request, self.processor.image_token)
         encoding = self.processor(
             text=[r.prompt for r in requests],
             images_per_text=[len(r.images) for r in requests],
@@ -115,17 +130,32 @@ class Encoder:
         return encoding, features, _per_request(novel, requests)
 
     def encode(self, request: Request) -> Encoded:
-        """One request, unpadded."""
+        """One request, unpadded; `VLMError` for an empty prompt (no token to start from)."""
         encoding, features, (novel,) = self.encode_batch([request])
-        return Encoded(encoding["input_ids"][0].tolist(), features, novel=novel)
+        input_ids = encoding["input_ids"][0].tolist()
+        if not input_ids:
+            raise prompt_problem(0, 1)
+        return Encoded(input_ids, features, novel=novel)
 
 
-def prompt_too_long(length: int, context_length: int) -> VLMError | None:
-    """The error for a prompt that leaves no room for an answer in the LLM's context, else None."""
+def prompt_problem(length: int, context_length: int) -> VLMError | None:
+    """The error for a prompt the LLM cannot answer, else None: an empty one (no text, no image:
+    nothing to embed), or one that leaves no room for an answer in the LLM's context."""
+    if length == 0:
+        return VLMError("the prompt is empty: send some text or an image")
     if length < context_length:
         return None
     return VLMError(f"the prompt needs {length} tokens (images included); this model reads at most "
                     f"{context_length}, its answer included")
+
+
+def check_markers(request: Request, marker: str) -> None:
+    """`VLMError` unless the prompt places every image: one `marker` per image, or none (all in front)."""
+    markers = request.prompt.count(marker)
+    if markers and markers != len(request.images):
+        raise VLMError(f"the prompt holds {markers} {marker} markers for {len(request.images)} images")
+    if request.qformer_text is not None and len(request.qformer_text) != len(request.images):
+        raise VLMError(f"qformer_text has {len(request.qformer_text)} entries for {len(request.images)} images")
 
 
 def _per_request(flags: list[bool], requests: list[Request]) -> list[bool]:
@@ -144,8 +174,6 @@ def _instructions(requests: list[Request], processor) -> list[str] | None:
     out = []
     for r in requests:
         if r.qformer_text is not None:
-            if len(r.qformer_text) != len(r.images):
-                raise ValueError(f"qformer_text has {len(r.qformer_text)} entries for {len(r.images)} images")
             out.extend(r.qformer_text)
         else:
             out.extend([processor.qformer_instruction(r.prompt)] * len(r.images))

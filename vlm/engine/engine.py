@@ -32,7 +32,7 @@ from .adapters import AdapterRouting
 from .batches import BatchGenerator, OutOfMemory, free_memory
 from .cache import FeatureCache
 from .decode import RunningBatch, Sequence
-from .encode import Encoder, prompt_too_long
+from .encode import Encoder, prompt_problem
 from .request import Completion, Request, Stream
 
 logger = logging.getLogger(__name__)
@@ -47,8 +47,23 @@ class EngineBusy(VLMError):
 
 
 class EngineFailed(RuntimeError):
-    """The engine hit an error it cannot recover from (a bug, or a CUDA error that leaves the
-    device unusable); every request after it fails with this."""
+    """The engine hit an error it cannot recover from (a CUDA error that leaves the device
+    unusable, or a bug in the engine's own scheduling); every request after it fails with this."""
+
+
+class RequestFailed(RuntimeError):
+    """One request met an unexpected error (a bug, not bad input): it fails alone, with its
+    traceback in the server's log, and the engine goes on with the others."""
+
+
+def is_device_fault(error: BaseException) -> bool:
+    """Whether `error` leaves the accelerator unusable (a CUDA device-side assert, an illegal
+    memory access): every later kernel fails too, so the engine must stop rather than go on."""
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is not None and isinstance(error, accelerator_error):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
 
 
 def stop_token_ids(model, processor) -> list[int]:
@@ -85,10 +100,13 @@ class InferenceEngine:
             that. 0: nothing waits.
         adapter_for_text: run requests without images through the model's LoRA adapter too
             (default: they run on the base LLM, `adapters.py`).
+        on_failure: called (in the engine's thread) once the engine has stopped for good after a
+            device fault, so a server can exit non-zero and its supervisor restart it.
     """
 
     def __init__(self, model, processor, max_batch_size: int = 16, feature_cache_bytes: int = 1 << 30,
-                 max_waiting: int = 64, adapter_for_text: bool = False):
+                 max_waiting: int = 64, adapter_for_text: bool = False,
+                 on_failure: Callable[[], None] | None = None):
         if max_batch_size < 1 or max_waiting < 0:
             raise VLMError(f"max_batch_size must be >= 1 and max_waiting >= 0, got {max_batch_size}, {max_waiting}")
         self.model, self.processor = model, processor
@@ -114,6 +132,7 @@ class InferenceEngine:
         self._admit_limit = self.max_batch_size
         self._closed = False
         self.failure: BaseException | None = None
+        self.on_failure = on_failure
 
     @property
     def feature_cache(self) -> FeatureCache:
@@ -211,12 +230,14 @@ class InferenceEngine:
                     self._admit()
                     if len(self._running):
                         self._step()
-        except BaseException as e:  # noqa: BLE001 - a bug or a dead device: fail every request loudly
+        except BaseException as e:  # noqa: BLE001 - a dead device or an engine bug: fail every request loudly
             logger.exception("the inference engine stopped")
             with self._wake:  # from here on `submit` refuses: nothing is queued after `_end_all`
                 self.failure = e
                 self._closed = True
         self._end_all(self.failure)
+        if self.failure is not None and self.on_failure is not None:
+            self.on_failure()
 
     def _end_all(self, error: BaseException | None) -> None:
         with self._wake:
@@ -264,6 +285,10 @@ class InferenceEngine:
             return True
         except torch.OutOfMemoryError:
             pass
+        except Exception as e:  # noqa: BLE001 - one request's failure must not stop the others
+            item = seq if seq is not None else item
+            _stream(item).finish(_unfinished(item, "error", self._request_failed(e)))
+            return True
         self._out_of_memory()
         # A sequence that was made waits as itself: its first token may be streamed already.
         item = seq if seq is not None else item
@@ -280,10 +305,10 @@ class InferenceEngine:
         not fit in the context (the stream then ends with the error)."""
         try:
             encoded = self.encoder.encode(stream.request)
-        except (VLMError, ValueError) as e:
-            stream.finish(Completion("", "error", error=_as_vlm_error(e)))
+        except VLMError as e:  # bad input (an empty prompt, markers that do not match the images...)
+            stream.finish(Completion("", "error", error=e))
             return None
-        too_long = prompt_too_long(len(encoded.input_ids), self.context_length)
+        too_long = prompt_problem(len(encoded.input_ids), self.context_length)
         if too_long is not None:  # its positions would run past the LLM's: an index error, or a CUDA assert
             stream.finish(Completion("", "error", prompt_tokens=len(encoded.input_ids), error=too_long))
             return None
@@ -294,8 +319,10 @@ class InferenceEngine:
         """A request the decode loop cannot run, through `generate` (the running batch waits)."""
         try:
             completion = self.batches.run([stream.request])[0]
-        except (VLMError, ValueError) as e:  # its input is bad: it fails alone, as in `_sequence`
-            completion = Completion("", "error", error=_as_vlm_error(e))
+        except VLMError as e:  # its input is bad: it fails alone, as in `_sequence`
+            completion = Completion("", "error", error=e)
+        except Exception as e:  # noqa: BLE001 - as in `_prefill`: this request fails, the engine goes on
+            completion = Completion("", "error", error=self._request_failed(e))
         stream.push(completion.text)
         stream.finish(completion)
         self._bump("completion_tokens", completion.completion_tokens)
@@ -310,6 +337,11 @@ class InferenceEngine:
             finished = self._running.step()
         except torch.OutOfMemoryError:
             finished = None
+        except Exception as e:  # noqa: BLE001 - which row broke the step is unknown: the rows of this step fail
+            error = self._request_failed(e)
+            for seq in self._running.remove(list(range(len(self._running)))):
+                seq.stream.finish(seq.completion("error", error))
+            return
         if finished is None:
             self._evict_half()
             return
@@ -352,6 +384,15 @@ class InferenceEngine:
         with self._wake:
             self._waiting.extendleft(reversed(items))
 
+    def _request_failed(self, error: Exception) -> RequestFailed:
+        """The error a request gets for an unexpected failure, logged with its traceback; a device
+        fault is raised again instead, and stops the engine."""
+        if is_device_fault(error):
+            raise error
+        logger.error("a request failed; the engine goes on", exc_info=error)
+        self._bump("failed_requests")
+        return RequestFailed(f"the server failed on this request ({type(error).__name__}; see the server log)")
+
     def _out_of_memory(self) -> None:
         self._bump("out_of_memory")
         self.feature_cache.clear()
@@ -371,7 +412,8 @@ class EngineStats(dict):
     """The engine's counters (a dict, read by `/metrics`), safe to bump from many threads."""
 
     def __init__(self):
-        super().__init__(requests=0, completion_tokens=0, decode_steps=0, peak_batch=0, evicted=0, out_of_memory=0)
+        super().__init__(requests=0, completion_tokens=0, decode_steps=0, peak_batch=0, evicted=0, out_of_memory=0,
+                         failed_requests=0)
         self._lock = threading.Lock()  # `generate` callers and the scheduler thread both count
 
     def bump(self, name: str, n: int = 1) -> None:
@@ -394,12 +436,9 @@ def _unfinished(item: Stream | Sequence, reason: str, error: BaseException | Non
     return item.completion(reason, error) if isinstance(item, Sequence) else Completion("", reason, error=error)
 
 
-def _as_vlm_error(error: Exception) -> VLMError:
-    return error if isinstance(error, VLMError) else VLMError(str(error))
-
-
 def _failed(error: BaseException | None) -> BaseException | None:
     return None if error is None else EngineFailed(f"the inference engine stopped after an error: {error}")
 
 
-__all__ = ["EngineBusy", "EngineFailed", "InferenceEngine", "OutOfMemory", "context_length", "stop_token_ids"]
+__all__ = ["EngineBusy", "EngineFailed", "InferenceEngine", "OutOfMemory", "RequestFailed", "context_length",
+           "is_device_fault", "stop_token_ids"]
