@@ -243,10 +243,14 @@ def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings, images
                 count += 1
                 if count > settings.max_images:
                     raise ApiError(400, f"more than {settings.max_images} images in one request", param=where)
-                turns[-1].images.append(open_image(part.image_url.url, f"{where}.content[{p}]", settings, images))
+                open_image(part.image_url.url, f"{where}.content[{p}]", settings, images)
+                turns[-1].images.append(None)  # its pixel values once every image is in
                 turns[-1].parts.append({"type": "image"})
     if not turns or turns[-1].reply is not None or not turns[-1].parts:
         raise ApiError(400, "the last message must be a user message with text or images", param="messages")
+    pixels = iter(_image_errors(images.decode_all, "messages"))
+    for turn in turns:
+        turn.images = [next(pixels) for _ in turn.images]
     return turns, "\n".join(system) or None
 
 
@@ -271,9 +275,9 @@ def _texts(parts: list, where: str, allow_images: bool) -> list[str]:
     return out
 
 
-def open_image(url: str, where: str, settings: ApiSettings, images: RequestImages):
-    """Decode an `image_url` (a `data:` URL, or http(s) when remote images are allowed) into the
-    model's pixel values, within the image limits."""
+def open_image(url: str, where: str, settings: ApiSettings, images: RequestImages) -> None:
+    """Add an `image_url` (a `data:` URL, or http(s) when remote images are allowed) to the
+    request's `images`, within the image limits (decoded later, by `images.decode_all`)."""
     limit = settings.images.max_bytes
     if url.startswith("data:"):
         header, sep, payload = url.partition(",")
@@ -293,8 +297,14 @@ def open_image(url: str, where: str, settings: ApiSettings, images: RequestImage
         data = fetch_remote(url, where, limit, settings.remote_timeout_s, allowed)
     else:
         raise ApiError(400, f"{where}: unsupported image URL (use a data: URL)", param=where)
+    _image_errors(lambda: images.add_bytes(data, where), where)
+
+
+def _image_errors(work, where: str):
+    """`work()` with the image limits' errors as API errors: 413 over the request's pixel budget,
+    503 when the server's decode budget stays full, 400 for a bad image."""
     try:
-        return images.from_bytes(data, where)
+        return work()
     except ImageBudgetExceeded as e:
         raise ApiError(413, str(e), param=where, code="request_too_large") from None
     except ServerBusyDecoding as e:

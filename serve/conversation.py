@@ -141,10 +141,15 @@ def render_prompt(processor, turns: list[Turn], system_prompt: str | None = None
     With a chat template: the template, an `<image>` marker where each image was sent.
     Without one (official BLIP-2/InstructBLIP LLMs): the prompts the model was trained with
     (`processor.format_question`, `processor.caption_prompt`), no markers, so the processor
-    puts the images in front, before BOS, as BLIP-2 saw them.
+    puts the images in front, before BOS, as BLIP-2 saw them. A last message with neither text
+    nor an image is a `VLMError` (an image alone gets the caption prompt).
     """
     marker = processor.image_token
     check_no_marker(turns, system_prompt, marker)
+    last = turns[-1] if turns else Turn()
+    if not last.images and not any(p.get("text", "").strip() for p in last.parts if p.get("type") == "text"):
+        # Nothing to answer: without a template the prompt would be empty (no token to start from).
+        raise VLMError("the message is empty: send some text or an image")
     if processor.has_chat_template:
         return processor.format_chat(turns_to_messages(turns, system_prompt))
     return plain_prompt(turns, processor.format_question, processor.caption_prompt or "", marker, system_prompt)

@@ -84,7 +84,9 @@ class ChatFrontend:
         if dropped:
             log.info("left out the %d oldest turn(s) to fit %d tokens", dropped, budget)
         reader = RequestImages(self.limits, self.engine.encoder.pixels)
-        images = [self._pixels(reader, path) for turn in turns for path in turn.images]
+        for path in (path for turn in turns for path in turn.images):
+            self._add_upload(reader, path)
+        images = self._named(reader.decode_all, turns)
         settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens)
         return Prepared(Request(self.prompt_text(turns, system_prompt), images, settings), input_ids, dropped)
 
@@ -95,14 +97,21 @@ class ChatFrontend:
         check_upload_file(path, self.upload_dirs, self.max_upload_bytes)
         return open_upload(path, max_bytes=self.max_upload_bytes)
 
-    def _pixels(self, reader: RequestImages, path: str):
-        """An upload's pixel values (checked as in `open_upload`, decoded within the limits)."""
+    def _add_upload(self, reader: RequestImages, path: str) -> None:
+        """An upload added to `reader` after the checks of `open_upload` (nothing decoded yet)."""
         check_upload_file(path, self.upload_dirs, self.max_upload_bytes)
-        name = display_name(path)
+        self._named(lambda: reader.add_file(path, display_name(path)), [Turn(images=[path])])
+
+    @staticmethod
+    def _named(work, turns: list[Turn]):
+        """`work()`, with the server's paths in its `VLMError` replaced by the names users uploaded."""
         try:
-            return reader.from_file(path, name)
-        except VLMError as e:  # the image functions name the server's path; users see their file's name
-            raise type(e)(str(e).replace(str(path), name)) from None
+            return work()
+        except VLMError as e:
+            message = str(e)
+            for path in (path for turn in turns for path in turn.images):
+                message = message.replace(str(path), display_name(path))
+            raise type(e)(message) from None
 
     # -- generation ----------------------------------------------------------------------------
     def submit(self, prepared: Prepared) -> Stream:

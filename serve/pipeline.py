@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 from jinja2 import TemplateError
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from vlm.engine import GenerationSettings, InferenceEngine, Request
@@ -65,15 +66,17 @@ class PendingBatches:
         world: int = 1,
         skip: Callable[[Item], bool] | None = None,
         expand: Callable[[Item], Iterable[Item]] | None = None,
+        listing: Callable[[list[str]], Iterable[Item]] = iter_items,
     ):
         self.inputs, self.seen, self.batch_size, self.key = inputs, done, batch_size, key
         self.rank, self.world, self.skip, self.expand = rank, world, skip, expand
+        self.listing = listing  # `--ray` also lists Parquet inputs (vlm.serve.ray_inputs)
         self.skipped_done = 0  # already in the output (or listed twice): every process counts these
         self.skipped_here = 0  # this process's share that `skip` rejected
 
     def __iter__(self) -> Iterator[list[Item]]:
         batch, index = [], 0
-        for item in work_items(self.inputs, self.expand):
+        for item in work_items(self.inputs, self.expand, self.listing):
             key = self.key(item)
             if key in self.seen:
                 self.skipped_done += 1
@@ -93,9 +96,10 @@ class PendingBatches:
             yield batch
 
 
-def work_items(inputs: list[str], expand: Callable[[Item], Iterable[Item]] | None = None) -> Iterator[Item]:
+def work_items(inputs: list[str], expand: Callable[[Item], Iterable[Item]] | None = None,
+               listing: Callable[[list[str]], Iterable[Item]] = iter_items) -> Iterator[Item]:
     """The items of `inputs`, each replaced by `expand(item)` when given (scoring: one per text)."""
-    for item in iter_items(inputs):
+    for item in listing(inputs):
         yield from (expand(item) if expand is not None else (item,))
 
 
@@ -147,6 +151,11 @@ class BatchBuilder(Dataset):
     def error_row(self, item: Item, message: str) -> dict:
         return {**self.fields(item), "error": message}
 
+    def load(self, item: Item) -> Image.Image:
+        """The item's image; a `VLMError` naming it when it will not decode (Ray Data's builder
+        also reads bytes and URIs: `vlm.serve.ray_data`)."""
+        return load_image(item.path)
+
     def __len__(self) -> int:  # never used: batches come from the sampler
         raise TypeError("BatchBuilder is indexed by batches of items")
 
@@ -176,7 +185,7 @@ class BatchBuilder(Dataset):
                 continue
             if item.path not in pixels:
                 try:
-                    pixels[item.path] = self.preprocess(load_image(item.path))
+                    pixels[item.path] = self.preprocess(self.load(item))
                 except VLMError as e:  # load_image names the file and the decode error
                     pixels[item.path] = e
             if isinstance(pixels[item.path], VLMError):

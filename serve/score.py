@@ -93,6 +93,10 @@ class PairBuilder(Dataset):
     def key(item: Item) -> tuple:
         return row_key(item.fields())
 
+    def load(self, item: Item):
+        """The item's image (a `VLMError` naming it when it will not decode)."""
+        return load_image(item.path)
+
     def __len__(self) -> int:  # never used: batches come from the sampler
         raise TypeError("PairBuilder is indexed by batches of items")
 
@@ -106,7 +110,7 @@ class PairBuilder(Dataset):
                 continue
             if item.path not in slots:
                 try:
-                    pixels.append(self.preprocess(load_image(item.path)))
+                    pixels.append(self.preprocess(self.load(item)))
                     slots[item.path] = len(pixels) - 1
                 except VLMError as e:  # load_image names the file and the decode error
                     slots[item.path] = e

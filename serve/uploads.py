@@ -80,38 +80,47 @@ class ImageLimits:
 
 
 class RequestImages:
-    """Decodes the images of one request within `limits`, one at a time, each turned into pixel
-    values by `to_pixels` at once (so the decoded full-size image is dropped right away)."""
+    """The images of one request: each is `add`ed first (its header read, the request's pixel total
+    checked, nothing decoded), then `decode_all` decodes them one at a time within the server's
+    budget, each turned into pixel values by `to_pixels` at once (its full-size copy dropped)."""
 
     def __init__(self, limits: ImageLimits, to_pixels: Callable[[Image.Image], object]):
         self.limits, self.to_pixels, self.pixels = limits, to_pixels, 0
+        self._pending: list[tuple[int, Callable[[], Image.Image]]] = []
 
-    def from_bytes(self, data: bytes, name: str):
-        """Pixel values of an image sent as bytes; `VLMError` naming `name` when it is refused."""
+    def add_bytes(self, data: bytes, name: str) -> None:
+        """An image sent as bytes; `VLMError` naming `name` when it is refused."""
         if len(data) > self.limits.max_bytes:
             raise VLMError(f"{name}: {len(data) / 2**20:.1f} MB is over the {self.limits.max_bytes / 2**20:g} MB "
                            "image limit")
         width, height = image_size(data, name)
-        return self._decode(width * height, lambda: load_image_bytes(data, name, self.limits.max_pixels), name)
+        self._add(width * height, lambda: load_image_bytes(data, name, self.limits.max_pixels), name)
 
-    def from_file(self, path: str, name: str):
-        """Pixel values of an image file (already checked to be a regular file within the size limit)."""
+    def add_file(self, path: str, name: str) -> None:
+        """An image file (already checked to be a regular file within the size limit)."""
         width, height = file_image_size(path)
-        return self._decode(width * height, lambda: load_image(path, self.limits.max_pixels), name)
+        self._add(width * height, lambda: load_image(path, self.limits.max_pixels), name)
 
-    def _decode(self, pixels: int, decode: Callable[[], Image.Image], name: str):
-        if pixels > self.limits.max_pixels:  # refused before the budget: it would never be decoded
-            return decode()  # raises the per-image error naming the size
+    def _add(self, pixels: int, decode: Callable[[], Image.Image], name: str) -> None:
+        if pixels > self.limits.max_pixels:
+            decode()  # raises the per-image error naming the size, without decoding
         self.pixels += pixels
         if self.pixels > self.limits.max_request_pixels:
             raise ImageBudgetExceeded(
                 f"{name}: this request's images decode to over {self.limits.max_request_pixels:,} pixels in all "
                 "(--max-request-pixels); send fewer or smaller images")
-        with self.limits.budget.hold(pixels):
-            values = self.to_pixels(decode())
-        if pixels >= LARGE_IMAGE_PIXELS:
-            release_memory()
-        return values
+        self._pending.append((pixels, decode))
+
+    def decode_all(self) -> list:
+        """The pixel values of every added image, in the order added."""
+        out = []
+        for pixels, decode in self._pending:
+            with self.limits.budget.hold(pixels):
+                out.append(self.to_pixels(decode()))
+            if pixels >= LARGE_IMAGE_PIXELS:
+                release_memory()
+        self._pending = []
+        return out
 
 
 LARGE_IMAGE_PIXELS = 4_000_000

@@ -31,11 +31,12 @@ class ServerProcess:
     """
 
     def __init__(self, subcommand: str, model_dir: Path, log_path: Path, *extra: str, ready: str,
-                 timeout: float = 180.0, headers: dict | None = None):
+                 timeout: float = 180.0, headers: dict | None = None, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.log_path = log_path
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1"}
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "NO_PROXY": "127.0.0.1",
+               **(env or {})}
         self._log = open(log_path, "w")  # noqa: SIM115 -- open for the server's whole life
         self.proc = subprocess.Popen(
             [*vlm_command(), subcommand, "--model", str(model_dir), "--port", str(self.port), *extra],
@@ -59,6 +60,17 @@ class ServerProcess:
         if not self._log.closed:  # `stop` closes it; the file stays readable
             self._log.flush()
         return self.log_path.read_text(errors="replace")
+
+    def memory_mb(self, field: str = "VmRSS") -> float:
+        """The server's resident memory (`VmRSS`) or its peak since `reset_peak` (`VmHWM`), from /proc."""
+        for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+        raise KeyError(field)
+
+    def reset_peak(self) -> None:
+        """Start `VmHWM` afresh at the current resident memory (Linux: /proc/PID/clear_refs)."""
+        Path(f"/proc/{self.pid}/clear_refs").write_text("5")
 
     def alive(self) -> bool:
         return self.proc.poll() is None

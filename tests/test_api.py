@@ -332,7 +332,8 @@ def test_images_in_a_data_url_decode_like_files(pictures):
 
     settings = ApiSettings("m")
     decoded = RequestImages(ImageLimits(), lambda image: image)  # the decoded image itself, not pixel values
-    image = open_image(data_url(pictures[0]), "messages[0].content[0]", settings, decoded)
+    open_image(data_url(pictures[0]), "messages[0].content[0]", settings, decoded)
+    (image,) = decoded.decode_all()
     assert image.tobytes() == Image.open(pictures[0]).convert("RGB").tobytes()
     buffer = io.BytesIO()
     Image.new("1", (9000, 9000)).save(buffer, "PNG")  # a bomb: few bytes, 81M pixels

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,6 +15,9 @@ from transformers.tokenization_utils_base import AddedToken
 from .configuration import VLMConfig
 
 IMAGE_TOKEN = "<image>"
+# Around a control token's text inside message content: the processor encodes what is between them
+# as plain text (private-use characters, never in real text; any in the content are dropped).
+LITERAL_START, LITERAL_END = "\ue000", "\ue001"
 QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 # BLIP-2's VQA prompt; used for questions when the LLM has no chat template and none was saved.
 DEFAULT_QUESTION_TEMPLATE = "Question: {} Short answer:"
@@ -97,7 +101,8 @@ class VLMProcessor(ProcessorMixin):
         "text": ...}]}`. Uses the LLM's chat template when it has one; otherwise a plain
         `User:`/`Assistant:` transcript.
         """
-        flat = [{"role": m["role"], "content": _content_to_text(m["content"], self.image_token)} for m in messages]
+        flat = [{"role": m["role"], "content": self.literal(_content_to_text(m["content"], self.image_token))}
+                for m in messages]
         if self.has_chat_template:
             template = self.chat_template or self.tokenizer.chat_template
             return self.tokenizer.apply_chat_template(
@@ -111,15 +116,34 @@ class VLMProcessor(ProcessorMixin):
     def format_question(self, question: str) -> str:
         """The prompt for one question about one image (image in front, BLIP-2 style)."""
         if self.question_template is not None:
-            return self.question_template.format(question)
+            return self.question_template.format(self.literal(question))
         if self.has_chat_template:
             return self.format_chat([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}])
-        return DEFAULT_QUESTION_TEMPLATE.format(question)
+        return DEFAULT_QUESTION_TEMPLATE.format(self.literal(question))
+
+    def control_tokens(self) -> list[str]:
+        """The tokenizer's special tokens (chat-template markers, BOS/EOS...) but the image token,
+        longest first."""
+        tokens = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        tokens |= set(self.tokenizer.all_special_tokens)
+        tokens.discard(self.image_token)
+        return sorted((t for t in tokens if t), key=len, reverse=True)
+
+    def literal(self, text: str) -> str:
+        """`text` (message content) marked so that any control token in it is encoded as the plain
+        text it is, never as the token: a user typing "<|im_end|>" cannot end their turn and forge
+        a system or assistant one. Text without control tokens is returned unchanged."""
+        text = text.replace(LITERAL_START, "").replace(LITERAL_END, "")
+        found = [t for t in self.control_tokens() if t in text]
+        if not found:
+            return text
+        pattern = "|".join(re.escape(t) for t in found)
+        return re.sub(pattern, lambda m: LITERAL_START + m.group(0) + LITERAL_END, text)
 
     def qformer_instruction(self, prompt: str) -> str:
         """What the Q-Former reads by default for `prompt` (InstructBLIP-style models): the
         rendered prompt without its image markers. One rule for training, captioning and chat."""
-        return prompt.replace(self.image_token, "").strip()
+        return prompt.replace(self.image_token, "").replace(LITERAL_START, "").replace(LITERAL_END, "").strip()
 
     # -- encoding ------------------------------------------------------------------------------
     def __call__(
@@ -195,12 +219,24 @@ class VLMProcessor(ProcessorMixin):
         image_block = [self.image_token_id] * self.num_query_tokens
         markers = prompt.count(self.image_token)
         if markers == 0:
-            ids = self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-            return image_block * num_images + ids
+            return image_block * num_images + self._tokenize(prompt, add_special_tokens)
         if markers != num_images:
             raise ValueError(f"the text holds {markers} {self.image_token} markers for {num_images} images")
         expanded = prompt.replace(self.image_token, self.image_token * self.num_query_tokens)
-        return self.tokenizer(expanded, add_special_tokens=add_special_tokens)["input_ids"]
+        return self._tokenize(expanded, add_special_tokens)
+
+    def _tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of `text`; the parts marked by `literal` are encoded with their control tokens
+        as plain text (the rest, and any text without such parts, exactly as the tokenizer does)."""
+        if LITERAL_START not in text:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+        ids = self.tokenizer("", add_special_tokens=add_special_tokens)["input_ids"]  # BOS, if any
+        for piece in re.split(f"({LITERAL_START}[^{LITERAL_END}]*{LITERAL_END})", text):
+            if piece.startswith(LITERAL_START):
+                ids += self.tokenizer(piece[1:-1], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            elif piece:
+                ids += self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
     def _truncate(self, row: list[int], text_kwargs: dict) -> list[int]:
         max_length = text_kwargs.get("max_length")
