@@ -392,3 +392,54 @@ def test_many_threads_submit_at_once(engine):
     for t in threads:
         t.join(timeout=120)
     assert results == alone
+
+
+def test_an_unexpected_error_fails_its_request_only_and_the_engine_goes_on(mid_blip2_dir, caplog):
+    """A bug met by one request (here in its prefill, then in a decode step) is that request's (or
+    that step's) failure, logged with its traceback; the engine keeps serving, and only `VLMError`
+    reads as bad input."""
+    from vlm.engine import RequestFailed
+
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    failures: list = []
+    engine = InferenceEngine(model, processor, on_failure=lambda: failures.append(engine.failure))
+    first, second = questions(2, GenerationSettings(max_new_tokens=6))
+    want = engine.generate([second])[0].text
+    _, long = engine.encoder.prompt_lengths([first, second])
+    bug = IndexError("index out of range in self")
+    with InjectFault(model, bug, lambda rows, tokens: tokens == long):  # the longer prompt's prefill
+        streams = [engine.submit(first), engine.submit(second)]
+        results = [s.result() for s in streams]
+    failed = [r for r in results if r.error is not None]
+    assert len(failed) == 1 and isinstance(failed[0].error, RequestFailed) and not isinstance(failed[0].error, VLMError)
+    assert "IndexError" in str(failed[0].error) and "index out of range" in caplog.text
+    with InjectFault(model, bug, lambda rows, tokens: tokens == 1):  # every decode step
+        stream = engine.submit(second)
+        assert isinstance(stream.result().error, RequestFailed)
+    assert engine.submit(second).result().text.strip() == want  # still serving, same answer
+    assert engine.failure is None and not failures and engine.stats["failed_requests"] == 2
+    engine.close()
+
+
+def test_a_device_fault_stops_the_engine_and_tells_its_owner(mid_blip2_dir):
+    model, processor = load_pretrained(str(mid_blip2_dir), device="cpu")
+    stopped = threading.Event()
+    engine = InferenceEngine(model, processor, on_failure=stopped.set)
+    fault = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+    with InjectFault(model, fault, lambda rows, tokens: True):
+        assert engine.submit(questions(1)[0]).result().finish_reason == "error"
+    assert stopped.wait(10) and engine.failure is fault
+    with pytest.raises(EngineFailed):
+        engine.submit(questions(1)[0])
+
+
+def test_an_empty_prompt_is_bad_input_on_every_path(engine):
+    """No text and no image: no token to start from (it used to reach the running batch and stop it)."""
+    empty = Request("", [], GREEDY)
+    stream = engine.submit(empty)
+    assert stream.result().finish_reason == "error"
+    with pytest.raises(VLMError, match="the prompt is empty"):
+        list(stream)
+    out = engine.generate([empty, questions(1)[0]])
+    assert isinstance(out[0].error, VLMError) and out[1].text
+    assert engine.submit(questions(1)[0]).result().text

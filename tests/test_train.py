@@ -622,3 +622,36 @@ def test_overrides_keep_text_for_string_keys(capsys):
     assert config.data.skip_bad_images is True  # a bool key still reads YAML booleans
     assert vlm_main(["train", "prompt.question_template=Question: {} Answer:", "--print-config"]) == 0
     assert "question_template: 'Question: {} Answer:'" in capsys.readouterr().out
+
+
+def test_a_yaml_syntax_error_keeps_its_line_and_column(tmp_path, capsys):
+    cfg = tmp_path / "tabs.yaml"
+    cfg.write_text("recipe: lora\ndata:\n\ttrain: x.jsonl\n")
+    assert vlm_main(["train", str(cfg)]) == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: {cfg}:3:1: not valid YAML (found character '\\t' that cannot start any token) "
+        "(YAML indents with spaces, not tabs)")
+
+
+def test_train_never_replaces_a_file_it_did_not_write(base_dir, data_file, tmp_path, capsys):
+    """A README.md the user keeps in output_dir stays theirs (peft's model card is left out); a file of
+    theirs under a name the run writes stops the run before training; no empty .partial/ is left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("my notes\n")
+    argv = ["train", "--recipe", "lora", "--model", str(base_dir), "--train-data", str(data_file),
+            "--output-dir", str(out), "--max-steps", "2", "--batch-size", "2", "report_to=none", "save_steps=1",
+            "data.num_workers=0"]
+    assert vlm_main(argv) == 0
+    assert (out / "README.md").read_text() == "my notes\n"
+    assert "kept your" in capsys.readouterr().err
+    assert (out / "adapter_config.json").is_file() and not (out / ".partial").exists()
+    assert vlm_main(argv) == 0  # a second run replaces its own files, and still not the README
+    assert (out / "README.md").read_text() == "my notes\n"
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    assert vlm_main([*argv[:8], str(other), *argv[9:]]) == 1
+    assert "holds config.json, which vlm train did not write" in capsys.readouterr().err
+    assert (other / "config.json").read_text() == "{}" and not (other / "checkpoint-1").exists()

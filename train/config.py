@@ -174,7 +174,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         try:
             raw = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as e:
-            raise VLMError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise VLMError(yaml_error(str(path), e)) from None
         if not isinstance(raw, dict):
             raise VLMError(f"{path}: expected a mapping of keys at the top level, got {type(raw).__name__}")
     for item in overrides:
@@ -260,6 +260,15 @@ def _expected(key: str) -> str:
         else:
             words.append(names.get(arm, "a mapping" if typing.get_origin(arm) is dict else str(arm)))
     return " or ".join(words) + (" or null" if type(None) in _arms(kind) else "")
+
+
+def yaml_error(path: str, error: yaml.YAMLError) -> str:
+    """A YAML syntax error as one line with its position: `file:line:column: not valid YAML (why)`."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    why = getattr(error, "problem", None) or str(error).splitlines()[0]
+    hint = " (YAML indents with spaces, not tabs)" if "'\\t'" in why else ""
+    return f"{where}: not valid YAML ({why}){hint}"
 
 
 def _parse_value(text: str, kind=None) -> Any:

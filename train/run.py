@@ -12,9 +12,17 @@ from transformers import set_seed
 from vlm.errors import VLMError
 
 from .collate import TrainDataset, make_collator
-from .config import TrainConfig, save_config
+from .config import TrainConfig
 from .recipes import prepare_model, trainable_parameter_count
-from .save import TRAIN_CONFIG, base_model, save_stage1, save_trained
+from .save import (
+    TRAIN_CONFIG,
+    base_model,
+    check_output_dir,
+    record_run_files,
+    save_stage1,
+    save_trained,
+    write_train_config,
+)
 from .novelty_stats import record_novelty
 from .stage1_data import Stage1Collator, Stage1Dataset, decoder_start_id, qformer_tokenizer
 from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
@@ -55,6 +63,7 @@ def train(
     args = training_arguments(config, has_eval=bool(eval_examples or config.data.eval))
     # Everything that can be wrong with the input fails here, before the model loads.
     train_examples, eval_examples = read_inputs(config, args.world_size, train_examples, eval_examples)
+    theirs = check_output_dir(config.output_dir)  # before hours of training, not after
     resume_from = find_resume_checkpoint(config.output_dir, config.resume)
     if resume_from is not None and config.resume == "auto":
         check_same_run(config)
@@ -73,11 +82,14 @@ def train(
     if args.should_save:
         os.makedirs(config.output_dir, exist_ok=True)
         clean_staging(config.output_dir)
-        save_config(config, Path(config.output_dir) / TRAIN_CONFIG)
+        write_train_config(config, config.output_dir)
     trainer = build_trainer(config, args, model, processor, train_dataset, eval_dataset, collator, callbacks)
     result = trainer.train(resume_from_checkpoint=resume_from)
     report(trainer, result, eval_dataset, train_examples)
-    return save_output(trainer, processor, config, train_examples)
+    out = save_output(trainer, processor, config, train_examples)
+    if out is not None:
+        record_run_files(out, theirs)
+    return out
 
 
 def build_trainer(config: TrainConfig, args, model, processor, train_dataset, eval_dataset, collator,

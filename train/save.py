@@ -12,8 +12,12 @@ parameters that train, next to the Trainer's optimizer/scheduler/RNG state.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -33,6 +37,57 @@ TRAIN_CONFIG = "train_config.yaml"
 STAGING_DIR = ".partial"
 # What makes `load_pretrained` take a folder for a LoRA adapter / a vlm checkpoint.
 MODEL_MARKERS = (ADAPTER_CONFIG, "config.json")
+# The names of the files `vlm train` has written into an output folder (so it replaces only those).
+OUTPUT_MANIFEST = ".vlm-output.json"
+# Names a run writes at the top of its output folder: one the user already has there would be replaced.
+OUTPUT_NAME = re.compile(r".*\.(safetensors|json|jinja|model|txt)|train_config\.yaml|qformer_tokenizer|merges\.txt")
+
+
+def written_by_vlm(out: str | os.PathLike) -> set[str]:
+    """Top-level names in `out` that `vlm train` wrote (its manifest; empty for a new folder)."""
+    out = Path(out)
+    try:
+        return set(json.loads((out / OUTPUT_MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    if (out / TRAIN_CONFIG).is_file():  # an output written before the manifest existed
+        return {p.name for p in out.iterdir() if OUTPUT_NAME.fullmatch(p.name)}
+    return set()
+
+
+def record_written(out: str | os.PathLike, names) -> None:
+    """Add `names` to `out`'s manifest of files `vlm train` wrote."""
+    path = Path(out) / OUTPUT_MANIFEST
+    path.write_text(json.dumps({"files": sorted(written_by_vlm(out) | set(names))}, indent=1))
+
+
+def check_output_dir(out: str | os.PathLike) -> set[str]:
+    """The user's own entries in `out` (those `vlm train` did not write), checked before training:
+    a `VLMError` when one has a name the run writes (a `config.json`, weights...), since `vlm train`
+    never replaces a file it did not write. A README.md there stays the user's (the run leaves its
+    model card out). Give the result to `record_run_files` at the end."""
+    out = Path(out)
+    if not out.is_dir():
+        return set()
+    ours = written_by_vlm(out) | {OUTPUT_MANIFEST}
+    theirs = {p.name for p in out.iterdir() if p.name not in ours}
+    clashes = sorted(name for name in theirs if OUTPUT_NAME.fullmatch(name))
+    if clashes:
+        raise VLMError(f"output_dir {out} holds {', '.join(clashes[:3])}{' ...' if len(clashes) > 3 else ''}, "
+                       "which vlm train did not write and would replace; choose another (or an empty) output_dir")
+    return theirs
+
+
+def record_run_files(out: str | os.PathLike, theirs: set[str]) -> None:
+    """Record every top-level entry of `out` but the user's own (`theirs`) as written by the run
+    (the Trainer's metrics and the novelty statistics land there too)."""
+    record_written(out, {p.name for p in Path(out).iterdir()} - theirs - {OUTPUT_MANIFEST})
+
+
+def write_train_config(config: TrainConfig, out: str | os.PathLike) -> None:
+    """`train_config.yaml` into `out` (recorded as written by the run)."""
+    save_config(config, Path(out) / TRAIN_CONFIG)
+    record_written(out, [TRAIN_CONFIG])
 
 
 def base_model(model):
@@ -119,6 +174,7 @@ def save_trained(model, processor, output_dir: str | os.PathLike, config: TrainC
         _move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        drop_if_empty(staging.parent)
     return out
 
 
@@ -146,15 +202,29 @@ def save_stage1(model, processor, config: TrainConfig, state_dict: dict | None =
 
 
 def _move_into(staging: Path, out: Path) -> None:
-    """Move every entry of `staging` into `out`, the files that mark a loadable folder last."""
+    """Move every entry of `staging` into `out`, the files that mark a loadable folder last. A file
+    of the user's is never replaced (`check_output_dir` refused the names that matter before
+    training; what is left is a README.md, which stays theirs and our model card is dropped)."""
+    ours = written_by_vlm(out)
     for marker in MODEL_MARKERS:  # the old output stops loading before its files are replaced
-        (out / marker).unlink(missing_ok=True)
+        if marker in ours:
+            (out / marker).unlink(missing_ok=True)
     entries = sorted(staging.iterdir(), key=lambda p: (p.name in MODEL_MARKERS, p.name))
+    moved = [entry.name for entry in entries if entry.name in ours or not (out / entry.name).exists()]
+    record_written(out, moved)  # first: a kill part way leaves files the next run may replace
     for entry in entries:
-        if entry.is_dir():
+        if entry.name not in moved:
+            print(f"kept your {out / entry.name} (vlm train did not write it)", file=sys.stderr)
+        elif entry.is_dir():
             replace_dir(str(entry), str(out / entry.name))
         else:
             os.replace(entry, out / entry.name)
+
+
+def drop_if_empty(folder: str | os.PathLike) -> None:
+    """Remove `folder` when nothing is left in it (the staging folder after a complete save)."""
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)
 
 
 def replace_dir(new: str, final: str) -> None:

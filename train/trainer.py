@@ -39,7 +39,15 @@ from .align import bag_of_words_loss
 from .collate import IGNORE_INDEX
 from .config import BRIDGE_MODULES, TrainConfig
 from .recipes import resolve_precision
-from .save import STAGING_DIR, TRAINABLE_WEIGHTS, base_model, load_trainable, replace_dir, save_trainable
+from .save import (
+    STAGING_DIR,
+    TRAINABLE_WEIGHTS,
+    base_model,
+    drop_if_empty,
+    load_trainable,
+    replace_dir,
+    save_trainable,
+)
 from .vision_cache import VisionFeatureCache
 
 logger = logging.getLogger(__name__)
@@ -154,6 +162,7 @@ class VLMTrainer(Trainer):
             staged = os.path.join(run_dir, STAGING_DIR, name)
             _fsync_tree(staged)
             replace_dir(staged, final)
+            drop_if_empty(os.path.join(run_dir, STAGING_DIR))
             rotate_checkpoints(run_dir, save_total_limit=self.args.save_total_limit, use_mtime=False)
         self.accelerator.wait_for_everyone()
 
