@@ -79,3 +79,15 @@ def test_time_budget_skips_what_would_start_late(tmp_path):
     rows = rows_by_label(out.read_text())
     assert len(rows) == len(planned())
     assert all(r["status"].startswith("skipped: the 0 s budget was spent") for r in rows.values()), rows
+
+
+def test_one_install_command_for_the_device():
+    """bench/RESULTS.md holds the device command; bench/gpu_wheels.py reads it there and holds no copy."""
+    spec = importlib.util.spec_from_file_location("gpu_wheels", ROOT / "bench" / "gpu_wheels.py")
+    wheels = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(wheels)
+    command = wheels.install_command()
+    assert "--target /tmp/site .whl/*.whl &&" in command and "PYTHONPATH=/tmp/site" in command
+    assert "python3 bench/gpu.py --out $OUT/gpu.md" in command
+    assert len(command) <= 2000  # what the device tool's `run` accepts
+    assert "--target" not in (ROOT / "bench" / "gpu_wheels.py").read_text()  # no second copy to drift
