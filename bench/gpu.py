@@ -289,7 +289,8 @@ class Context:
         return self.built[llm]
 
     def watch(self, model) -> None:
-        self.watched.append(weakref.ref(model))
+        if not any(ref() is model for ref in self.watched):  # loaded through two watched paths
+            self.watched.append(weakref.ref(model))
 
     def alive(self) -> int:
         return sum(ref() is not None for ref in self.watched)
@@ -368,10 +369,9 @@ def bench_generate(ctx: Context, bench_id: str, quantization: str | None) -> dic
 
     reset_peak(ctx.device)
     checkpoint = ctx.checkpoint("llama")
-    qconfig = quantization_config(quantization, torch.bfloat16)
-    extra = {"quantization_config": qconfig, "device_map": {"": ctx.device}} if qconfig is not None else {}
-    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16, **extra)
-    model = (model if qconfig is not None else model.to(ctx.device)).eval()
+    model = Blip2ForConditionalGeneration.from_pretrained(
+        checkpoint, dtype=torch.bfloat16, device_map={"": ctx.device},  # straight to the device, as ours loads
+        quantization_config=quantization_config(quantization, torch.bfloat16)).eval()
     ctx.watch(model)
     fail_on_purpose(bench_id)
     processor = Blip2Processor.from_pretrained(checkpoint)  # it puts the image's query tokens first
@@ -497,7 +497,8 @@ def reference_caption_rate(ctx: Context, bench_id: str, checkpoint: Path, pictur
     preprocessing (resize, normalise) inside it."""
     from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
-    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16).to(ctx.device).eval()
+    model = Blip2ForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.bfloat16,
+                                                          device_map={"": ctx.device}).eval()
     ctx.watch(model)
     fail_on_purpose(bench_id)
     processor = Blip2Processor.from_pretrained(checkpoint)
