@@ -21,6 +21,7 @@ from .batch_run import (
     worker_count,
 )
 from .inputs import check_inputs
+from .ray_cli import add_ray_arguments, ray_main
 from .writers import FORMATS, part_path
 
 DESCRIPTION = """\
@@ -82,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=["4bit", "8bit", "none"], help="load the LLM in 4-bit or 8-bit")
     p.add_argument("--overwrite", action="store_true",
                    help="start --out afresh instead of resuming; with --format txt, replace caption files")
+    add_ray_arguments(p)
     return p
 
 
@@ -89,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     """Run `vlm caption`; returns the exit status (see --help)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if (code := ray_main(parser, args, "caption")) is not None:
+        return code
     fmt = args.format or ("csv" if (args.out or "").lower().endswith(".csv") else "jsonl")
     if args.out is None and fmt != "txt":
         parser.error("--out is required (or use --format txt to write captions beside the images)")

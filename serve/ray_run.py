@@ -1,0 +1,216 @@
+"""`vlm caption --ray` / `vlm score --ray`: the one-machine work, on Ray Data actors.
+
+The driver (this process) lists the inputs exactly as the one-machine commands do, skips what
+the output folder already holds, and cuts the rest into chunks of `--shard-size` work items
+(`PendingBatches`, the one-machine planner). Ray Data runs the chunks on a pool of actors
+(`ShardCaptioner` / `ShardScorer`: `vlm.serve.ray_data`'s classes, model loaded once each);
+an actor turns a chunk into rows with the one-machine builders and writes them as one shard
+(`ray_shards`: atomic, named after the chunk, so a redone chunk replaces rather than repeats).
+Ray redoes the chunks of an actor that dies (it restarts actors and retries their tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable
+
+import numpy as np
+
+from vlm.errors import VLMError
+
+from .batch_run import Summary, exit_status, hold_output
+from .inputs import Item
+from .pipeline import BatchBuilder, PendingBatches
+from .ray_data import Captioner, Scorer
+from .ray_inputs import check_ray_inputs, list_inputs
+from .ray_shards import clean_folder, prepare_folder, settle, shard_name, write_shard
+from .pairs import PairBuilder
+
+DEFAULT_SHARD_SIZE = 1000
+
+
+def import_ray():
+    """The `ray` module with Ray Data, or a one-line error naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise VLMError("--ray needs Ray Data, an optional extra: pip install 'vlm[ray]'") from None
+    return ray
+
+
+class _CaptionKeys:
+    """`BatchBuilder.key` without a processor: a row's identity depends only on --question."""
+
+    question_for = BatchBuilder.question_for
+    fields = BatchBuilder.fields
+    key = BatchBuilder.key
+
+    def __init__(self, question: str | None):
+        self.question = question
+
+
+class _PairKeys:
+    """`PairBuilder.expand` and `key` without a processor: pairs depend only on --text."""
+
+    expand = PairBuilder.expand
+    key = staticmethod(PairBuilder.key)
+
+    def __init__(self, texts: list[str]):
+        self.texts = texts
+
+
+def write_chunks(worker, batch) -> dict[str, np.ndarray]:
+    """Rows of each chunk in `batch` (columns `shard`, `items`), written as that chunk's shard."""
+    counts: dict[str, list] = {"shard": [], "rows": [], "errors": []}
+    for name, payload in zip(batch["shard"], batch["items"]):
+        rows = worker.rows([Item(**fields) for fields in json.loads(payload)])
+        write_shard(worker.out, str(name), rows, worker.shard_format, worker.fields)
+        counts["shard"].append(str(name))
+        counts["rows"].append(len(rows))
+        counts["errors"].append(sum("error" in r for r in rows))
+    return {k: np.array(v) for k, v in counts.items()}
+
+
+class ShardCaptioner(Captioner):
+    """A `Captioner` actor that writes each chunk of work as one shard of `out`."""
+
+    def __init__(self, out: str, shard_format: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out, self.shard_format = out, shard_format
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        return write_chunks(self, batch)
+
+
+class ShardScorer(Scorer):
+    """A `Scorer` actor that writes each chunk of (image, text) pairs as one shard of `out`."""
+
+    def __init__(self, out: str, shard_format: str, **kwargs):
+        super().__init__(**kwargs)
+        self.out, self.shard_format = out, shard_format
+
+    def __call__(self, batch) -> dict[str, np.ndarray]:
+        return write_chunks(self, batch)
+
+
+@dataclasses.dataclass
+class Job:
+    """What differs between captioning and scoring on Ray."""
+
+    actor: type
+    kwargs: dict
+    key: Callable[[Item], tuple]
+    expand: Callable[[Item], Iterable[Item]] | None
+    summary: Summary
+
+
+def make_job(args: argparse.Namespace, command: str) -> Job:
+    """The actor class, its arguments and the item identity for `command`."""
+    model = os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model
+    common = dict(out=os.path.abspath(args.out), shard_format=args.shard_format or "jsonl", model=model,
+                  batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                  num_threads=max(1, int(args.num_cpus or 1)), workdir=os.getcwd())
+    if command == "caption":
+        keys = _CaptionKeys(args.question)
+        kwargs = dict(prompt=args.prompt, question=args.question, max_new_tokens=args.max_new_tokens,
+                      num_beams=args.num_beams, quantization=args.quantization)
+        return Job(ShardCaptioner, {**common, **kwargs}, keys.key, None, Summary())
+    pairs = _PairKeys(args.text)
+    return Job(ShardScorer, {**common, "texts": args.text}, pairs.key, pairs.expand,
+               Summary(verb="scored", unit="pairs"))
+
+
+def plan(args: argparse.Namespace, job: Job, done: set[tuple]) -> tuple[list[dict], int]:
+    """(chunks of pending work as Ray rows, items skipped as done or repeated)."""
+    pending = PendingBatches(args.inputs, done, args.shard_size or DEFAULT_SHARD_SIZE, job.key,
+                             expand=job.expand, listing=list_inputs)
+    chunks = [{"shard": shard_name([job.key(item) for item in items]),
+               "items": json.dumps([dataclasses.asdict(item) for item in items], ensure_ascii=False)}
+              for items in pending]
+    return chunks, pending.skipped_done
+
+
+def run(args: argparse.Namespace, command: str) -> int:
+    """`vlm caption --ray` / `vlm score --ray`: returns the exit status."""
+    ray = import_ray()
+    check_ray_inputs(args.inputs)
+    # One run per folder (the one-machine lock, on a file inside it): two would both do all the work.
+    lock = hold_output(prepare_folder(args.out), None, f"vlm {command} --ray")
+    try:
+        return _run_locked(ray, args, command)
+    finally:
+        lock.release()
+
+
+def _run_locked(ray, args: argparse.Namespace, command: str) -> int:
+    clean_folder(args.out, args.overwrite)
+    job = make_job(args, command)
+    done, _ = settle(args.out, job.actor.fields)
+    chunks, skipped = plan(args, job, done)
+    summary = job.summary
+    summary.skipped = skipped
+    with ray_session(ray, args.ray):
+        start = time.perf_counter()
+        if chunks:
+            execute(ray, args, job, chunks, summary)
+        summary.seconds = time.perf_counter() - start
+    _, removed = settle(args.out, job.actor.fields)
+    if removed:  # see ray_shards: only a worker outliving an earlier, interrupted driver makes these
+        print(f"removed {removed} rows already in other shards", file=sys.stderr)
+    print(summary.line() + f" -> {args.out}", file=sys.stderr)
+    if summary.done == 0 and summary.errors == 0 and summary.skipped == 0:
+        print(f"no {summary.unit} found in the inputs", file=sys.stderr)
+    return exit_status(summary, args.max_error_rate)
+
+
+@contextlib.contextmanager
+def ray_session(ray, address: str):
+    """Connect to `address` (or start a local instance with one CPU per core) unless Ray is up."""
+    if ray.is_initialized():  # a caller's own session (Python use of `main`)
+        yield
+        return
+    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+    if address == "local":
+        ray.init(address="local", num_cpus=os.cpu_count(), **quiet)
+    else:
+        ray.init(address=address, **quiet)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary: Summary) -> None:
+    """Run `chunks` through a pool of actors, counting rows as the shards land (progress bar)."""
+    from ray.data import DataContext
+    from tqdm import tqdm
+
+    context = DataContext.get_current()
+    context.enable_progress_bars = False  # ours counts images, not blocks
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices (bars off, plans) are noise here
+    num_cpus, num_gpus = args.num_cpus or 1.0, args.num_gpus or 0.0
+    resources = ray.cluster_resources()
+    fit = resources.get("GPU", 0) // num_gpus if num_gpus else resources.get("CPU", 1) // num_cpus
+    actors = min(args.concurrency or max(1, int(fit)), len(chunks))
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        job.actor, batch_size=1, fn_constructor_kwargs=job.kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=num_cpus, num_gpus=num_gpus or None)
+    total = sum(len(json.loads(c["items"])) for c in chunks)
+    bar = tqdm(total=total, unit=summary.unit[:-1] if summary.unit.endswith("s") else summary.unit,
+               desc=f"ray x{actors}", disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
+    try:
+        for row in ds.iter_rows():
+            summary.errors += int(row["errors"])
+            summary.done += int(row["rows"]) - int(row["errors"])
+            bar.update(int(row["rows"]))
+            bar.set_postfix(errors=summary.errors, refresh=False)
+    finally:
+        bar.close()
