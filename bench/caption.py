@@ -12,6 +12,11 @@ and start-up cancel. Prints images/s, the ratios, the captions' agreement, and w
 goes in one batch (decode, preprocessing, vision + Q-Former, generation).
 
     python bench/caption.py [--small 32] [--large 256] [--batch-size 16] [--new-tokens 20] [--workers N]
+
+With --ray it measures `vlm caption --ray` instead (a local Ray instance, one actor per CPU, one
+model copy each, chunks of --batch-size images) against one `vlm caption` process on the same
+images: the ratio of their marginal images/s (Ray's start-up and the actors' model loading
+cancel like the model loading above), and whether the rows are identical.
 """
 
 from __future__ import annotations
@@ -80,6 +85,39 @@ def run_ours(model_dir: Path, paths: list[str], work: Path, args) -> tuple[float
     return seconds, [json.loads(line)["caption"] for line in out.read_text().splitlines()]
 
 
+def run_ray(model_dir: Path, paths: list[str], work: Path, args) -> list[str]:
+    """`vlm caption LIST --out FOLDER --ray` in this process: its rows as sorted JSON lines."""
+    listing = work / f"list{len(paths)}.txt"
+    listing.write_text("\n".join(paths) + "\n")
+    out = work / f"ray{len(paths)}"
+    code = caption_main([str(listing), "--out", str(out), "--model", str(model_dir), "--batch-size", str(args.batch_size),
+                         "--max-new-tokens", str(args.new_tokens), "--no-progress", "--overwrite",
+                         "--shard-size", str(args.batch_size), "--ray"])
+    assert code == 0
+    return sorted(line for shard in out.glob("part-*.jsonl") for line in shard.read_text().splitlines())
+
+
+def compare_ray(model_dir: Path, paths: list[str], work: Path, args) -> None:
+    """One `vlm caption` process against `vlm caption --ray` on the same images (marginal images/s)."""
+    def ours(p: list[str]) -> list[str]:
+        run_ours(model_dir, p, work, args)
+        return sorted((work / f"ours{len(p)}.jsonl").read_text().splitlines())
+
+    rates, rows = {}, {}
+    for name, fn in [("vlm caption", ours), ("vlm caption --ray", lambda p: run_ray(model_dir, p, work, args))]:
+        times = []
+        for n in (args.small, args.large):
+            start = time.perf_counter()
+            rows[name] = fn(paths[:n])
+            times.append(time.perf_counter() - start)
+        rates[name] = (args.large - args.small) / (times[1] - times[0])
+        print(f"{name:<22} {times[0]:7.1f}s @ {args.small:<4} {times[1]:7.1f}s @ {args.large:<4} "
+              f"marginal {rates[name]:6.2f} images/s", flush=True)
+    print(f"\nratio --ray (local actors) vs one process: {rates['vlm caption --ray'] / rates['vlm caption']:.2f}x")
+    same = rows["vlm caption"] == rows["vlm caption --ray"]
+    print(f"rows identical: {same} ({len(rows['vlm caption --ray'])} rows)")
+
+
 def run_reference(model_dir: Path, paths: list[str], batch_size: int, new_tokens: int) -> tuple[float, list[str]]:
     start = time.perf_counter()
     model = Blip2ForConditionalGeneration.from_pretrained(model_dir).eval()
@@ -136,6 +174,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--workers", type=int, default=None, help="vlm caption --num-workers (default: its own)")
     parser.add_argument("--skip-loop", action="store_true", help="do not run the slow one-at-a-time loop")
+    parser.add_argument("--ray", action="store_true", help="vlm caption --ray (local actors) against one process")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -144,6 +183,9 @@ def main() -> None:
         paths = make_images(work / "images", args.large)
         print(f"torch threads {torch.get_num_threads()}, CPUs {os.cpu_count()}, batch {args.batch_size}, "
               f"{args.new_tokens} new tokens, N = {args.small} / {args.large}", flush=True)
+        if args.ray:
+            compare_ray(model_dir, paths, work, args)
+            return
 
         results, captions = {}, {}
         for name, fn in [
