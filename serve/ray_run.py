@@ -212,5 +212,18 @@ def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary
             summary.done += int(row["rows"]) - int(row["errors"])
             bar.update(int(row["rows"]))
             bar.set_postfix(errors=summary.errors, refresh=False)
+    except ray.exceptions.RayActorError as e:
+        if not e.actor_init_failed:
+            raise
+        # A bad --model fails in every actor's __init__: say so in one line, as one machine would.
+        raise VLMError(f"the actors could not start: {init_error(str(e))}") from None
     finally:
         bar.close()
+
+
+def init_error(message: str) -> str:
+    """The `VLMError` text inside Ray's report of a failed actor `__init__`, else its last line."""
+    marker = "VLMError: "
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    found = [line.split(marker, 1)[1] for line in lines if marker in line]
+    return found[-1] if found else (lines[-1] if lines else "unknown error")

@@ -131,7 +131,7 @@ def test_caption_on_ray_same_rows_as_one_machine_then_resumes(corpus, one_machin
 
 
 @pytest.mark.slow
-def test_score_on_ray_same_rows_as_one_machine(retrieval_dir, tmp_path, one_torch_thread):
+def test_score_on_ray_same_rows_as_one_machine(retrieval_dir, blip2_opt_dir, tmp_path, one_torch_thread):
     """Byte-identical with the same batches and threads as the actors' (a chunk is one batch here).
     Other batchings move a score by float rounding: about 1 in 50 differ in the 6th decimal."""
     folder = tmp_path / "imgs"
@@ -153,6 +153,13 @@ def test_score_on_ray_same_rows_as_one_machine(retrieval_dir, tmp_path, one_torc
     assert lines_of(tmp_path / "shards") == lines_of(one)
     assert len(lines_of(one)) == 31 * 2 + 2  # 01.png with the --text texts repeats two folder pairs
     assert "scored 61, errors 3, skipped 2" in result.stderr
+    # A model without the stage-1 heads fails in every actor's __init__: one line, exit 1.
+    bad = vlm("score", str(folder), "--text", "a cat", "--out", str(tmp_path / "bad"), "--model",
+              str(blip2_opt_dir), "--no-progress", "--ray")
+    assert bad.returncode == 1
+    assert bad.stderr.strip().splitlines()[-1] == (
+        f"error: the actors could not start: {blip2_opt_dir}: has no image-text (ITC/ITM) heads; score with a "
+        "Blip2ForImageTextRetrieval checkpoint or a `vlm train --recipe stage1` output")
 
 
 @pytest.fixture(scope="module")
