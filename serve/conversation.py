@@ -105,44 +105,11 @@ def turns_to_messages(turns: list[Turn], system_prompt: str | None = None) -> li
     return messages
 
 
-def plain_prompt(
-    turns: list[Turn],
-    format_question: Callable[[str], str],
-    caption_prompt: str = "",
-    image_token: str = "<image>",
-    system_prompt: str | None = None,
-) -> str:
-    """Prompt text for an LLM without a chat template, in the prompts BLIP-2-style models are
-    trained with: each turn is `format_question(text)` (an image alone: `caption_prompt`), then
-    its reply, e.g. "Question: q1 Short answer: a1 Question: q2 Short answer:".
-
-    One image with one question renders exactly `format_question(question)`; otherwise image
-    markers are left out, so every image of the conversation goes in front, as BLIP-2 saw them.
-    """
-    pieces = []
-    for turn in turns:
-        text = " ".join(p["text"] for p in turn.parts if p.get("type") == "text").strip()
-        piece = format_question(text) if text else caption_prompt
-        if turn.reply is not None:
-            piece = f"{piece} {turn.reply.strip()}".strip()
-        pieces.append(piece)
-    prompt = " ".join(p for p in pieces if p)
-    single = len(turns) == 1 and len(turns[0].images) == 1
-    if not single:
-        prompt = prompt.replace(image_token, "")
-    if system_prompt and system_prompt.strip():
-        prompt = f"{system_prompt.strip()}\n{prompt}"
-    return prompt
-
-
 def render_prompt(processor, turns: list[Turn], system_prompt: str | None = None) -> str:
-    """The exact prompt text the model reads for `turns` (the chat page's and the API's rule).
-
-    With a chat template: the template, an `<image>` marker where each image was sent.
-    Without one (official BLIP-2/InstructBLIP LLMs): the prompts the model was trained with
-    (`processor.format_question`, `processor.caption_prompt`), no markers, so the processor
-    puts the images in front, before BOS, as BLIP-2 saw them. A last message with neither text
-    nor an image is a `VLMError` (an image alone gets the caption prompt).
+    """The exact prompt text the model reads for `turns`: `processor.format_chat`, the rule training
+    and eval use too (the chat template; without one, the question chain the checkpoint was trained
+    with, images in front). A last message with neither text nor an image is a `VLMError` (an
+    image alone gets the caption prompt).
     """
     marker = processor.image_token
     check_no_marker(turns, system_prompt, marker)
@@ -150,9 +117,7 @@ def render_prompt(processor, turns: list[Turn], system_prompt: str | None = None
     if not last.images and not any(p.get("text", "").strip() for p in last.parts if p.get("type") == "text"):
         # Nothing to answer: without a template the prompt would be empty (no token to start from).
         raise VLMError("the message is empty: send some text or an image")
-    if processor.has_chat_template:
-        return processor.format_chat(turns_to_messages(turns, system_prompt))
-    return plain_prompt(turns, processor.format_question, processor.caption_prompt or "", marker, system_prompt)
+    return processor.format_chat(turns_to_messages(turns, system_prompt))
 
 
 def check_no_marker(turns: list[Turn], system_prompt: str | None, marker: str) -> None:

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from vlm.data import image_key, open_example_images
 from vlm.errors import VLMError
-from vlm.processing import VLMProcessor
+from vlm.processing import LITERAL_START, VLMProcessor
 
 IGNORE_INDEX = -100
 
@@ -70,30 +70,38 @@ def encode_example(example, processor: VLMProcessor, images: list[Image.Image] |
                    max_length: int) -> dict[str, Any]:
     """`input_ids`, `labels` (IGNORE_INDEX off-target) and, with images, `pixel_values` (+ Q-Former ids).
 
-    `images` empty (or None) is a text-only sample (LLaVA data has them): no image tokens, no
+    The whole text is tokenized once, by the processor, as inference tokenizes a prompt: the ids
+    before each target are exactly the ids `vlm chat`, `vlm serve` and `vlm caption` feed for the
+    same conversation (targets are located by tokenizing the text up to each one). `images`
+    empty (or None) is a text-only sample (LLaVA data has them): no image tokens, no
     `pixel_values`. Each image goes where its `<image>` marker is, in whichever turn that is; with
-    no marker (one image) it goes in front of the prompt, as the processor places it at inference.
+    no marker it goes in front of the prompt, as the processor places it at inference.
     """
     images = [] if images is None else [images] if isinstance(images, Image.Image) else list(images)
     segments = render_segments(example, processor)
     check_image_markers(example, segments, processor, num_images=len(images))
+    text, targets = _join_segments(segments)
     marker = processor.image_token
-    in_front = len(images) if not any(marker in text for text, _ in segments) else 0
-    input_ids, labels, qformer_rows = [], [], []
-    text_so_far = ""
-    for k, (text, carries_loss) in enumerate(segments):
-        if k and carries_loss and text_so_far and not text_so_far[-1].isspace() and not text.startswith((" ", "\n")):
-            text = " " + text  # "a photo of" + " a cat", as generation would continue it
-        # The processor lays out the image tokens exactly as `vlm caption` / `vlm chat` do.
-        enc = processor(text=text, images_per_text=[text.count(marker) or (in_front if k == 0 else 0)],
-                        add_special_tokens=k == 0)
-        ids = enc["input_ids"][0].tolist()
-        qformer_rows += enc["qformer_input_ids"].tolist() if "qformer_input_ids" in enc else []
-        input_ids += ids
-        labels += [t if carries_loss and t != processor.image_token_id else IGNORE_INDEX for t in ids]
-        text_so_far += text
+
+    def encode(prefix: str) -> list[int]:
+        count = prefix.count(marker) if marker in text else len(images)  # no markers: all images in front
+        return processor(text=prefix, images_per_text=[count])["input_ids"][0].tolist()
+
+    reads_text = images and processor.qformer_tokenizer is not None
+    enc = processor(text=text, images_per_text=[len(images)],
+                    qformer_text=_instructions(text, targets, processor, len(images)) if reads_text else None)
+    input_ids = enc["input_ids"][0].tolist()
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for start, end in targets:
+        before, through = encode(text[:start]), encode(text[:end])
+        if input_ids[:len(through)] != through or through[:len(before)] != before:
+            raise VLMError(f"{example.source}: the prompt does not tokenize the same alone as inside the whole "
+                           "conversation; cannot tell the targets apart")
+        labels[len(before):len(through)] = [t if t != processor.image_token_id else IGNORE_INDEX
+                                            for t in through[len(before):]]
+    qformer_rows = enc["qformer_input_ids"].tolist() if "qformer_input_ids" in enc else []
     tokenizer = processor.tokenizer
-    if example.task != "chat" or tokenizer.eos_token not in text_so_far:
+    if example.task != "chat" or tokenizer.eos_token not in text.replace(LITERAL_START + tokenizer.eos_token, ""):
         input_ids.append(tokenizer.eos_token_id)
         labels.append(tokenizer.eos_token_id)
     if len(input_ids) > max_length:
@@ -109,6 +117,32 @@ def encode_example(example, processor: VLMProcessor, images: list[Image.Image] |
         out["pixel_values"] = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         if qformer_rows:
             out["qformer_input_ids"] = qformer_rows
+    return out
+
+
+def _join_segments(segments: list[tuple[str, bool]]) -> tuple[str, list[tuple[int, int]]]:
+    """The whole text, and the (start, end) character span of each target in it. A target that
+    would touch the prompt's last word gets a space ("a photo of" + " a cat"), as generation
+    would continue it."""
+    text, targets = "", []
+    for k, (piece, carries_loss) in enumerate(segments):
+        if k and carries_loss and text and not text[-1].isspace() and not piece.startswith((" ", "\n")):
+            piece = " " + piece
+        if carries_loss:
+            targets.append((len(text), len(text) + len(piece)))
+        text += piece
+    return text, targets
+
+
+def _instructions(text: str, targets: list[tuple[int, int]], processor: VLMProcessor, num_images: int) -> list[str]:
+    """What an InstructBLIP-style Q-Former reads for each image: the prompt up to the first target
+    after the image (never a target itself), as at inference, where it reads the prompt."""
+    marker = processor.image_token
+    places = [i for i in range(len(text)) if text.startswith(marker, i)] or [0] * num_images
+    out = []
+    for place in places:
+        end = next((start for start, _ in targets if start >= place), len(text))
+        out.append(processor.qformer_instruction(text[:end]))
     return out
 
 

@@ -95,23 +95,42 @@ class VLMProcessor(ProcessorMixin):
         return bool(self.chat_template or getattr(self.tokenizer, "chat_template", None))
 
     def format_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render a conversation to prompt text, an `<image>` marker where each image was sent.
+        """Render a conversation to prompt text: the one rule for training, eval and serving.
 
-        `messages` are `{"role": ..., "content": str | [{"type": "image"}, {"type": "text",
-        "text": ...}]}`. Uses the LLM's chat template when it has one; otherwise a plain
-        `User:`/`Assistant:` transcript.
+        `messages` are `{"role": "system" | "user" | "assistant", "content": str | [{"type":
+        "image"}, {"type": "text", "text": ...}]}`. With the LLM's chat template: the template, an
+        `<image>` marker where each image was sent. Without one: `question_chain`.
         """
+        if not self.has_chat_template:
+            return self.question_chain(messages)
         flat = [{"role": m["role"], "content": self.literal(_content_to_text(m["content"], self.image_token))}
                 for m in messages]
-        if self.has_chat_template:
-            template = self.chat_template or self.tokenizer.chat_template
-            return self.tokenizer.apply_chat_template(
-                flat, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
-            )
-        lines = [f"{m['role'].capitalize()}: {m['content']}" for m in flat]
-        if add_generation_prompt:
-            lines.append("Assistant:")
-        return "\n".join(lines)
+        template = self.chat_template or self.tokenizer.chat_template
+        return self.tokenizer.apply_chat_template(
+            flat, chat_template=template, add_generation_prompt=add_generation_prompt, tokenize=False
+        )
+
+    def question_chain(self, messages: Sequence[dict[str, Any]]) -> str:
+        """A conversation for an LLM without a chat template, in the prompts BLIP-2-style models are
+        trained with (this checkpoint's `question_template` and `caption_prompt`, saved with it):
+        each user turn is its text in the question template (an image alone: the caption prompt),
+        each assistant turn follows after a space, so one question about one image is exactly
+        `format_question(question)`, and a conversation reads "Question: q1 Short answer: a1
+        Question: q2 Short answer:". Images get no markers: they all go in front, as BLIP-2 saw
+        them. System text comes first, on a line of its own."""
+        template = self.question_template or DEFAULT_QUESTION_TEMPLATE
+        system, pieces = [], []
+        for m in messages:
+            text = _content_to_text(m["content"], self.image_token).replace(self.image_token, "").strip()
+            text = self.literal(text)
+            if m["role"] == "system":
+                system.append(text)
+            elif m["role"] == "user":
+                pieces.append(template.format(text) if text else self.caption_prompt or "")
+            else:
+                pieces.append(text)
+        chain = " ".join(piece for piece in pieces if piece)
+        return "\n".join([*system, chain]) if system else chain
 
     def format_question(self, question: str) -> str:
         """The prompt for one question about one image (image in front, BLIP-2 style)."""
