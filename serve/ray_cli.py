@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import re
 
+from vlm.errors import VLMError
+
 from .batch_run import positive
 
 # host:port, [v6]:port, ray://host:port, or the words Ray itself understands.
@@ -64,6 +66,17 @@ def ray_main(parser: argparse.ArgumentParser, args: argparse.Namespace, command:
         parser.error("--out is required with --ray (a folder for the shards)")
     if getattr(args, "format", None) not in (None, "jsonl"):
         parser.error(f"--ray writes shards (--shard-format jsonl or parquet), not --format {args.format}")
+    import_ray()  # before anything heavy: without the extra, --ray is one line
     from .ray_run import run
 
     return run(args, command)
+
+
+def import_ray():
+    """The `ray` module with Ray Data, or a one-line error naming the extra to install."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise VLMError("--ray needs Ray Data, an optional extra: pip install 'vlm[ray]'") from None
+    return ray

@@ -36,16 +36,6 @@ from .pairs import PairBuilder
 DEFAULT_SHARD_SIZE = 1000
 
 
-def import_ray():
-    """The `ray` module with Ray Data, or a one-line error naming the extra to install."""
-    try:
-        import ray
-        import ray.data  # noqa: F401
-    except ImportError:
-        raise VLMError("--ray needs Ray Data, an optional extra: pip install 'vlm[ray]'") from None
-    return ray
-
-
 class _CaptionKeys:
     """`BatchBuilder.key` without a processor: a row's identity depends only on --question."""
 
@@ -139,8 +129,10 @@ def plan(args: argparse.Namespace, job: Job, done: set[tuple]) -> tuple[list[dic
 
 
 def run(args: argparse.Namespace, command: str) -> int:
-    """`vlm caption --ray` / `vlm score --ray`: returns the exit status."""
-    ray = import_ray()
+    """`vlm caption --ray` / `vlm score --ray`: returns the exit status (`ray_cli` checked that
+    Ray Data imports)."""
+    import ray
+    import ray.data  # noqa: F401
     check_ray_inputs(args.inputs)
     # One run per folder (the one-machine lock, on a file inside it): two would both do all the work.
     lock = hold_output(prepare_folder(args.out), None, f"vlm {command} --ray")
