@@ -63,6 +63,21 @@ def test_wheel_installs_one_package_with_the_presets(wheel):
     assert "[vlm.datasets]\neasyvqa = vlm.demo:easyvqa_data" in text
 
 
+def test_pyproject_lists_every_package_of_the_checkout():
+    """A package missing from [tool.setuptools] packages installs without its files (vlm.engine once
+    did: a wheel built from a fresh venv had no vlm/engine/); a stale egg-info can hide it from a
+    wheel built here, so the list itself is checked."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    homes = {"vlm": ROOT / "vlm", "vlm.train": ROOT / "train", "vlm.serve": ROOT / "serve",
+             "vlm.configs": ROOT / "configs"}
+    for name, folder in homes.items():
+        for init in folder.rglob("__init__.py"):
+            package = ".".join([name, *init.parent.relative_to(folder).parts])
+            assert package in listed, f"{init.parent} is not installed: add {package!r} to pyproject's packages"
+
+
 def test_print_config_of_a_preset_works_outside_the_checkout(tmp_path):
     result = subprocess.run([sys.executable, "-m", "vlm.cli", "train", "--print-config", "lora", "lora.r=4"],
                             cwd=tmp_path, capture_output=True, text=True, timeout=120,
