@@ -170,7 +170,8 @@ class Scorer:
                  device: str | None = None, dtype: str | None = None, num_threads: int | None = None,
                  workdir: str | None = None):
         setup_process(num_threads, workdir)
-        self.model, processor = load_scorer(types.SimpleNamespace(model=model, dtype=dtype), device)
+        flags = types.SimpleNamespace(model=model, device=device, dtype=dtype, quantization=None)  # as `vlm score`'s
+        self.model, processor = load_scorer(flags, device)
         self.tokenizer = processor.qformer_tokenizer
         self.builder = SourcePairBuilder(processor, list(texts or []))
         self.batch_size = batch_size
