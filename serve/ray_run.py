@@ -122,7 +122,7 @@ def plan(args: argparse.Namespace, job: Job, done: set[tuple]) -> tuple[list[dic
     """(chunks of pending work as Ray rows, items skipped as done or repeated)."""
     pending = PendingBatches(args.inputs, done, args.shard_size or DEFAULT_SHARD_SIZE, job.key,
                              expand=job.expand, listing=list_inputs)
-    chunks = [{"shard": shard_name([job.key(item) for item in items]),
+    chunks = [{"shard": shard_name([job.key(item) for item in items]), "size": len(items),
                "items": json.dumps([dataclasses.asdict(item) for item in items], ensure_ascii=False)}
               for items in pending]
     return chunks, pending.skipped_done
@@ -195,8 +195,7 @@ def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         job.actor, batch_size=1, fn_constructor_kwargs=job.kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=num_cpus, num_gpus=num_gpus or None)
-    total = sum(len(json.loads(c["items"])) for c in chunks)
-    bar = tqdm(total=total, unit=summary.unit[:-1] if summary.unit.endswith("s") else summary.unit,
+    bar = tqdm(total=sum(c["size"] for c in chunks), unit=summary.unit[:-1] if summary.unit.endswith("s") else summary.unit,
                desc=f"ray x{actors}", disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
     try:
         for row in ds.iter_rows():
