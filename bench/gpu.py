@@ -530,6 +530,7 @@ def caption_seconds(ctx: Context, checkpoint: Path, pictures: list[Path], batch:
     listing.write_text("".join(f"{p}\n" for p in pictures))
     argv = [str(listing), "--out", str(ctx.tmp / f"captions-{batch}-{len(pictures)}.jsonl"), "--model",
             str(checkpoint), "--batch-size", str(batch), "--max-new-tokens", str(new_tokens), "--dtype", "bfloat16",
+            "--quantization", "none",  # as the bf16 reference: the 2.7B LLM would load in 4-bit by default on CUDA
             "--device", ctx.device, "--no-progress", "--overwrite", "--prompt", "a photo of"]
     summary = caption.run(caption.build_parser().parse_args(argv), "jsonl")
     if summary.done != len(pictures) or summary.errors:

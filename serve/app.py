@@ -21,7 +21,7 @@ from vlm.errors import VLMError
 
 from vlm.engine import EngineFailed, GenerationSettings, RequestFailed
 
-from .conversation import NOTICE_PREFIX, history_to_turns, new_turn
+from .conversation import NOTICE_PREFIX, history_to_turns, new_turn, note
 from .frontend import ChatFrontend
 from .uploads import check_count
 
@@ -101,7 +101,8 @@ def make_respond(frontend: ChatFrontend):
         finally:
             stream.cancel()  # the page's stop button or a client that went away ends this reply only
         if stream.completion is not None and stream.completion.warning:
-            gr.Warning(stream.completion.warning[0].upper() + stream.completion.warning[1:] + ".")
+            reply += note(stream.completion.warning)  # kept in the conversation, beside the answer
+            yield reply
         if not reply.strip():
             yield notice("The model produced no text for this message; try rephrasing or a higher temperature.")
 

@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 
 from vlm.errors import VLMError
+from vlm.load_policy import add_load_arguments
 
 from .writers import CSV_FIELDS, CsvWriter, JsonlWriter, TxtWriter, check_folder, merge_parts, part_paths, read_done
 
@@ -40,15 +41,11 @@ def fraction(text: str) -> float:
 
 def add_run_arguments(p: argparse.ArgumentParser, batch_default: int, what: str) -> None:
     """The flags every batch command has (`what`: the thing a row is about, for the help)."""
-    p.add_argument("--model", help="checkpoint folder, hub id or registered name (default: the offline demo model)")
+    add_load_arguments(p)
     p.add_argument("--batch-size", type=positive, default=batch_default,
                    help=f"{what} per model call (default {batch_default})")
     p.add_argument("--num-workers", type=non_negative, default=None,
                    help="processes decoding and resizing images (default: min(4, CPUs - 1); 0 = inline)")
-    p.add_argument("--device", help="cuda, cuda:1, cpu (default: CUDA when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU; "
-                        "bfloat16 is faster on CPUs with AVX512-BF16/AMX, but results can differ from fp32 ones)")
     p.add_argument("--max-error-rate", type=fraction, default=0.5, metavar="F",
                    help=f"exit non-zero when more than this fraction of the run's {what} fail (default 0.5)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -80,7 +80,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_arguments(p, batch_default=16, what="images")
     p.add_argument("--max-new-tokens", type=positive, default=30, help="longest caption in tokens (default 30)")
     p.add_argument("--num-beams", type=positive, default=1, help="beam search width; 1 = greedy (default)")
-    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], help="load the LLM in 4-bit or 8-bit")
     p.add_argument("--overwrite", action="store_true",
                    help="start --out afresh instead of resuming; with --format txt, replace caption files")
     add_ray_arguments(p)
@@ -118,7 +117,7 @@ def run(args: argparse.Namespace, fmt: str) -> Summary:
 
 def _run_locked(args: argparse.Namespace, fmt: str, rank: int, world: int, state) -> Summary:
     from vlm.engine import GenerationSettings, InferenceEngine
-    from vlm.loading import load_pretrained
+    from vlm.load_policy import load_from_args
 
     from .pipeline import BatchBuilder, PendingBatches
 
@@ -126,7 +125,8 @@ def _run_locked(args: argparse.Namespace, fmt: str, rank: int, world: int, state
     writer = make_writer(fmt, part_path(args.out, rank) if (world > 1 and args.out) else args.out,
                          args.overwrite, part=world > 1)
     device = args.device or (str(state.device) if state is not None else None)
-    model, processor = load_pretrained(args.model, quantization=args.quantization, device=device, dtype=args.dtype)
+    loaded = load_from_args(args, device)
+    model, processor = loaded.model, loaded.processor
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
     builder = BatchBuilder(processor, prompt=args.prompt, question=args.question, allow_questions=fmt != "txt",
                            settings=settings)

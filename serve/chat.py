@@ -140,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from .api import make_app
     from .app import build_app, offline_theme
-    from .loader import load_for_serving
 
-    loaded = load_for_serving(args)
+    from vlm.load_policy import load_from_args
+
+    loaded = load_from_args(args)
     settings = settings_for(args, loaded)
     engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.concurrency,
                              max_waiting=args.max_queue, adapter_for_text=args.adapter_for_text)

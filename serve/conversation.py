@@ -16,8 +16,15 @@ from typing import Any
 from vlm.errors import VLMError
 
 # Assistant replies that start with this are our own error notes, not model output: the turn
-# that produced one is left out of what the model sees next time.
+# that produced one is left out of what the model sees next time. A note after an answer (a
+# warning about the image) follows NOTE_SEPARATOR and is cut off the reply the same way.
 NOTICE_PREFIX = "⚠️ "
+NOTE_SEPARATOR = "\n\n" + NOTICE_PREFIX
+
+
+def note(text: str) -> str:
+    """`text` as a note after an answer (what the model never sees in later turns)."""
+    return f"{NOTE_SEPARATOR}{text[:1].upper()}{text[1:]}."
 
 
 @dataclass
@@ -80,7 +87,7 @@ def history_to_turns(history: list[dict[str, Any]]) -> list[Turn]:
                     current.parts.append({"type": "text", "text": text})
         elif role == "assistant" and current is not None:
             text = "".join(t for t in (_text(p) for p in parts) if t)
-            current.reply = (current.reply or "") + text
+            current.reply = (current.reply or "") + text.split(NOTE_SEPARATOR, 1)[0]
     return [t for t in turns if t.parts and not (t.reply or "").startswith(NOTICE_PREFIX)]
 
 

@@ -106,9 +106,10 @@ def score_rows(model, tokenizer, batch: ScoreBatch) -> list[dict]:
 
 def load_scorer(args: argparse.Namespace, device: str | None):
     """The model and its Q-Former tokenizer; a VLMError for a model without the stage-1 heads."""
-    from vlm.loading import load_pretrained
+    from vlm.load_policy import load_from_args
 
-    model, processor = load_pretrained(args.model, device=device, dtype=args.dtype)
+    loaded = load_from_args(args, device)
+    model, processor = loaded.model, loaded.processor
     if not model.config.has_image_text_heads or getattr(processor, "qformer_tokenizer", None) is None:
         raise VLMError(f"{args.model or 'the demo model'}: has no image-text (ITC/ITM) heads; score with a "
                        "Blip2ForImageTextRetrieval checkpoint or a `vlm train --recipe stage1` output")

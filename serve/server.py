@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from vlm.errors import VLMError
+from vlm.load_policy import add_load_arguments, load_from_args
 
 from .body import BODY_TIMEOUT_S
 from .uploads import MAX_DECODING_PIXELS, MAX_REQUEST_PIXELS, REMOTE_TIMEOUT_S
@@ -45,17 +46,10 @@ def is_loopback(host: str) -> bool:
 
 
 def add_model_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
-    """Flags `vlm serve` and `vlm chat` share: the model, the address, the engine's limits."""
-    p.add_argument("--model", default=None, help="checkpoint folder, hub id or registered name (vlm, BLIP-2, "
-                   "InstructBLIP or a LoRA adapter folder); default: the offline demo model")
+    """Flags `vlm serve` and `vlm chat` share: the model (`add_load_arguments`), the address, the limits."""
+    add_load_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=default_port, help=f"port (default {default_port})")
-    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu... (default: CUDA when available)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="weights dtype (default: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on CPU)")
-    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], default=None,
-                   help="quantize the LLM with bitsandbytes (default: 4-bit NF4 on CUDA for LLMs of 1B+ parameters, "
-                        "none otherwise; the startup line says which)")
     p.add_argument("--api-key", default=None, metavar="KEY",
                    help="require `Authorization: Bearer KEY` on /v1 (required when --host is not loopback)")
     p.add_argument("--allow-remote-images", action="store_true",
@@ -180,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `vlm serve`."""
     args = build_parser().parse_args(argv)  # first: --help and flag errors need no torch
     from .api import make_app
-    from .loader import load_for_serving
 
     check_exposure(args)
     check_limits(args)
@@ -189,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             raise VLMError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     sock = bind(args.host, args.port)  # fail on a taken port before the (slow) model load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    loaded = load_for_serving(args)
+    loaded = load_from_args(args)
     from vlm.engine import InferenceEngine
 
     engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.max_batch_size,

@@ -96,7 +96,7 @@ def direct_greedy(reference, messages, images, max_new_tokens) -> str:
 
 # -- tests ------------------------------------------------------------------------------------------
 def test_second_turn_sees_first_turns_image(server, reference, pictures):
-    q1, q2 = "what colour is the shape?", "describe the image."
+    q1, q2 = "what colour is the shape?", "and its shape?"  # a question the random tiny model answers
     a = client_for(server)
     r1 = ask(a, q1, [pictures[0]], max_new_tokens=6)
     r2 = ask(a, q2, max_new_tokens=10)  # no file: refers to the first turn's image

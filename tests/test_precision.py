@@ -136,7 +136,7 @@ def test_missing_bitsandbytes_is_one_line_naming_the_extra(wide_vlm_dir, monkeyp
 
 
 def test_serving_quantizes_only_large_llms_on_cuda(wide_vlm_dir):
-    from vlm.serve.loader import default_quantization, llm_parameters
+    from vlm.load_policy import default_quantization, llm_parameters
 
     full, _ = load_pretrained(str(wide_vlm_dir), device="cpu")
     assert llm_parameters(str(wide_vlm_dir)) == sum(p.numel() for p in full.language_model.parameters())

@@ -16,6 +16,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlm.load_policy import add_load_arguments
 from vlm.errors import VLMError
 from vlm.metrics import K_TEST
 
@@ -39,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         "print them. Data: any format `vlm train` reads (COCO/Karpathy captions, VQAv2 "
         "questions[,annotations], JSONL/CSV rows, a datasets folder, an imagefolder).",
     )
-    p.add_argument("--model", help="checkpoint folder or hub id (default: the demo model)")
+    add_load_arguments(p)
     p.add_argument("--data", required=True, help="data file or folder (for VQAv2: QUESTIONS.json[,ANNOTATIONS.json])")
     p.add_argument("--task", required=True, choices=["caption", "vqa", "chat", "retrieval"],
                    help="what to score (chat: the last assistant turn of each conversation, given the turns "
@@ -59,9 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-new-tokens", type=int, help="default: 8 for captions, 0 for VQA")
     p.add_argument("--num-beams", type=int, help="beam width (default: 5; 1 is greedy)")
     p.add_argument("--length-penalty", type=float, help="beam length penalty (default: 1 for captions, -1 for VQA)")
-    p.add_argument("--quantization", choices=["4bit", "8bit", "none"], help="load the LLM in 4/8-bit (needs a GPU or bnb CPU)")
-    p.add_argument("--device", help="cuda, cuda:1, cpu... (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on GPU, fp32 on CPU")
     return p
 
 
@@ -221,13 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.limit:
         samples, references = samples[: args.limit], references[: args.limit]
 
-    from vlm import load_pretrained
+    from vlm.load_policy import load_from_args
 
     started = time.perf_counter()
-    model, processor = load_pretrained(
-        args.model, quantization=args.quantization,
-        device=args.device, dtype=args.dtype,
-    )
+    loaded = load_from_args(args)
+    model, processor = loaded.model, loaded.processor
     predictions = predict(model, processor, samples, args.task, args.batch_size, gen_kwargs)
     metrics, records = score(args.task, samples, references, predictions)
     if args.out:
@@ -249,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def evaluate_retrieval(args: argparse.Namespace, examples) -> int:
     """`--task retrieval`: recall both ways (see `retrieval.py`), printed as the JSON summary."""
-    from vlm import load_pretrained
+    from vlm.load_policy import load_from_args
 
     from .retrieval import retrieval_metrics
 
@@ -257,7 +253,8 @@ def evaluate_retrieval(args: argparse.Namespace, examples) -> int:
         raise VLMError(f"--k-test must be at least 1, got {args.k_test}")
     samples = list(examples)[: args.limit] if args.limit else list(examples)
     started = time.perf_counter()
-    model, processor = load_pretrained(args.model, device=args.device, dtype=args.dtype)
+    loaded = load_from_args(args)
+    model, processor = loaded.model, loaded.processor
     if not model.config.has_image_text_heads or getattr(processor, "qformer_tokenizer", None) is None:
         raise VLMError(f"{args.model or 'the demo model'}: has no image-text (ITC/ITM) heads for --task retrieval")
     metrics = retrieval_metrics(model, processor, samples, k_test=args.k_test, batch_size=args.batch_size)

@@ -6,6 +6,7 @@ import importlib
 import logging
 import os
 import sys
+import warnings
 
 from .errors import VLMError
 
@@ -21,17 +22,32 @@ SUBCOMMANDS = {
     "build": ("vlm.build", "compose a new model from a vision tower, an LLM and a Q-Former init"),
 }
 
-USAGE = "usage: vlm [--debug] {" + ",".join(SUBCOMMANDS) + "} ...\n\n" + "\n".join(
+USAGE = "usage: vlm [--debug] [--verbose] {" + ",".join(SUBCOMMANDS) + "} ...\n\n" + "\n".join(
     f"  {name:<8} {help_}" for name, (_, help_) in SUBCOMMANDS.items()
-) + "\n\nRun `vlm COMMAND --help` for a command's options. --debug shows tracebacks."
+) + ("\n\nRun `vlm COMMAND --help` for a command's options. --debug shows tracebacks; --verbose shows the "
+     "libraries' own warnings and logs.")
+# Libraries whose warnings and log chatter (deprecations, optional kernels they could not load)
+# say nothing a user of `vlm` can act on.
+QUIET_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "httpx", "httpcore", "urllib3")
+
+
+def quiet_libraries() -> None:
+    """Keep third-party warnings and logs off stderr (shown again with --verbose)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for category in (FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(?!vlm)")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `vlm` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    debug = "--debug" in argv
-    if debug:
-        argv.remove("--debug")
+    debug, verbose = "--debug" in argv, "--verbose" in argv
+    for flag in ("--debug", "--verbose"):
+        if flag in argv:
+            argv.remove(flag)
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
@@ -39,10 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"vlm: unknown command {name!r}\n\n{USAGE}", file=sys.stderr)
         return 2
-    if not debug:
-        # Library chatter (load reports, deprecation notes) hides the one line that matters.
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+    if not (debug or verbose):
+        quiet_libraries()  # library chatter (load reports, deprecation notes) hides the line that matters
     try:
         module = importlib.import_module(SUBCOMMANDS[name][0])
         return int(module.main(rest) or 0)

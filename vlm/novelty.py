@@ -30,10 +30,16 @@ def pooled(vision_features: torch.Tensor) -> torch.Tensor:
 
 
 class NoveltyDetector:
-    """Mahalanobis distance of an image's pooled vision features to the training images'."""
+    """Mahalanobis distance of an image's pooled vision features to the training images'.
 
-    def __init__(self, mean: torch.Tensor, precision: torch.Tensor, threshold: float, images: int):
+    `answer`: what the model says instead of answering about an image beyond the threshold (a
+    model that knows one narrow kind of picture, such as the demo's coloured shapes, says so rather
+    than invent); None (the default for fine-tunes): it answers, and the reply carries the warning."""
+
+    def __init__(self, mean: torch.Tensor, precision: torch.Tensor, threshold: float, images: int,
+                 answer: str | None = None):
         self.mean, self.precision, self.threshold, self.images = mean, precision, float(threshold), int(images)
+        self.answer = answer or None
 
     @classmethod
     def fit(cls, features: torch.Tensor) -> NoveltyDetector:
@@ -67,14 +73,15 @@ class NoveltyDetector:
         return (self.distances(pooled(vision_features)) > self.threshold).tolist()
 
     def to(self, device) -> NoveltyDetector:
-        return NoveltyDetector(self.mean.to(device), self.precision.to(device), self.threshold, self.images)
+        return NoveltyDetector(self.mean.to(device), self.precision.to(device), self.threshold, self.images,
+                               self.answer)
 
     # -- files ---------------------------------------------------------------------------------------
     def save(self, folder: str | os.PathLike) -> Path:
         path = Path(folder) / NOVELTY_FILE
         save_file({"mean": self.mean.contiguous(), "precision": self.precision.contiguous()}, path,
                   metadata={"threshold": repr(self.threshold), "images": str(self.images),
-                            "percentile": repr(PERCENTILE), "margin": repr(MARGIN)})
+                            "percentile": repr(PERCENTILE), "margin": repr(MARGIN), "answer": self.answer or ""})
         return path
 
     @classmethod
@@ -88,4 +95,5 @@ class NoveltyDetector:
         with safe_open(str(path), "pt") as f:
             metadata = f.metadata()
         tensors = load_file(path)
-        return cls(tensors["mean"], tensors["precision"], float(metadata["threshold"]), int(metadata["images"]))
+        return cls(tensors["mean"], tensors["precision"], float(metadata["threshold"]), int(metadata["images"]),
+                   metadata.get("answer") or None)

@@ -18,6 +18,7 @@ from ..novelty import WARNING as NOVELTY_WARNING
 from .adapters import AdapterRouting
 from .encode import Encoder
 from .request import Completion, Request
+from .sampling import final_text
 
 
 class OutOfMemory(VLMError):
@@ -135,6 +136,8 @@ class BatchGenerator:
         for completion, unlike in zip(completions, novel):
             if unlike:
                 completion.warning = NOVELTY_WARNING
+                if self.encoder.novel_answer:  # the same answer the running batch gives (`engine.py`)
+                    completion.text, completion.finish_reason = self.encoder.novel_answer, "stop"
         return completions
 
     def _completion(self, ids: list[int], prompt_tokens: int, settings, max_new_tokens: int) -> Completion:
@@ -143,16 +146,14 @@ class BatchGenerator:
         stops = set(self.stop_token_ids)
         end = next((i for i, t in enumerate(ids) if t in stops), None)
         kept = ids if end is None else ids[:end]
-        text = self.processor.tokenizer.decode(kept, skip_special_tokens=True).strip()
-        cut = min((text.find(s) for s in settings.stop if s in text), default=-1)
-        if cut >= 0:  # OpenAI's convention: the stop string is not part of the text
-            text = text[:cut].strip()
+        text, stopped = final_text(self.processor.tokenizer.decode(kept, skip_special_tokens=True), settings.stop)
+        if stopped:
             # The row stopped at its stop string; what follows is padding `generate` added while
             # other rows went on (an EOS where the pad token is EOS): not this row's tokens.
             completion_tokens = len(_strip_padding(kept, self.processor.tokenizer.pad_token_id))
         else:
             completion_tokens = len(kept) + (end is not None)
-        reason = "length" if end is None and cut < 0 and len(ids) >= max_new_tokens else "stop"
+        reason = "length" if end is None and not stopped and len(ids) >= max_new_tokens else "stop"
         return Completion(text, reason, prompt_tokens=int(prompt_tokens), completion_tokens=completion_tokens)
 
 

@@ -24,6 +24,7 @@ from ..novelty import WARNING as NOVELTY_WARNING
 from .adapters import AdapterRouting
 from .encode import Encoded
 from .request import Completion, GenerationSettings, Stream
+from .sampling import Sampler, find_stop
 
 REPLACEMENT_CHAR = "\ufffd"  # a byte-level token that ends inside a UTF-8 character decodes to this
 
@@ -50,41 +51,24 @@ class Sequence:
         self._read = 0
         self.stopped = False  # by a stop token or a stop string (finish reason "stop", not "length")
         self.stop_token_seen = False  # the model generated a stop token: it counts as generated
-        self.generator = None
-        if self.settings.seed is not None and not self.settings.greedy:
-            self.generator = torch.Generator().manual_seed(self.settings.seed)
+        self.sampler = Sampler(self.settings, stop_token_ids)
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.encoded.input_ids)
 
-    # -- sampling ----------------------------------------------------------------------------------
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits `(vocab,)`, float32, on the CPU."""
-        settings = self.settings
-        if len(self.tokens) < settings.min_new_tokens:
-            logits[self.stop_token_ids] = -float("inf")
-        if settings.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / settings.temperature
-        if settings.top_k:
-            kth = torch.topk(logits, min(settings.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        if settings.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-            drop = cumulative - torch.softmax(sorted_logits, dim=-1) >= settings.top_p  # keep the first over top_p
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -float("inf"))
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return self.sampler.choose(logits, len(self.tokens))
 
     # -- stopping and streaming ----------------------------------------------------------------
     def accept(self, token: int) -> bool:
         """Record `token` and stream the text that is final; True when the sequence is done.
 
-        The streamed pieces add up to the completion's text, which is the decoded tokens as
-        generated (not stripped: a chat history must hold what the model said); text that could
-        still turn into a stop string, or ends inside a character, is held back."""
+        The streamed pieces add up to the completion's text (`sampling.final_text`: cut before a
+        stop string, no leading or trailing whitespace, as offline batches give it); text that
+        could still turn into a stop string or end up trailing whitespace, or that ends inside a
+        character, is held back."""
         if token in self.stop_token_ids:
             self.stopped = self.stop_token_seen = True
             self._extend(final=True)
@@ -96,11 +80,16 @@ class Sequence:
             return self._finish()
         if at_limit:
             return self._finish()
-        final = len(self.text) - max((len(s) - 1 for s in self.settings.stop), default=0)
-        if final > self.sent:
-            self.stream.push(self.text[self.sent:final])
-            self.sent = final
+        held = max((len(s) - 1 for s in self.settings.stop), default=0)
+        self._push(min(len(self.text) - held, len(self.text.rstrip())))
         return False
+
+    def _push(self, end: int) -> None:
+        """Stream `text` up to `end`, leading whitespace left out."""
+        start = max(self.sent, len(self.text) - len(self.text.lstrip()))
+        if end > start:
+            self.stream.push(self.text[start:end])
+            self.sent = end
 
     def _extend(self, final: bool) -> bool:
         """Append the text the new tokens complete to `text`, cut at a stop string; True when one
@@ -108,10 +97,10 @@ class Sequence:
         start = len(self.text)
         self.text += self._new_text(final)
         # Only a stop string that ends in the new text can be new (an earlier one ended the sequence).
-        cuts = [i for s in self.settings.stop if (i := self.text.find(s, max(0, start - len(s) + 1))) >= 0]
-        if cuts:  # OpenAI's convention: the stop string is not part of the text
-            self.text = self.text[: min(cuts)]  # never before `sent`: the held-back tail covers it
-        return bool(cuts)
+        cut = find_stop(self.text, self.settings.stop, start)
+        if cut is not None:  # never before `sent`: the held-back tail covers it
+            self.text = self.text[:cut]
+        return cut is not None
 
     def _new_text(self, final: bool) -> str:
         """The text `tokens[_read:]` add, decoding only a window of recent tokens (decoding all
@@ -125,9 +114,7 @@ class Sequence:
         return after[len(before):]
 
     def _finish(self) -> bool:
-        if len(self.text) > self.sent:
-            self.stream.push(self.text[self.sent:])
-        self.sent = len(self.text)
+        self._push(len(self.text.rstrip()))
         return True
 
     def completion(self, reason: str | None = None, error: BaseException | None = None) -> Completion:
@@ -135,7 +122,7 @@ class Sequence:
             reason = "stop" if self.stopped else "length"
         generated = len(self.tokens) + self.stop_token_seen
         warning = NOVELTY_WARNING if self.encoded.novel else None
-        return Completion(self.text, reason, self.prompt_tokens, generated, error, warning)
+        return Completion(self.text.strip(), reason, self.prompt_tokens, generated, error, warning)
 
     def resume_inputs(self) -> tuple[list[int], int | None]:
         """What a (re-)prefill feeds the LLM, and the token pending for the next decode step:
@@ -245,7 +232,7 @@ class RunningBatch:
         greedy = torch.argmax(logits, dim=-1).tolist()
         chosen = []
         for i, seq in enumerate(self.seqs):
-            simple = seq.settings.greedy and len(seq.tokens) >= seq.settings.min_new_tokens
+            simple = seq.sampler.simple or (seq.settings.greedy and len(seq.tokens) >= seq.settings.min_new_tokens)
             chosen.append(greedy[i] if simple else seq.choose(logits[i]))
         return chosen
 

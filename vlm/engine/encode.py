@@ -44,6 +44,8 @@ class Encoder:
         # Training-image statistics loaded with the model (None: no warnings), and per image key
         # whether it is unlike them (bounded by MAX_NOVELTY_ENTRIES).
         self.novelty = getattr(model, "novelty", None)
+        # What the model says instead of answering about such an image (None: it answers, warned).
+        self.novel_answer = getattr(self.novelty, "answer", None)
         self._novel: OrderedDict[str, bool] = OrderedDict()
 
     @property

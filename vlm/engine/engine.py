@@ -29,6 +29,7 @@ import torch
 
 from ..errors import VLMError
 from .adapters import AdapterRouting
+from ..novelty import WARNING as NOVELTY_WARNING
 from .batches import BatchGenerator, OutOfMemory, free_memory
 from .cache import FeatureCache
 from .decode import RunningBatch, Sequence
@@ -141,14 +142,22 @@ class InferenceEngine:
     # -- offline -------------------------------------------------------------------------------
     def generate(self, requests: Iterable[Request], batch_size: int | None = None,
                  on_batch: Callable[[int], None] | None = None) -> list[Completion]:
-        """Completions for `requests`, in order, `batch_size` (default `max_batch_size`) per
-        `model.generate` call. `on_batch(n)` is called after each batch (progress bars)."""
+        """Completions for `requests`, in order. Greedy and beam-search requests run `batch_size`
+        (default `max_batch_size`) per `model.generate` call (transformers' own decoding); sampled
+        ones decode in the running batch, each with its own random generator, so a seeded request
+        gives the text `submit` gives, whatever its batch mates. `on_batch(n)` is called after each
+        batch (progress bars)."""
         requests = list(requests)
         size = batch_size or self.max_batch_size
         out: list[Completion | None] = [None] * len(requests)
+        sampled = {}
+        for i, request in enumerate(requests):
+            if request.settings.batchable and not request.settings.greedy:
+                sampled[i] = self._enqueue(Stream(request), bounded=False)
         groups: dict = {}
         for i, request in enumerate(requests):  # equal settings share batches, order kept within
-            groups.setdefault(request.settings, []).append(i)
+            if i not in sampled:
+                groups.setdefault(request.settings, []).append(i)
         for indices in groups.values():
             for start in range(0, len(indices), size):
                 chunk = indices[start:start + size]
@@ -160,6 +169,10 @@ class InferenceEngine:
                     out[i] = result
                 if on_batch is not None:
                     on_batch(len(chunk))
+        for i, stream in sampled.items():
+            out[i] = stream.result()
+        if sampled and on_batch is not None:
+            on_batch(len(sampled))
         self._bump("requests", len(requests))
         return out
 
@@ -169,21 +182,25 @@ class InferenceEngine:
 
         Raises `EngineBusy` when `max_waiting` requests already wait beyond the batch's free
         places, `EngineFailed` after an unrecoverable error, `VLMError` once closed."""
-        stream = Stream(request)
+        stream = self._enqueue(Stream(request), bounded=True)
+        self._bump("requests")
+        return stream
+
+    def _enqueue(self, stream: Stream, bounded: bool) -> Stream:
+        """Queue `stream` for the running batch (`bounded`: refused past `max_waiting`)."""
         with self._wake:
             if self.failure is not None:
                 raise EngineFailed(f"the inference engine stopped after an error: {self.failure}")
             if self._closed:
                 raise VLMError("the inference engine is closed")
             beyond = self._in_flight() - self.max_batch_size  # waiting for a place, not for a step
-            if beyond >= self.max_waiting:
+            if bounded and beyond >= self.max_waiting:
                 raise EngineBusy(f"the server is busy ({beyond} requests waiting); try again shortly")
             self._waiting.append(stream)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
                 self._thread.start()
             self._wake.notify()
-        self._bump("requests")
         return stream
 
     def _in_flight(self) -> int:
@@ -307,6 +324,11 @@ class InferenceEngine:
             encoded = self.encoder.encode(stream.request)
         except VLMError as e:  # bad input (an empty prompt, markers that do not match the images...)
             stream.finish(Completion("", "error", error=e))
+            return None
+        if encoded.novel and self.encoder.novel_answer:  # a model that says so rather than invent
+            answer = self.encoder.novel_answer
+            stream.push(answer)
+            stream.finish(Completion(answer, "stop", len(encoded.input_ids), 0, warning=NOVELTY_WARNING))
             return None
         too_long = prompt_problem(len(encoded.input_ids), self.context_length)
         if too_long is not None:  # its positions would run past the LLM's: an index error, or a CUDA assert

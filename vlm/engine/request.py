@@ -94,10 +94,9 @@ class Request:
 
 @dataclass
 class Completion:
-    """The outcome of a request. `text` is stripped for offline batches (`generate`, as BLIP-2's
-    captions are) and as generated for streams (`submit`: a chat history keeps what was said),
-    except streamed requests whose settings the decode loop does not run (beam search, repetition
-    penalty): those go through `generate`'s path, and their text comes stripped, in one piece."""
+    """The outcome of a request. `text` is the reply as every path gives it (`sampling.final_text`):
+    cut before its first stop string, without leading or trailing whitespace; a stream's pieces
+    add up to it."""
 
     text: str
     finish_reason: FinishReason
