@@ -20,6 +20,7 @@ import pytest
 from vlm.demo import easyvqa_data, fetch, pipeline
 from vlm.errors import VLMError
 from vlm.files import BRIDGE_WEIGHTS, NOVELTY_FILE
+from vlm.novelty import NoveltyDetector
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -477,6 +478,9 @@ def test_shipped_demo_warns_on_the_chat_pages_photos_not_on_test_images(demo_bui
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = {r["image"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert len(photos) == 4 and all("warning" in rows[p] for p in photos)
+    # The demo knows only coloured shapes: for a photo it says so instead of inventing one.
+    answer = NoveltyDetector.load(pipeline.WEIGHTS_DIR).answer
+    assert answer and all(rows[p]["caption"] == answer for p in photos)
     flagged = [t for t in tests if "warning" in rows[t]]
     assert len(tests) == 1000 and len(flagged) <= 10, flagged
 

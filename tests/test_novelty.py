@@ -111,3 +111,67 @@ def test_caption_rows_and_the_api_carry_the_warning(trained, tmp_path):
         assert reply.model_extra["warning"] == WARNING
     finally:
         server.stop()
+
+
+ONLY_SHAPES = "I only know pictures of shapes; this one is not."
+
+
+def test_a_model_that_knows_one_kind_of_picture_says_so(trained, tmp_path):
+    """With `novelty_answer` set (the demo sets it), an unlike image gets that answer instead of an
+    invented one, the same offline, streamed, in caption rows and through the API; like images are
+    answered as usual. Without it (`trained`), models answer and warn."""
+    import base64
+    import io
+
+    import openai
+    from server_process import ServerProcess
+
+    from vlm.novelty import NoveltyDetector as Detector
+
+    knows = tmp_path / "knows-shapes"
+    knows.mkdir()
+    for path in trained.iterdir():  # the same run, its statistics saved with an answer
+        if path.is_file():
+            (knows / path.name).write_bytes(path.read_bytes())
+    detector = Detector.load(trained)
+    detector.answer = ONLY_SHAPES
+    detector.save(knows)
+    model, processor = load_pretrained(str(knows), device="cpu")
+    engine = InferenceEngine(model, processor)
+    settings = GenerationSettings(max_new_tokens=3)
+    like = Image.open(shapes(tmp_path / "test", 1, seed=1)[0]).convert("RGB")
+    offline = engine.generate([Request("<image> hi", [im], settings) for im in (like, photo(0))])
+    streamed = [engine.submit(Request("<image> hi", [im], settings)).result() for im in (like, photo(0))]
+    for like_reply, unlike_reply in (offline, streamed):
+        assert like_reply.text != ONLY_SHAPES and like_reply.warning is None
+        assert (unlike_reply.text, unlike_reply.warning, unlike_reply.finish_reason) == (ONLY_SHAPES, WARNING, "stop")
+    engine.close()
+
+    photo(0).save(tmp_path / "photo.png")
+    out = tmp_path / "rows.jsonl"
+    assert vlm_main(["caption", str(tmp_path / "photo.png"), "--out", str(out), "--model", str(knows),
+                     "--num-workers", "0", "--no-progress"]) == 0
+    (row,) = map(json.loads, out.read_text().splitlines())
+    assert row["caption"] == ONLY_SHAPES and row["warning"] == WARNING
+    server = ServerProcess("serve", knows, tmp_path / "serve.log", ready="v1/models")
+    try:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
+        buffer = io.BytesIO()
+        photo(0).save(buffer, "PNG")
+        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=3, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "what is it?"}]}])
+        assert reply.choices[0].message.content == ONLY_SHAPES and reply.model_extra["warning"] == WARNING
+    finally:
+        server.stop()
+
+
+def test_the_chat_keeps_the_warning_beside_the_answer_and_out_of_the_next_prompt():
+    from vlm.serve.conversation import NOTICE_PREFIX, history_to_turns, note
+
+    reply = "a red circle" + note(WARNING)
+    assert reply == f"a red circle\n\n{NOTICE_PREFIX}This image is unlike the images this model was trained on; " \
+                    "the answer may be unreliable."
+    history = [{"role": "user", "content": "what is it?"}, {"role": "assistant", "content": reply}]
+    assert history_to_turns(history)[0].reply == "a red circle"

@@ -118,6 +118,9 @@ class TrainConfig(_Section):
     # Training images whose vision-feature statistics the output records, so that the model warns
     # about images unlike them (vlm.novelty); 0: none.
     novelty_images: int = Field(1024, ge=0)
+    # What the model says instead of answering about such an image (the demo, which knows only
+    # coloured shapes, says so); null: it answers, and the reply carries the warning.
+    novelty_answer: str | None = None
     logging_steps: int = Field(10, ge=1)
     save_steps: int = Field(500, ge=1)
     save_total_limit: int | None = 2

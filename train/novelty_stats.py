@@ -31,9 +31,10 @@ def training_images(examples: Sequence, limit: int, seed: int = 0) -> list[tuple
 
 @torch.no_grad()
 def record_novelty(model, processor, examples: Sequence, out: str | Path, limit: int, cache=None,
-                   batch_size: int = 32) -> Path | None:
+                   batch_size: int = 32, answer: str | None = None) -> Path | None:
     """Fit a `NoveltyDetector` on the vision features of up to `limit` training images (from the
-    run's vision cache where it has them) and save it into `out`; None without images."""
+    run's vision cache where it has them) and save it into `out`, with the `answer` the model gives
+    about an image unlike them (None: it answers, warned); None without images."""
     pairs = training_images(examples, limit)
     if len(pairs) < 2:
         return None
@@ -46,6 +47,7 @@ def record_novelty(model, processor, examples: Sequence, out: str | Path, limit:
         vision = cache.features(model, pixels, keys) if cache is not None else model.get_vision_features(pixels)
         features.append(pooled(vision).cpu())
     detector = NoveltyDetector.fit(torch.cat(features))
+    detector.answer = answer
     path = detector.save(out)
     logger.info("novelty statistics of %d training images: threshold %.1f -> %s", detector.images,
                 detector.threshold, path)

@@ -144,7 +144,8 @@ def save_output(trainer: VLMTrainer, processor, config: TrainConfig, train_examp
     else:
         out = save_trained(model, processor, config.output_dir, config, state_dict)
     if config.novelty_images:
-        record_novelty(base_model(model), processor, train_examples, out, config.novelty_images, trainer.vision_cache)
+        record_novelty(base_model(model), processor, train_examples, out, config.novelty_images, trainer.vision_cache,
+                       answer=config.novelty_answer)
     return out
 
 
