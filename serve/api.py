@@ -29,10 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlm.engine import Completion, EngineBusy, EngineFailed, GenerationSettings, InferenceEngine, OutOfMemory, Stream
 from vlm.engine import Request as EngineRequest
+from vlm.context import fit_context
 from vlm.errors import VLMError
 
 from .body import BODY_TIMEOUT_S, parse_json, read_body, require_json
-from .conversation import Turn, render_prompt
+from .conversation import Turn, prompt_tokens, render_prompt
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
 from .remote import any_address, fetch_remote, is_public_address
 from .uploads import REMOTE_TIMEOUT_S, ImageBudgetExceeded, ImageLimits, RequestImages, ServerBusyDecoding
@@ -199,16 +200,13 @@ def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings
     except VLMError as e:
         raise ApiError(400, str(e), param="messages") from None
     images = [image for turn in turns for image in turn.images]
-    length = processor(text=prompt, images_per_text=[len(images)])["input_ids"].shape[1]
-    if length == 0:
-        raise ApiError(400, "the messages are empty: send some text or an image", param="messages")
-    room = engine.context_length - length
-    if room < 1:
-        raise ApiError(400, f"the messages need {length} tokens (images included); this model reads at most "
-                            f"{engine.context_length}", param="messages", code="context_length_exceeded")
-    wanted = body.max_completion_tokens or body.max_tokens or room
+    try:  # the one context rule (vlm.context); the API refuses rather than drop turns, as OpenAI's does
+        fitted = fit_context(turns, lambda kept: prompt_tokens(processor, kept, system), engine.context_length,
+                             body.max_completion_tokens or body.max_tokens, drop_oldest=False)
+    except VLMError as e:
+        raise ApiError(400, str(e), param="messages", code="context_length_exceeded") from None
     try:
-        generation = GenerationSettings(max_new_tokens=min(wanted, room), temperature=body.temperature,
+        generation = GenerationSettings(max_new_tokens=fitted.max_new_tokens, temperature=body.temperature,
                                         top_p=body.top_p, seed=body.seed, stop=body.stop_strings())
     except VLMError as e:
         raise ApiError(400, str(e)) from None

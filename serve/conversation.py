@@ -9,7 +9,6 @@ however many turns mention it: the inference engine's feature cache is keyed by 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,15 +139,8 @@ def check_no_marker(turns: list[Turn], system_prompt: str | None, marker: str) -
             raise VLMError(f"the assistant's reply in turn {n} may not contain {marker}")
 
 
-def fit_to_context(turns: list[Turn], count_tokens: Callable[[list[Turn]], int], budget: int) -> tuple[list[Turn], int]:
-    """Drop the oldest turns until the prompt fits in `budget` tokens.
-
-    `count_tokens(turns) -> int` measures the prompt for `turns` exactly as it will be encoded
-    (image blocks included). Returns the kept turns and how many were dropped; the last turn is
-    never dropped (the caller reports a prompt that does not fit even alone).
-    """
-    dropped = 0
-    while len(turns) > 1 and count_tokens(turns) > budget:
-        turns = turns[1:]
-        dropped += 1
-    return turns, dropped
+def prompt_tokens(processor, turns: list[Turn], system_prompt: str | None = None) -> int:
+    """Tokens of the prompt for `turns` as the model reads it (image tokens included)."""
+    images = sum(len(turn.images) for turn in turns)
+    return len(processor(text=render_prompt(processor, turns, system_prompt), images_per_text=[images],
+                         return_tensors=None)["input_ids"][0])

@@ -18,7 +18,9 @@ import torch
 from vlm.engine import GenerationSettings, InferenceEngine, Request, Stream
 from vlm.errors import VLMError
 
-from .conversation import Turn, fit_to_context, render_prompt
+from vlm.context import fit_context
+
+from .conversation import Turn, prompt_tokens, render_prompt
 from .uploads import MAX_UPLOAD_BYTES, ImageLimits, RequestImages, check_upload_file, display_name, open_upload
 
 log = logging.getLogger(__name__)
@@ -72,22 +74,17 @@ class ChatFrontend:
         opened, or images over the limits (`ImageBudgetExceeded`, `ServerBusyDecoding`).
         """
         settings = settings or GenerationSettings()
-        max_new_tokens = max(1, min(settings.max_new_tokens, self.context_length // 2))
-        budget = self.context_length - max_new_tokens
-        turns, dropped = fit_to_context(turns, lambda kept: self._input_ids(kept, system_prompt).shape[1], budget)
+        fitted = fit_context(turns, lambda kept: prompt_tokens(self.processor, kept, system_prompt),
+                             self.context_length, settings.max_new_tokens, drop_oldest=True)
+        turns, dropped = fitted.turns, fitted.dropped
         input_ids = self._input_ids(turns, system_prompt)
-        if input_ids.shape[1] > budget:
-            raise VLMError(
-                f"this message needs {input_ids.shape[1]} tokens (images included) but the model reads at most "
-                f"{budget} before its {max_new_tokens}-token answer; shorten it or send fewer images"
-            )
         if dropped:
-            log.info("left out the %d oldest turn(s) to fit %d tokens", dropped, budget)
+            log.info("left out the %d oldest turn(s) to fit the context", dropped)
         reader = RequestImages(self.limits, self.engine.encoder.pixels)
         for path in (path for turn in turns for path in turn.images):
             self._add_upload(reader, path)
         images = self._named(reader.decode_all, turns)
-        settings = dataclasses.replace(settings, max_new_tokens=max_new_tokens)
+        settings = dataclasses.replace(settings, max_new_tokens=fitted.max_new_tokens)
         return Prepared(Request(self.prompt_text(turns, system_prompt), images, settings), input_ids, dropped)
 
     def open_upload(self, path: str):

@@ -152,3 +152,23 @@ def test_a_conversation_finetune_is_served_as_it_was_trained(finetune, tmp_path)
         assert answers == wanted
     finally:
         chat.stop()
+
+
+def test_one_context_rule_drops_oldest_turns_or_refuses():
+    from vlm.context import answer_reserve, fit_context
+    from vlm.errors import VLMError
+
+    turns = [40, 30, 20]  # tokens each turn adds to the prompt
+
+    def count(kept):
+        return sum(kept)
+
+    assert answer_reserve(100, None) == 1 and answer_reserve(100, 30) == 30 and answer_reserve(100, 500) == 50
+    fitted = fit_context(turns, count, 100, None, drop_oldest=False)  # no answer length asked: all that is left
+    assert (fitted.dropped, fitted.prompt_tokens, fitted.max_new_tokens) == (0, 90, 10)
+    fitted = fit_context(turns, count, 100, 30, drop_oldest=True)  # the chat page: the oldest turn goes
+    assert (fitted.turns, fitted.dropped, fitted.max_new_tokens) == ([30, 20], 1, 30)
+    with pytest.raises(VLMError, match="needs 90 tokens .* and its answer 30, but this model reads at most 100"):
+        fit_context(turns, count, 100, 30, drop_oldest=False)  # the API: refused, as OpenAI refuses
+    with pytest.raises(VLMError, match="needs 120 tokens"):
+        fit_context([120], count, 100, None, drop_oldest=True)  # the last turn is never dropped
