@@ -98,6 +98,8 @@ def exposure_warnings(host: str, share: bool, auth, api_key: str | None = None) 
 
 def settings_for(args: argparse.Namespace, loaded):
     """What the page shows and the defaults of its controls."""
+    from vlm.registry import DEFAULT_MODEL
+
     from .app import ChatSettings
 
     quantization = {"4bit": "NF4 4-bit (LLM only)", "8bit": "8-bit (LLM only)"}.get(loaded.quantization, "none")
@@ -112,6 +114,7 @@ def settings_for(args: argparse.Namespace, loaded):
         top_p=args.top_p,
         concurrency=args.concurrency,
         examples=not args.no_examples,
+        source=args.model or DEFAULT_MODEL,
     )
 
 

@@ -246,8 +246,7 @@ def test_conversations_train_on_the_train_split_and_hold_out_test_wordings(wheel
 def test_example_photos_come_from_the_pinned_scikit_image_wheel(tmp_path, monkeypatch):
     from PIL import Image
 
-    from vlm.serve.app import PHOTO_PROMPTS, photo_examples
-    from vlm.demo import demo_photos
+    from vlm.demo import PHOTO_PROMPTS, chat_examples, demo_photos
 
     photos = demo_photos(tmp_path, progress=False)  # a real 15 MB pip download of one exact wheel
     assert sorted(photos) == sorted(PHOTO_PROMPTS)
@@ -256,7 +255,10 @@ def test_example_photos_come_from_the_pinned_scikit_image_wheel(tmp_path, monkey
     # The chat page shows them (copied next to its other examples) once the cache has them.
     monkeypatch.setenv(fetch.CACHE_ENV, str(tmp_path))
     (tmp_path / "page").mkdir()
-    examples = photo_examples(tmp_path / "page")
+    from vlm.registry import model_examples  # the chat page reaches them through the registered source
+
+    assert model_examples("vlm-demo", tmp_path / "page") == chat_examples(tmp_path / "page")
+    examples = [(q, p) for q, p in chat_examples(tmp_path / "page") if p.name.startswith("photo-")]
     assert sorted(p.name for _, p in examples) == sorted(f"photo-{p.name}" for p in photos.values())
     assert all(p.read_bytes() == photos[p.stem[len("photo-"):]].read_bytes() for _, p in examples)
 

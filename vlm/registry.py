@@ -8,6 +8,9 @@ A package (ours, a plugin, a user's own) names a source in its metadata::
     [project.entry-points."vlm.datasets"]
     easyvqa = "vlm.demo:easyvqa_data"            # () -> {split name: data file}
 
+    [project.entry-points."vlm.chat_examples"]
+    vlm-demo = "vlm.demo:chat_examples"          # (folder) -> [(question, picture)] for the chat page
+
 `load_pretrained("vlm-demo")` (and `load_pretrained()`, whose default is `DEFAULT_MODEL`) then
 resolves the name through the registry, and `load_examples("easyvqa:train")` finds the file. The
 core never imports a source's code until that name is asked for, so importing `vlm` stays light.
@@ -23,6 +26,7 @@ from .errors import VLMError
 
 MODELS_GROUP = "vlm.models"
 DATASETS_GROUP = "vlm.datasets"
+EXAMPLES_GROUP = "vlm.chat_examples"  # name -> (folder) -> [(question, picture)] for the chat page
 # What `load_pretrained()` with no name loads: the offline demo that `vlm` itself registers.
 DEFAULT_MODEL = "vlm-demo"
 
@@ -69,3 +73,10 @@ def resolve_dataset(name: str) -> Path | None:
         known = ", ".join(f"{source}:{k}" for k in files)
         raise VLMError(f"{name}: unknown {source} split; use one of {known}")
     return Path(files[split])
+
+
+def model_examples(name: str, folder: str | os.PathLike) -> list[tuple[str, Path]]:
+    """Example (question, picture) pairs a registered model source offers for the chat page, the
+    pictures copied into `folder` (none for other models, or when the source has none at hand)."""
+    ep = _entry_point(EXAMPLES_GROUP, name)
+    return [] if ep is None else [(question, Path(path)) for question, path in ep.load()(Path(folder))]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from ..errors import VLMError
@@ -36,6 +37,7 @@ __all__ = [
     "cache_root",
     "checkpoint_dir",
     "demo_base_source",
+    "chat_examples",
     "demo_checkpoint",
     "demo_photos",
     "demo_source",
@@ -142,3 +144,33 @@ def demo_photos(cache_dir: str | os.PathLike | None = None, progress: bool = Tru
     with fetch.build_lock(root):
         folder = fetch.fetch(fetch.SKIMAGE_PHOTOS, root, progress)
     return {Path(name).stem: folder / name for name in fetch.SKIMAGE_PHOTOS.files}
+
+
+PHOTO_PROMPTS = {
+    "chelsea": "What animal is in this photo?",
+    "astronaut": "Describe this photo in one sentence.",
+    "coffee": "What is on the table?",
+    "rocket": "What is happening in this picture?",
+}
+
+
+def chat_examples(folder: Path) -> list[tuple[str, Path]]:
+    """The chat page's demo examples, copied into `folder`: two easy-vqa test images (what the
+    demo bridge was trained on) and scikit-image's sample photos (which it warns about), each when
+    the demo cache holds it already (nothing is downloaded for the page)."""
+    from .fetch import EASY_VQA, SKIMAGE_PHOTOS
+
+    root = demo_root() / "files"
+    easyvqa = root / EASY_VQA.key / "easy_vqa" / "data" / "test" / "images"
+    photos = root / SKIMAGE_PHOTOS.key / "skimage" / "data"
+    picks = [("What color is the shape?", easyvqa / "0.png", "easy-vqa-"),
+             ("Does this image contain a circle?", easyvqa / "1.png", "easy-vqa-")]
+    picks += [(PHOTO_PROMPTS[Path(name).stem], photos / Path(name).name, "photo-")
+              for name in sorted(SKIMAGE_PHOTOS.files)]
+    out = []
+    for question, source, prefix in picks:
+        if source.is_file():
+            target = Path(folder) / f"{prefix}{source.name}"
+            shutil.copyfile(source, target)
+            out.append((question, target))
+    return out
