@@ -69,7 +69,8 @@ bug and stops the run with its traceback (rows written so far are kept; re-run t
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="vlm caption", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="vlm caption", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or .txt/.csv/.jsonl lists")
     p.add_argument("--out", help="output file (required unless --format txt); re-running with it resumes")

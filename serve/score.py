@@ -41,7 +41,7 @@ Resumable like `vlm caption`: re-run the same command and the pairs already writ
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlm score", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders, globs or .txt/.csv/.jsonl lists")
     p.add_argument("--text", action="append", default=[], metavar="T", help="a text to score every image against "
                    "(repeatable)")

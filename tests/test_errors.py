@@ -91,3 +91,46 @@ def test_cli_unknown_command_and_help():
     assert r.returncode == 2 and "unknown command 'fly'" in r.stderr
     r = subprocess.run([sys.executable, "-m", "vlm.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "caption" in r.stdout and "build" in r.stdout
+
+
+def test_stderr_holds_only_our_lines(blip2_opt_dir, tmp_path):
+    """A real `vlm caption`: besides the weights' load bar, only its summary (bitsandbytes' note on
+    kernels it could not load, printed on AVX512-BF16 CPUs such as these, and FutureWarnings stay out)."""
+    tiny.random_image(0).save(tmp_path / "a.png")
+    result = subprocess.run([sys.executable, "-m", "vlm.cli", "caption", str(tmp_path / "a.png"), "--out",
+                             str(tmp_path / "o.jsonl"), "--model", str(blip2_opt_dir), "--max-new-tokens", "2",
+                             "--num-workers", "0", "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "Loading weights" not in line]
+    assert len(lines) == 1 and lines[0].startswith("captioned 1, errors 0"), result.stderr
+
+
+def test_library_warnings_are_quiet_unless_verbose(capsys):
+    import logging
+    import warnings
+
+    from vlm.cli import QUIET_LOGGERS, quiet_libraries
+
+    levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("default")
+            quiet_libraries()
+            warnings.warn("a library deprecation", FutureWarning)
+            logging.getLogger("bitsandbytes.backends.cpu.ops").warning("a kernel it could not load")
+            warnings.warn("a library's note", UserWarning)  # attributed to a module outside vlm
+            warnings.warn_explicit("our own", UserWarning, "engine.py", 1, module="vlm.engine.engine")
+        assert [str(w.message) for w in caught] == ["our own"]
+        assert "a kernel it could not load" not in capsys.readouterr().err
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
+@pytest.mark.parametrize("command, abbreviation", [("serve", "--adapter"), ("chat", "--adapter"),
+                                                   ("caption", "--quant"), ("score", "--quant")])
+def test_flags_are_not_abbreviated(command, abbreviation, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "vlm.cli", command, *(["x.png", "--out", "o.jsonl"]
+                             if command in ("caption", "score") else []), abbreviation, "x"],
+                            capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 2 and f"unrecognized arguments: {abbreviation}" in result.stderr, result.stderr

@@ -28,7 +28,8 @@ USAGE = "usage: vlm [--debug] [--verbose] {" + ",".join(SUBCOMMANDS) + "} ...\n\
      "libraries' own warnings and logs.")
 # Libraries whose warnings and log chatter (deprecations, optional kernels they could not load)
 # say nothing a user of `vlm` can act on.
-QUIET_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "datasets", "httpx", "httpcore", "urllib3")
+QUIET_LOGGERS = ("transformers", "peft", "accelerate", "bitsandbytes", "kernels", "datasets", "httpx", "httpcore",
+                 "urllib3")
 
 
 def quiet_libraries() -> None:
