@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 import tiny
+from vlm.serve.writers import iter_rows
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # name -> True when the file should get a caption, False when it should get an error row.
 AWKWARD = {
@@ -60,3 +64,20 @@ def make_awkward_folder(folder: Path) -> dict[str, bool]:
     (folder / "sub" / "dir").mkdir(parents=True, exist_ok=True)
     tiny.random_image(10).save(folder / "sub" / "dir" / "nested.webp")
     return AWKWARD
+
+
+def rows_of(path: Path) -> list[dict]:
+    return list(iter_rows(str(path), "csv" if path.suffix == ".csv" else "jsonl"))
+
+
+def images_folder(folder: Path, n: int, start: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        tiny.random_image(i, (24 + i % 5 * 7, 20 + i % 3 * 9)).save(folder / f"img{i:03d}.png")
+    return folder
+
+
+def cli_env() -> dict:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    return env

@@ -83,3 +83,13 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait()
         self._log.close()
+
+
+NOTICE = "⚠️ "  # how the chat page starts its own notes (not model output)
+
+
+class ChatServer(ServerProcess):
+    """`vlm chat` in a subprocess; `.url`, `.pid`, `.log()`."""
+
+    def __init__(self, model_dir: Path, log_path: Path, *extra: str, timeout: float = 180.0):
+        super().__init__("chat", model_dir, log_path, *extra, ready="gradio_api/info", timeout=timeout)

@@ -15,29 +15,11 @@ import torch
 from transformers import Blip2ForConditionalGeneration, Blip2Processor
 
 import tiny
-from caption_files import make_awkward_folder
+from caption_files import cli_env, images_folder, make_awkward_folder, rows_of
 from vlm.serve.caption import main
-from vlm.serve.writers import iter_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["a photo of", "", "question: is there a cat? short answer:", "the quick brown fox"]
-
-
-def rows_of(path: Path) -> list[dict]:
-    return list(iter_rows(str(path), "csv" if path.suffix == ".csv" else "jsonl"))
-
-
-def images_folder(folder: Path, n: int, start: int = 0) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(start, start + n):
-        tiny.random_image(i, (24 + i % 5 * 7, 20 + i % 3 * 9)).save(folder / f"img{i:03d}.png")
-    return folder
-
-
-def cli_env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("WORLD_SIZE", None)
-    return env
 
 
 def test_awkward_files_one_row_each(tmp_path, blip2_opt_dir, capsys):

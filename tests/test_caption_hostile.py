@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from test_caption import cli_env, images_folder, rows_of
+from caption_files import cli_env, images_folder, rows_of
 from vlm.serve.caption import main
 
 

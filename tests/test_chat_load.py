@@ -15,7 +15,7 @@ import httpx
 import psutil
 import pytest
 from gradio_client import Client, handle_file
-from test_chat_server import NOTICE, ChatServer
+from server_process import NOTICE, ChatServer
 from tiny import random_image
 
 USERS, TURNS = 16, 3

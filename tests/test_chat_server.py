@@ -18,24 +18,17 @@ import httpx
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
-from server_process import ServerProcess
+from server_process import NOTICE, ChatServer
 from tiny import random_image
 
 from vlm import load_pretrained
 
-NOTICE = "⚠️ "
 NO_TEXT = "produced no text"
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 
 
 # -- running a server -------------------------------------------------------------------------------
-class ChatServer(ServerProcess):
-    """`vlm chat` in a subprocess; `.url`, `.pid`, `.log()`."""
-
-    def __init__(self, model_dir: Path, log_path: Path, *extra: str, timeout: float = 180.0):
-        super().__init__("chat", model_dir, log_path, *extra, ready="gradio_api/info", timeout=timeout)
-
 
 def ask(client: Client, text: str, files=(), **settings) -> str:
     message = {"text": text, "files": [handle_file(str(f)) for f in files]}

@@ -189,36 +189,48 @@ def test_ddp_with_text_only_rows_and_batch_one_finishes(base_dir, data_file, tmp
     assert model.generate(**inputs, max_new_tokens=3).shape[1] > inputs["input_ids"].shape[1]
 
 
-def kill_during(action, delay: float) -> None:
-    """Run `action()` in a forked child and SIGKILL it `delay` seconds after it starts."""
-    read, write = os.pipe()
+def kill_at(action, trap) -> None:
+    """Run `action()` in a forked child that `trap()` has set up to SIGKILL itself at a known point."""
     pid = os.fork()
     if pid == 0:  # child: only file operations, then exit without running pytest's teardown
-        os.close(read)
-        os.write(write, b"x")
+        trap()
         action()
         os._exit(0)
-    os.close(write)
-    os.read(read, 1)
-    time.sleep(delay)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    os.close(read)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, "the trap never fired"
 
 
-def test_checkpoint_saved_again_is_never_half_deleted(tmp_path):
-    """The same step saved twice, killed mid-swap: `checkpoint-N` is the old one, the new one or absent, never partial."""
+def die_on_call(module, name: str, call: int):
+    """A trap: the `call`-th call of `module.name` kills the process before it runs."""
+    def trap():
+        real, seen = getattr(module, name), [0]
+
+        def dying(*args, **kwargs):
+            seen[0] += 1
+            if seen[0] == call:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        setattr(module, name, dying)
+    return trap
+
+
+@pytest.mark.parametrize("trap", [die_on_call(os, "replace", 2), die_on_call(os, "unlink", 1000)],
+                         ids=["between-the-renames", "deleting-the-old-folder"])
+def test_checkpoint_saved_again_is_never_half_deleted(tmp_path, trap):
+    """The same step saved twice, killed mid-swap (after the old folder moved aside, and half way
+    through deleting it): `checkpoint-N` is the new one or absent, never partial."""
     files = 2000
     final, staged = tmp_path / "checkpoint-5", tmp_path / ".partial" / "checkpoint-5"
     final.mkdir()
-    for i in range(files):  # deleting these in place takes long enough for the kill to land inside
+    for i in range(files):
         (final / f"f{i}").write_text("old")
     staged.mkdir(parents=True)
     (staged / "trainable.safetensors").write_text("new")
-    kill_during(lambda: replace_dir(str(staged), str(final)), delay=0.005)
+    kill_at(lambda: replace_dir(str(staged), str(final)), trap)
     if final.exists():
         names = {p.name for p in final.iterdir()}
-        assert names == {"trainable.safetensors"} or len(names) == files, f"partial checkpoint: {len(names)} files"
+        assert names == {"trainable.safetensors"}, f"partial checkpoint: {len(names)} files"
     if staged.exists():  # killed before the swap: the next save does it
         replace_dir(str(staged), str(final))
     assert (final / "trainable.safetensors").read_text() == "new"
