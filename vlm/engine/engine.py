@@ -52,6 +52,10 @@ class EngineFailed(RuntimeError):
     unusable, or a bug in the engine's own scheduling); every request after it fails with this."""
 
 
+class ModelNotFound(VLMError):
+    """A request names a model this engine does not serve (HTTP 404)."""
+
+
 class RequestFailed(RuntimeError):
     """One request met an unexpected error (a bug, not bad input): it fails alone, with its
     traceback in the server's log, and the engine goes on with the others."""
@@ -112,10 +116,10 @@ class InferenceEngine:
             raise VLMError(f"max_batch_size must be >= 1 and max_waiting >= 0, got {max_batch_size}, {max_waiting}")
         self.model, self.processor = model, processor
         self.max_batch_size, self.max_waiting = int(max_batch_size), int(max_waiting)
-        self.encoder = Encoder(model, processor, FeatureCache(feature_cache_bytes))
+        self.routing = AdapterRouting(model, adapter_for_text)
+        self.encoder = Encoder(model, processor, FeatureCache(feature_cache_bytes), self.routing)
         self.stop_token_ids = stop_token_ids(model, processor)
         self.context_length = context_length(model, processor.tokenizer)
-        self.routing = AdapterRouting(model, adapter_for_text)
         self.stats = EngineStats()
         # The counter is the stats object's method, not a closure over the engine: engine and model
         # would keep each other alive after `del` until the garbage collector ran (issue 28).
@@ -134,6 +138,7 @@ class InferenceEngine:
         self._closed = False
         self.failure: BaseException | None = None
         self.on_failure = on_failure
+        self._finish_listeners: list[Callable[[Stream], None]] = []
 
     @property
     def feature_cache(self) -> FeatureCache:
@@ -148,6 +153,8 @@ class InferenceEngine:
         gives the text `submit` gives, whatever its batch mates. `on_batch(n)` is called after each
         batch (progress bars)."""
         requests = list(requests)
+        for request in requests:
+            self.check_model(request.model)
         size = batch_size or self.max_batch_size
         out: list[Completion | None] = [None] * len(requests)
         sampled = {}
@@ -177,6 +184,11 @@ class InferenceEngine:
         return out
 
     # -- online --------------------------------------------------------------------------------
+    def add_finish_listener(self, listener: Callable[[Stream], None]) -> None:
+        """Call `listener(stream)` as each request queued from now on finishes (its timings and
+        `completion` set), in the engine's thread: it must only record or hand over, never block."""
+        self._finish_listeners.append(listener)
+
     def submit(self, request: Request) -> Stream:
         """Queue `request` for the running batch; iterate the returned `Stream` for its text.
 
@@ -188,6 +200,7 @@ class InferenceEngine:
 
     def _enqueue(self, stream: Stream, bounded: bool) -> Stream:
         """Queue `stream` for the running batch (`bounded`: refused past `max_waiting`)."""
+        self.check_model(stream.request.model)
         with self._wake:
             if self.failure is not None:
                 raise EngineFailed(f"the inference engine stopped after an error: {self.failure}")
@@ -196,12 +209,47 @@ class InferenceEngine:
             beyond = self._in_flight() - self.max_batch_size  # waiting for a place, not for a step
             if bounded and beyond >= self.max_waiting:
                 raise EngineBusy(f"the server is busy ({beyond} requests waiting); try again shortly")
+            stream.finish_listeners.extend(self._finish_listeners)
             self._waiting.append(stream)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
                 self._thread.start()
             self._wake.notify()
         return stream
+
+    # -- serving several fine-tunes ------------------------------------------------------------------
+    def models(self) -> list[str]:
+        """The fine-tunes requests may name (`Request.model`), besides the engine's own model (None)."""
+        return self.routing.available()
+
+    def check_model(self, name: str | None) -> None:
+        """`ModelNotFound` unless requests may name `name`."""
+        if name is not None and name not in self.routing.available():
+            raise ModelNotFound(f"the model {name!r} does not exist")
+
+    def add_adapter(self, name: str, path: str) -> None:
+        """Serve the `vlm train` LoRA output at `path` as model `name` (loaded between decode steps)."""
+        with self._model_lock:
+            if self.model is None:
+                raise VLMError("the inference engine is closed")
+            self.routing.add(name, path, self.processor)
+
+    def remove_adapter(self, name: str) -> None:
+        """Stop serving `name`: new requests for it get `ModelNotFound` at once; its LoRA and bridge
+        are freed as soon as the requests already using it have finished."""
+        with self._wake:
+            self.check_model(name)
+            self.routing.retiring.add(name)
+        with self._model_lock:
+            self._retire()
+
+    def _retire(self) -> None:
+        """Free the removed fine-tunes no request in flight uses any more (call with the model lock)."""
+        with self._wake:
+            items = [*self._waiting, *([self._admitting] if self._admitting is not None else []), *self._running.seqs]
+            in_use = {_stream(item).request.model for item in items}
+        for name in self.routing.retiring - in_use:
+            self.routing.remove(name)
 
     def _in_flight(self) -> int:
         """Requests submitted and not finished (call with `_wake` held)."""
@@ -225,7 +273,8 @@ class InferenceEngine:
         self.feature_cache.clear()
         for part in (self, self.encoder, self.batches, self.routing, self._running):
             part.model = None
-        self._running.llm = self.encoder.novelty = None
+        self._running.llm = None
+        self.routing.served.clear()  # the fine-tunes' bridges and statistics
 
     @property
     def waiting(self) -> int:
@@ -247,6 +296,8 @@ class InferenceEngine:
                     self._admit()
                     if len(self._running):
                         self._step()
+                    if self.routing.retiring:
+                        self._retire()
         except BaseException as e:  # noqa: BLE001 - a dead device or an engine bug: fail every request loudly
             logger.exception("the inference engine stopped")
             with self._wake:  # from here on `submit` refuses: nothing is queued after `_end_all`
@@ -278,6 +329,7 @@ class InferenceEngine:
                     return
                 item = self._admitting = self._waiting.popleft()
             stream = _stream(item)
+            stream.admitted()
             if stream.cancelled:
                 stream.finish(_unfinished(item, "cancelled"))
             elif not stream.request.settings.batchable:
@@ -295,7 +347,9 @@ class InferenceEngine:
                 seq = self._sequence(item)
                 if seq is None:
                     return True
-            if self._running.prefill(seq):
+            done = self._running.prefill(seq)
+            seq.stream.batch_size = len(self._running) + done  # the rows it joined, itself included
+            if done:
                 seq.stream.finish(seq.completion())
                 self._count(seq)
             self._peak(len(self._running))
@@ -325,8 +379,8 @@ class InferenceEngine:
         except VLMError as e:  # bad input (an empty prompt, markers that do not match the images...)
             stream.finish(Completion("", "error", error=e))
             return None
-        if encoded.novel and self.encoder.novel_answer:  # a model that says so rather than invent
-            answer = self.encoder.novel_answer
+        answer = self.encoder.novel_answer(stream.request.model) if encoded.novel else None
+        if answer:  # a model that says so rather than invent
             stream.push(answer)
             stream.finish(Completion(answer, "stop", len(encoded.input_ids), 0, warning=NOVELTY_WARNING))
             return None
@@ -339,6 +393,7 @@ class InferenceEngine:
 
     def _run_alone(self, stream: Stream) -> None:
         """A request the decode loop cannot run, through `generate` (the running batch waits)."""
+        stream.batch_size = 1
         try:
             completion = self.batches.run([stream.request])[0]
         except VLMError as e:  # its input is bad: it fails alone, as in `_sequence`
@@ -462,5 +517,5 @@ def _failed(error: BaseException | None) -> BaseException | None:
     return None if error is None else EngineFailed(f"the inference engine stopped after an error: {error}")
 
 
-__all__ = ["EngineBusy", "EngineFailed", "InferenceEngine", "OutOfMemory", "RequestFailed", "context_length",
-           "is_device_fault", "stop_token_ids"]
+__all__ = ["EngineBusy", "EngineFailed", "InferenceEngine", "ModelNotFound", "OutOfMemory", "RequestFailed",
+           "context_length", "is_device_fault", "stop_token_ids"]

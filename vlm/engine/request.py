@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,6 +14,8 @@ import torch
 from PIL import Image
 
 from ..errors import VLMError
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -90,6 +94,8 @@ class Request:
     images: list[ImageInput] = field(default_factory=list)
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     qformer_text: list[str] | None = None
+    model: str | None = None  # a fine-tune the engine serves by name (`adapters.py`); None: its own model
+    origin: str | None = None  # who sent it (a front door's name, e.g. "api"), for metrics labels
 
 
 @dataclass
@@ -112,6 +118,12 @@ class Stream:
     Thread-safe: the engine thread pushes, any one consumer thread iterates. `cancel()` stops
     this request at the next decode step without touching the others. Consumers that must not
     block a thread (an asyncio server) use `on_update` and `take` instead of iterating.
+
+    Timings (`time.monotonic()`, for latency metrics): `submitted_at`; `admitted_at`, when the
+    engine first took it from its queue; `first_token_at`, its first text piece (or its end, for a
+    reply with tokens but no text); `finished_at`. `batch_size`: rows of the running batch when it
+    joined, itself included (1 when it ran alone). Unset (None) where it never got that far.
+    `finish_listeners` are called with the stream when it finishes, before its consumer sees the end.
     """
 
     def __init__(self, request: Request):
@@ -122,14 +134,37 @@ class Stream:
         self._listeners: list[Callable[[], None]] = []
         self._lock = threading.Lock()  # a listener added while the engine pushes sees that piece
         self.completion: Completion | None = None
+        self.submitted_at = time.monotonic()
+        self.admitted_at: float | None = None
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.batch_size: int | None = None
+        self.finish_listeners: list[Callable[[Stream], None]] = []
 
     # -- engine side -----------------------------------------------------------------------------
+    def admitted(self) -> None:
+        """The engine took this request from its queue (a resumed one keeps its first time)."""
+        if self.admitted_at is None:
+            self.admitted_at = time.monotonic()
+
     def push(self, piece: str) -> None:
         if piece:
+            if self.first_token_at is None:
+                self.first_token_at = time.monotonic()
             self._put(piece)
 
     def finish(self, completion: Completion) -> None:
+        self.finished_at = time.monotonic()
+        if self.first_token_at is None and completion.completion_tokens:
+            self.first_token_at = self.finished_at
         self.completion = completion
+        for listener in self.finish_listeners:
+            # Before the end marker: whoever waits for the reply finds it counted. A broken
+            # listener (metrics) must not fail the request or stop the engine thread.
+            try:
+                listener(self)
+            except Exception:  # noqa: BLE001
+                logger.exception("a finish listener failed")
         self._put(None)
 
     def _put(self, item: str | None) -> None:
