@@ -655,3 +655,36 @@ def test_train_never_replaces_a_file_it_did_not_write(base_dir, data_file, tmp_p
     assert vlm_main([*argv[:8], str(other), *argv[9:]]) == 1
     assert "holds config.json, which vlm train did not write" in capsys.readouterr().err
     assert (other / "config.json").read_text() == "{}" and not (other / "checkpoint-1").exists()
+
+
+# -- numbers as people write them; no abbreviated flags ----------------------------------------------
+def test_exponent_numbers_read_as_numbers_in_overrides_and_files(tmp_path, capsys):
+    """PyYAML (YAML 1.1) reads 1e-3 as text: `learning_rate=1e-3` must still be the number."""
+    from vlm.train.config import load_config
+
+    config = load_config(None, ["learning_rate=1e-3", "max_grad_norm=1E2", "warmup=5e-2", "weight_decay=.5e-1"])
+    assert (config.learning_rate, config.max_grad_norm, config.warmup, config.weight_decay) == (1e-3, 100.0, 0.05, 0.05)
+    cfg = tmp_path / "mine.yaml"
+    cfg.write_text("recipe: lora\nlearning_rate: 2e-4\nmodel: 2024\nprompt:\n  caption_prompt: 1.5\n")
+    config = load_config(str(cfg))
+    assert config.learning_rate == 2e-4
+    assert (config.model, config.prompt.caption_prompt) == ("2024", "1.5")  # text keys take numbers as text
+    assert vlm_main(["train", "lora", "learning_rate=3e-5", "--print-config"]) == 0
+    assert "learning_rate: 3.0e-05" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module, argv", [
+    ("vlm.train.cli", ["--learning", "1e-3"]),  # --learning-rate
+    ("vlm.train.evaluate", ["--data", "x.jsonl", "--task", "vqa", "--max", "8"]),  # --max-new-tokens
+    ("vlm.train.export", ["runs/x", "--output-dir", "y", "--merge"]),  # --merge-lora
+    ("vlm.build", ["--llm", "y", "--output-dir", "z", "--vis", "x"]),  # --vision
+])
+def test_train_eval_export_build_take_no_abbreviations(module, argv, capsys):
+    """The abbreviated flag (the last or the one before its value) is an error, not a guess."""
+    import importlib
+
+    parser = importlib.import_module(module).build_parser()
+    with pytest.raises(SystemExit) as exit_:
+        parser.parse_intermixed_args(argv)
+    abbreviation = argv[-1] if argv[-1].startswith("--") else argv[-2]
+    assert exit_.value.code == 2 and f"unrecognized arguments: {abbreviation}" in capsys.readouterr().err

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fine-tune a BLIP-2-style model on captions, VQA or conversations.",
         epilog=EPILOG.replace("{presets}", ", ".join(names(TRAIN_DIR))),
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,  # an unknown flag is an error, never a guessed prefix
     )
     p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="a YAML file or a preset name (e.g. lora) and/or dotted overrides such as lora.r=8")

@@ -10,6 +10,7 @@ type is a `VLMError` naming the key (and the file), with a suggestion for near-m
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from vlm.errors import VLMError
 
 RECIPES = ("stage1", "align", "bridge", "lora", "qlora", "full")
+
+
+class NumberLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading `1e-3` as the number everyone means.
+
+    PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent (`1.0e-3`): `1e-3`
+    stays a string and a typed key then rejects it. YAML 1.2 (and JSON, and Python) read it as a
+    float; so do we, in config files and in `key=value` overrides alike.
+    """
+
+
+NumberLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def read_yaml(text: str):
+    """`text` parsed as YAML with `NumberLoader`."""
+    return yaml.load(text, Loader=NumberLoader)  # a SafeLoader: plain data only, no Python objects
 BRIDGE_MODULES = ("query_tokens", "qformer", "language_projection")
 
 
@@ -175,7 +197,7 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         file = resolve_config_path(str(path))
         where = str(path)
         try:
-            raw = yaml.safe_load(file.read_text()) or {}
+            raw = read_yaml(file.read_text()) or {}
         except yaml.YAMLError as e:
             raise VLMError(yaml_error(str(path), e)) from None
         if not isinstance(raw, dict):
@@ -192,9 +214,23 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 def from_dict(raw: dict, where: str = "config") -> TrainConfig:
     """Build a validated `TrainConfig` from nested dicts; errors name `where` and the key."""
     try:
-        return TrainConfig.model_validate(raw)
+        return TrainConfig.model_validate(_numbers_as_text(raw))
     except ValidationError as e:
         raise VLMError(f"{where}: {_describe_error(e, raw)}") from None
+
+
+def _numbers_as_text(raw: dict, model: type[BaseModel] = TrainConfig) -> dict:
+    """`raw` with numbers at keys that take text turned into text: YAML reads `model: 123` or
+    `caption_prompt: 1e-3` as numbers, where a name or a prompt is meant."""
+    out = dict(raw)
+    for key, value in raw.items():
+        field = model.model_fields.get(key) if isinstance(key, str) else None
+        kind = field.annotation if field is not None else None
+        if isinstance(value, dict) and isinstance(kind, type) and issubclass(kind, BaseModel):
+            out[key] = _numbers_as_text(value, kind)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and kind is not None and _takes_text(kind):
+            out[key] = str(value)
+    return out
 
 
 def _describe_error(error: ValidationError, raw: dict) -> str:
@@ -282,7 +318,7 @@ def _parse_value(text: str, kind=None) -> Any:
     raw text is kept (`null` still clears an optional key).
     """
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
+        value = read_yaml(text) if text.strip() else ""
     except yaml.YAMLError:
         return text
     if kind is not None and _takes_text(kind) and not isinstance(value, str):

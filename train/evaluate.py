@@ -35,6 +35,7 @@ PREDICT_CHUNK_BATCHES = 32  # examples whose images are decoded at once: this ma
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlm eval",
+        allow_abbrev=False,  # an unknown flag is an error, never a guessed prefix
         description="Score a model on caption data (CIDEr-D, BLEU-1..4, exact match) or VQA data (VQAv2 accuracy: soft "
         "score over 10 human answers, exact match when fewer). Scores are printed x100, as papers "
         "print them. Data: any format `vlm train` reads (COCO/Karpathy captions, VQAv2 "

@@ -18,6 +18,7 @@ from vlm.errors import VLMError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlm export",
+        allow_abbrev=False,  # an unknown flag is an error, never a guessed prefix
         description="Write a trained model (e.g. a LoRA output folder of `vlm train`) as one standalone checkpoint.",
         epilog="example: vlm export runs/lora --merge-lora --output-dir my-model\n"
         "         vlm export runs/lora --merge-lora --format blip2 --output-dir my-blip2",

