@@ -277,6 +277,12 @@ class InferenceEngine:
         self.routing.served.clear()  # the fine-tunes' bridges and statistics
 
     @property
+    def queue_full(self) -> bool:
+        """Whether `submit` would refuse a request now: `max_waiting` already wait beyond the batch."""
+        with self._wake:
+            return self._in_flight() - self.max_batch_size >= self.max_waiting
+
+    @property
     def waiting(self) -> int:
         return len(self._waiting)
 
