@@ -63,6 +63,33 @@ def test_qformer_runs_in_fp32_under_fp16_autocast(tiny_vlm_dir):
         handle.remove()
 
 
+def test_stage1_runs_every_qformer_call_in_fp32_under_fp16_autocast(tmp_path):
+    """The one bridge: ITC's queries and text, ITM and ITG all run the Q-Former outside fp16 autocast."""
+    from vlm.stage1_losses import stage1_losses
+
+    folder = tiny.save_official_retrieval(tmp_path / "retrieval", seed=3)
+    model, processor = load_pretrained(str(folder), device="cpu")
+    model.train()
+    texts = ["a red circle", "a cat", "the quick brown fox"]
+    tokens = processor.qformer_tokenizer(texts, padding=True, return_tensors="pt")
+    batch = {"pixel_values": processor.image_processor([tiny.random_image(i) for i in range(3)],
+                                                       return_tensors="pt")["pixel_values"],
+             "text_ids": tokens["input_ids"], "text_mask": tokens["attention_mask"], "image_ids": torch.arange(3)}
+    seen = []
+    layer = model.qformer.encoder.layer[0]
+    hooks = [module.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+             for module in (layer.attention.attention.query, layer.intermediate_query.dense, layer.intermediate.dense)]
+    try:
+        with torch.autocast("cpu", dtype=torch.float16):
+            losses = stage1_losses(model, batch, decoder_start_id=tokens["input_ids"][0, 0].item())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # queries (ITC), text (ITC), queries + text (ITM), queries + caption (ITG): each reaches these layers
+    assert len(seen) >= 8 and set(seen) == {torch.float32}, seen
+    assert all(torch.isfinite(losses[name]) for name in ("itc", "itm", "itg"))
+
+
 @pytest.fixture(scope="module")
 def wide_vlm_dir(tmp_path_factory):
     """Widths of 64: bitsandbytes' CPU 4-bit kernels need multiples of 64."""

@@ -8,7 +8,9 @@ LAVIS's and exist only in checkpoints `vlm` trains.
 
 `ImageTextModel` is the stage-1 model: vision tower, queries, Q-Former and these parts, no LLM.
 `VisionLanguageModel` carries the same parts when its config has `image_text_hidden_size`, so one
-checkpoint holds both stages. Scoring works on either (`ImageTextScoring`):
+checkpoint holds both stages. Both run the Q-Former through `vlm.bridge.QFormerBridge` (one code
+path, one fp16 rule); these parts are its optional stage-1 half. Scoring works on either
+(`ImageTextScoring`):
 
     image = model.image_embeddings(pixel_values)        # (images, queries, D), normalised
     text = model.text_embeddings(input_ids, mask)       # (texts, D), normalised
@@ -26,8 +28,8 @@ from transformers import PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from .bridge import QFormerBridge
 from .configuration import VLMConfig
-from .towers import build_qformer, build_vision_tower
 
 ITC_TEMPERATURE = 0.07  # BLIP-2's initial value
 
@@ -80,20 +82,10 @@ def is_stage1_weight(name: str) -> bool:
     return name.split(".")[0] in IMAGE_TEXT_MODULES or TEXT_FFN.match(name) is not None
 
 
-class ImageTextScoring:
-    """ITC / ITM scoring and embeddings for a model with the stage-1 parts (a mixin)."""
+class ImageTextScoring(QFormerBridge):
+    """ITC / ITM scoring and embeddings for a model with the stage-1 parts (the bridge's optional half)."""
 
     config: VLMConfig
-
-    def query_features(self, pixel_values=None, vision_features=None) -> torch.Tensor:
-        """The Q-Former's query outputs for images, `(images, queries, hidden)`."""
-        if vision_features is None:
-            vision_features = self.get_vision_features(pixel_values)
-        query_tokens = self.query_tokens.expand(vision_features.shape[0], -1, -1)
-        vision_features = vision_features.to(query_tokens.dtype)
-        mask = torch.ones(vision_features.shape[:-1], dtype=torch.long, device=vision_features.device)
-        return self.qformer(query_embeds=query_tokens, encoder_hidden_states=vision_features,
-                            encoder_attention_mask=mask, return_dict=True).last_hidden_state
 
     def image_embeddings(self, pixel_values=None, vision_features=None) -> torch.Tensor:
         """Normalised image embeddings, one per query: `(images, queries, image_text_hidden_size)`."""
@@ -104,8 +96,7 @@ class ImageTextScoring:
         """The Q-Former's text-only outputs (`(texts, length, hidden)`), as for ITC."""
         embeds = self.embeddings(input_ids=input_ids)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        return self.qformer(query_embeds=embeds, query_length=0, attention_mask=mask.to(embeds.device),
-                            return_dict=True).last_hidden_state
+        return self.run_qformer(embeds, query_length=0, attention_mask=mask.to(embeds.device))
 
     def text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Normalised text embeddings from the [CLS] position: `(texts, image_text_hidden_size)`."""
@@ -126,11 +117,8 @@ class ImageTextScoring:
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         mask = torch.cat([torch.ones(mask.shape[0], num_queries, dtype=mask.dtype, device=mask.device), mask], dim=1)
         embeds = self.embeddings(input_ids=input_ids, query_embeds=query_tokens)
-        vision_features = vision_features.to(query_tokens.dtype)
-        image_mask = torch.ones(vision_features.shape[:-1], dtype=torch.long, device=vision_features.device)
-        hidden = self.qformer(query_embeds=embeds, query_length=num_queries, attention_mask=mask.to(embeds.device),
-                              encoder_hidden_states=vision_features, encoder_attention_mask=image_mask,
-                              return_dict=True).last_hidden_state
+        hidden = self.run_qformer(embeds, vision_features, query_length=num_queries,
+                                  attention_mask=mask.to(embeds.device))
         return self.itm_head(hidden[:, :num_queries, :].to(self.itm_head.weight.dtype)).mean(dim=1)
 
     def itm_scores(self, vision_features: torch.Tensor, input_ids: torch.Tensor,
@@ -152,7 +140,6 @@ class ImageTextModel(ImageTextScoring, PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image", "text")
     _supports_sdpa = True
-    _keep_in_fp32_modules = ["query_tokens", "qformer"]
     _tied_weights_keys = {"itg_head.decoder.weight": "embeddings.word_embeddings.weight"}
     # A `vlm` checkpoint also holds the LLM and the projection to it: not part of this model.
     _keys_to_ignore_on_load_unexpected = [r"^language_model\.", r"^language_projection\."]
@@ -162,9 +149,7 @@ class ImageTextModel(ImageTextScoring, PreTrainedModel):
 
         if not config.image_text_hidden_size:
             raise ValueError("ImageTextModel needs config.image_text_hidden_size (the ITC/ITM heads' width)")
-        self.vision_model = build_vision_tower(config.vision_config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        self.qformer = build_qformer(config.qformer_config)
+        self.build_bridge(config, projection=False)  # no LLM, so no projection into one
         add_image_text_parts(self, config)
         self.post_init()
         self.vision_model.requires_grad_(False)
@@ -203,11 +188,6 @@ class ImageTextModel(ImageTextScoring, PreTrainedModel):
         batch = {"text_ids": text_ids, "text_mask": text_mask, "image_ids": image_ids, "caption_ids": caption_ids,
                  "pixel_values": pixel_values, "vision_features": vision_features}
         return stage1_losses(self, batch, decoder_start_id, weights, negatives)
-
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        param = next(self.vision_model.parameters())
-        return self.vision_model(pixel_values=pixel_values.to(param.device, param.dtype),
-                                 return_dict=True).last_hidden_state
 
 
 @torch.inference_mode()

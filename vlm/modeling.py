@@ -2,12 +2,12 @@
 
 Module names match transformers' `Blip2ForConditionalGeneration` and
 `InstructBlipForConditionalGeneration` (`vision_model`, `query_tokens`, `qformer`,
-`language_projection`, `language_model`), so their checkpoints load 1:1.
+`language_projection`, `language_model`), so their checkpoints load 1:1. The image path up to the
+soft prompt is `vlm.bridge.QFormerBridge`, shared with the stage-1 `ImageTextModel`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import torch
@@ -23,7 +23,6 @@ from transformers import (
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration import VLMConfig
-from .towers import build_qformer, build_vision_tower
 from .image_text import (
     IMAGE_TEXT_MODULES,
     ImageTextModel,
@@ -31,12 +30,6 @@ from .image_text import (
     add_image_text_parts,
     init_image_text_weights,
 )
-
-def _no_fp16_autocast(device_type: str):
-    """Autocast off when it is fp16 (V100/T4 training, FSDP's fp16 mixed precision): BLIP-2 keeps
-    the Q-Former out of fp16, where it is unstable. bf16 autocast stays on, as in transformers."""
-    fp16 = torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
-    return torch.autocast(device_type, enabled=False) if fp16 else contextlib.nullcontext()
 
 
 class VisionLanguageModel(ImageTextScoring, PreTrainedModel, GenerationMixin):
@@ -55,16 +48,11 @@ class VisionLanguageModel(ImageTextScoring, PreTrainedModel, GenerationMixin):
     _supports_sdpa = True
     _supports_flash_attn = False  # the fp32 Q-Former blocks flash attention
     _supports_attention_backend = True
-    # BLIP-2 keeps these in fp32 whatever the load dtype: the Q-Former is unstable in fp16.
-    _keep_in_fp32_modules = ["query_tokens", "qformer"]
     _skip_keys_device_placement = ["past_key_values"]
 
     def __init__(self, config: VLMConfig):
         super().__init__(config)
-        self.vision_model = build_vision_tower(config.vision_config)
-        self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, config.qformer_config.hidden_size))
-        self.qformer = build_qformer(config.qformer_config)
-        self.language_projection = nn.Linear(config.qformer_config.hidden_size, config.text_config.hidden_size)
+        self.build_bridge(config, projection=True)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         if config.has_image_text_heads:  # BLIP-2's stage-1 parts, kept through stage 2
             add_image_text_parts(self, config)
@@ -122,62 +110,6 @@ class VisionLanguageModel(ImageTextScoring, PreTrainedModel, GenerationMixin):
 
     def get_decoder(self):
         return self.language_model.get_decoder()
-
-    # -- image path ----------------------------------------------------------------------------
-    def get_vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Patch features of the vision tower, `(num_images, num_patches, vision_width)`."""
-        param = next(self.vision_model.parameters())
-        pixel_values = pixel_values.to(param.device, param.dtype)
-        return self.vision_model(pixel_values=pixel_values, return_dict=True).last_hidden_state
-
-    def get_image_features(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        vision_features: torch.Tensor | None = None,
-        qformer_input_ids: torch.LongTensor | None = None,
-        qformer_attention_mask: torch.LongTensor | None = None,
-    ) -> torch.Tensor:
-        """Soft-prompt embeddings for each image, `(num_images, num_query_tokens, llm_width)`.
-
-        Pass `vision_features` (from `get_vision_features`) to reuse an image's encoding across
-        prompts. InstructBLIP-style Q-Formers also need the instruction (`qformer_input_ids`),
-        one row per image.
-        """
-        if vision_features is None:
-            if pixel_values is None:
-                raise ValueError("get_image_features needs pixel_values or vision_features")
-            vision_features = self.get_vision_features(pixel_values)
-        num_images = vision_features.shape[0]
-        query_tokens = self.query_tokens.expand(num_images, -1, -1)
-        # The Q-Former computes in its own weights' dtype (fp32 when the model loads in fp16, as
-        # BLIP-2 keeps it), whatever dtype the frozen vision tower outputs.
-        vision_features = vision_features.to(query_tokens.dtype)
-        image_attention_mask = torch.ones(vision_features.shape[:-1], dtype=torch.long, device=vision_features.device)
-        qformer_kwargs = {}
-        if self.config.qformer_reads_instruction:
-            if qformer_input_ids is None:
-                raise ValueError("this model's Q-Former reads the instruction: pass qformer_input_ids")
-            if qformer_input_ids.shape[0] != num_images:
-                raise ValueError(
-                    f"qformer_input_ids has {qformer_input_ids.shape[0]} rows but there are {num_images} images"
-                )
-            if qformer_attention_mask is None:
-                qformer_attention_mask = torch.ones_like(qformer_input_ids)
-            query_mask = torch.ones(query_tokens.shape[:-1], dtype=torch.long, device=query_tokens.device)
-            qformer_kwargs = {
-                "input_ids": qformer_input_ids.to(query_tokens.device),
-                "attention_mask": torch.cat([query_mask, qformer_attention_mask.to(query_mask.device)], dim=1),
-            }
-        with _no_fp16_autocast(vision_features.device.type):
-            query_output = self.qformer(
-                query_embeds=query_tokens,
-                encoder_hidden_states=vision_features,
-                encoder_attention_mask=image_attention_mask,
-                return_dict=True,
-                **qformer_kwargs,
-            ).last_hidden_state[:, : self.config.num_query_tokens, :]
-        projection = self.language_projection.weight
-        return self.language_projection(query_output.to(projection.dtype))
 
     def embed_inputs(
         self,

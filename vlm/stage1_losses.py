@@ -133,12 +133,8 @@ def itg_loss(model, vision_features, text_ids, text_mask, decoder_start_id: int)
     query_tokens = model.query_tokens.expand(text_ids.shape[0], -1, -1)
     queries = query_tokens.shape[1]
     embeds = model.embeddings(input_ids=decoder_ids, query_embeds=query_tokens)
-    vision = vision_features.to(query_tokens.dtype)
-    image_mask = torch.ones(vision.shape[:-1], dtype=torch.long, device=vision.device)
     mask = itg_mask(queries, text_mask).to(embeds.dtype)
-    hidden = model.qformer(query_embeds=embeds, query_length=queries, attention_mask=mask,
-                           encoder_hidden_states=vision, encoder_attention_mask=image_mask,
-                           return_dict=True).last_hidden_state[:, queries:, :]
+    hidden = model.run_qformer(embeds, vision_features, query_length=queries, attention_mask=mask)[:, queries:, :]
     logits = model.itg_head(hidden.to(model.itg_head.decoder.weight.dtype))
     labels = decoder_ids.masked_fill(text_mask == 0, IGNORE_INDEX)[:, 1:]  # the start token is not a target
     total = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
