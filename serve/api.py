@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -33,6 +33,7 @@ from vlm.context import fit_context
 from vlm.errors import VLMError
 
 from .body import BODY_TIMEOUT_S, parse_json, read_body, require_json
+from .metrics import CONTENT_TYPE_LATEST, ServeMetrics, StatusCounter, not_ready
 from .conversation import Turn, prompt_tokens, render_prompt
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
 from .remote import any_address, fetch_remote, is_public_address
@@ -60,10 +61,12 @@ class ApiSettings:
     images: ImageLimits = field(default_factory=ImageLimits)  # shared with the chat page in `vlm chat`
 
 
-def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
-    """The `/v1` application (mount it at `/v1`)."""
+def create_api(engine: InferenceEngine, settings: ApiSettings, metrics: ServeMetrics | None = None) -> FastAPI:
+    """The `/v1` application (mount it at `/v1`); `metrics` counts its answers by status code."""
     app = FastAPI(title="vlm OpenAI-compatible API", openapi_url=None, docs_url=None, redoc_url=None,
                   dependencies=[Depends(require_key(settings.api_key))])
+    if metrics is not None:  # outside the error handlers: it sees the status they answer with
+        app.add_middleware(StatusCounter, metrics=metrics)
     created = int(time.time())
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _server_error)
@@ -121,37 +124,33 @@ def create_api(engine: InferenceEngine, settings: ApiSettings) -> FastAPI:
     return app
 
 
-def metrics_text(engine) -> str:
-    """The engine's counters in Prometheus' text format (GET /metrics)."""
-    stats = engine.stats
-    cache = engine.feature_cache
-    values = {
-        "vlm_requests_total": stats["requests"],
-        "vlm_completion_tokens_total": stats["completion_tokens"],
-        "vlm_decode_steps_total": stats["decode_steps"],
-        "vlm_vision_encodes_total": engine.encoder.vision_encodes,
-        "vlm_feature_cache_hits_total": cache.hits,
-        "vlm_feature_cache_bytes": cache.nbytes,
-        "vlm_running_requests": engine.running,
-        "vlm_waiting_requests": engine.waiting,
-        "vlm_peak_batch_size": stats["peak_batch"],
-        "vlm_out_of_memory_total": stats["out_of_memory"],
-    }
-    return "".join(f"{name} {value}\n" for name, value in values.items())
-
-
 def make_app(engine, api_settings, with_api: bool = True):
-    """The root FastAPI app: `/v1` (the API) and `/metrics`; `vlm chat` mounts its page at `/`."""
+    """The root FastAPI app: `/v1` (the API), `/metrics` (Prometheus, behind the API key), and the
+    probes `/health` and `/ready` (open: load balancers call them); `vlm chat` mounts its page at `/`."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _server_error)
+    monitoring = ServeMetrics(engine)
 
     @app.get("/metrics", dependencies=[Depends(require_key(api_settings.api_key))])
     async def metrics():
-        return PlainTextResponse(metrics_text(engine))
+        return Response(monitoring.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/health")
+    async def health():
+        """Alive: answered while the process serves HTTP."""
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        """Ready for a request: model loaded, engine running, room in its queue; else a 503."""
+        reason = not_ready(engine)
+        if reason is not None:
+            return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
+        return {"status": "ready"}
 
     if with_api:
-        app.mount("/v1", create_api(engine, api_settings))
+        app.mount("/v1", create_api(engine, api_settings, monitoring))
     return app
 
 
@@ -210,7 +209,7 @@ def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings
                                         top_p=body.top_p, seed=body.seed, stop=body.stop_strings())
     except VLMError as e:
         raise ApiError(400, str(e)) from None
-    return EngineRequest(prompt, images, generation)
+    return EngineRequest(prompt, images, generation, origin="api")
 
 
 def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings, images: RequestImages,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -140,7 +141,14 @@ def run_server(app, sock: socket.socket, engine) -> int:
         server.should_exit = True
 
     engine.on_failure = stop
-    server.run(sockets=[sock])
+    # uvicorn stops gracefully on SIGTERM, then raises the signal again for the handler it found:
+    # with the default one the process died there (status -15) without closing the engine. A
+    # supervisor's stop is a clean exit: this handler asks for a stop, and the engine closes below.
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop())
+    try:
+        server.run(sockets=[sock])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     engine.close()
     if engine.failure is not None:
         print(f"error: the inference engine stopped ({engine.failure}); exiting so that a supervisor can restart "

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 from PIL import Image
+from scrape import scrape, totals
 from server_process import ServerProcess, vlm_command
 from tiny import random_image
 
@@ -34,8 +35,7 @@ def data_url(path: Path) -> str:
 
 
 def metrics(server) -> dict[str, float]:
-    text = httpx.get(server.url + "metrics", headers={"Authorization": f"Bearer {KEY}"}).text
-    return {name: float(value) for name, value in (line.split() for line in text.splitlines())}
+    return totals(scrape(server.url + "metrics", {"Authorization": f"Bearer {KEY}"}))
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import gc
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import psutil
 import pytest
 from gradio_client import Client, handle_file
+from scrape import scrape, totals
 from server_process import NOTICE, ChatServer
 from tiny import random_image
 
@@ -80,6 +80,6 @@ def test_16_users_3_turns_all_answered_and_memory_settles(server, tmp_path):
     assert after - before < max(60.0, 0.15 * before), f"server RSS grew {before:.0f} -> {after:.0f} MB"
     assert server.alive()
     # Answered in batches: the engine decoded several users' replies together.
-    metrics = dict(line.split() for line in httpx.get(server.url + "metrics").text.splitlines())
+    metrics = totals(scrape(server.url + "metrics"))
     print(f"peak batch {metrics['vlm_peak_batch_size']}, {metrics['vlm_decode_steps_total']} decode steps")
     assert int(metrics["vlm_peak_batch_size"]) >= 4
