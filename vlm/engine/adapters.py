@@ -1,28 +1,39 @@
-"""Which requests run the LoRA adapter: by default, conversations without images get the base LLM.
+"""Which LoRA each request runs: the served model's own, a named fine-tune, or the base LLM.
+
+One process serves one base model and any number of LoRA fine-tunes written by `vlm train`
+(`vlm serve --adapter NAME=PATH`), chosen per request by name (`Request.model`). Each fine-tune
+brings its peft adapter (LoRA on the LLM), its bridge (the Q-Former, query tokens and projection
+it trained, `bridge.safetensors`), its prompt format (its processor) and its novelty statistics.
+The base is held once: LoRA weights are small, and a fine-tune's bridge is swapped into the
+model's own modules only while its images are encoded (`bridge`), under the engine's model lock.
+Rows of different fine-tunes and of the base decode together in one batch through peft's
+mixed-adapter batches (the adapter name `"__base__"` skips the LoRA for that row), the mechanism
+behind peft's own `forward(..., adapter_names=...)`.
 
 A LoRA fine-tuned on images (captions, VQA) also changes how the LLM answers plain text: the
-demo's, trained on one-word answers, once answered "france" to "What is the capital of France?",
-and even with text rehearsal rows in its mix it words most general answers differently from the
-base model. With the adapter kept unmerged (a `vlm train` LoRA output, the demo), a request with
-no image anywhere in its conversation runs with the adapter off, so text chat is exactly the base
-LLM's. Requests with images run it on. `adapter_for_text=True` (`--adapter-for-text`) runs every
-request through it, for adapters trained to change text chat too.
-
-Rows of both kinds decode together in one batch through peft's mixed-adapter batches (the adapter
-name `"__base__"` skips the LoRA for that row), the mechanism behind peft's own
-`forward(..., adapter_names=...)`; a batch of one kind needs none of it. A merged model
-(`vlm export --merge-lora`) has no adapter to turn off: every request runs what it holds.
+demo's, trained on one-word answers, once answered "france" to "What is the capital of France?".
+So by default a request with no image anywhere in its conversation runs the base LLM, whatever
+model it names; `adapter_for_text=True` (`--adapter-for-text`) runs the LoRA for those too. A
+merged model (`vlm export --merge-lora`) has no adapter to turn off: every request runs what it holds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+import torch
+
+from ..errors import VLMError
+from ..files import ADAPTER_CONFIG, BRIDGE_WEIGHTS
 from ..loading import is_peft
+from ..novelty import NoveltyDetector
 from .request import Request
 
 BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
+SHARED = ("language_model.", "vision_model.")  # what every fine-tune shares: a bridge holds neither
 
 
 def _peft_adapter(model) -> str | None:
@@ -32,29 +43,59 @@ def _peft_adapter(model) -> str | None:
     return model.active_adapter
 
 
+def _bare(model):
+    return model.get_base_model() if is_peft(model) else model
+
+
+@dataclass
+class Served:
+    """A LoRA fine-tune served under its own model name (`name`, also its peft adapter's name)."""
+
+    name: str
+    path: str
+    bridge: dict[str, torch.Tensor]  # its trained bridge weights, by the model's parameter names
+    processor: object  # its prompt format (question template, caption prompt, chat template)
+    novelty: NoveltyDetector | None
+
+
 class AdapterRouting:
-    """Per request: the adapter it runs (`name`); per batch: the context its forward passes run in (`rows`)."""
+    """Per request: the adapter it runs (`name`); per batch: the context its forward passes run in
+    (`rows`); per image encoding: whose bridge (`bridge`). Fine-tunes are added with `add` and taken
+    away with `remove` (under the engine's model lock: between forward passes)."""
 
     def __init__(self, model, adapter_for_text: bool = False):
         self.model = model
-        self.adapter = _peft_adapter(model)
+        self.adapter = _peft_adapter(model)  # the served model's own LoRA (None: the plain base)
         self.adapter_for_text = adapter_for_text
+        self.served: dict[str, Served] = {}
+        self.retiring: set[str] = set()  # removed, but still decoding the requests they had
+
+    def available(self) -> list[str]:
+        """The fine-tunes new requests may name."""
+        return [name for name in self.served if name not in self.retiring]
 
     @property
     def routes(self) -> bool:
-        """True when some requests run without the adapter."""
-        return self.adapter is not None and not self.adapter_for_text
+        """True when some requests run another adapter (or none) than the model's active one."""
+        return is_peft(self.model) and (bool(self.served) or (self.adapter is not None and not self.adapter_for_text))
+
+    def lora(self, model_name: str | None) -> str | None:
+        """The peft adapter of a served model name (None: the default model's own, if any)."""
+        served = self.served.get(model_name) if model_name is not None else None
+        return served.name if served is not None else self.adapter
 
     def name(self, request: Request) -> str | None:
-        """The adapter `request` runs: the model's, or `BASE` for one without images (None: no adapter)."""
-        if not self.routes or request.images:
-            return self.adapter
-        return BASE
+        """The adapter `request` runs: its model's LoRA, or `BASE` (the plain LLM: no LoRA, or a
+        request without images); None when the model has no adapters at all."""
+        lora = self.lora(request.model)
+        if lora is None:
+            return BASE if is_peft(self.model) else None
+        return lora if request.images or self.adapter_for_text else BASE
 
     @contextlib.contextmanager
     def rows(self, names: list[str | None]) -> Iterator[None]:
         """Forward passes in this context run each batch row with its adapter (`names[row]`)."""
-        if not self.routes or all(n == self.adapter for n in names):
+        if not self.routes or all(n == self.model.active_adapter for n in names):
             yield
         elif all(n == BASE for n in names):
             with self.model.disable_adapter():
@@ -64,3 +105,85 @@ class AdapterRouting:
             # the engine calls the LLM inside the model directly, so it enters the context itself.
             with self.model._enable_peft_forward_hooks(adapter_names=list(names)):
                 yield
+
+    @contextlib.contextmanager
+    def bridge(self, model_name: str | None) -> Iterator[None]:
+        """In this context the model's bridge modules hold the weights of `model_name`'s fine-tune
+        (the tensors are swapped, not copied; no other forward pass may run meanwhile)."""
+        served = self.served.get(model_name) if model_name is not None else None
+        if served is None or not served.bridge:
+            yield
+            return
+        params = dict(_bare(self.model).named_parameters())
+        kept = {name: params[name].data for name in served.bridge}
+        try:
+            for name, value in served.bridge.items():
+                params[name].data = value
+            yield
+        finally:
+            for name, value in kept.items():
+                params[name].data = value
+
+    def novelty(self, model_name: str | None):
+        """The novelty statistics for `model_name`'s images (a fine-tune's own, else the model's)."""
+        served = self.served.get(model_name) if model_name is not None else None
+        if served is not None and served.novelty is not None:
+            return served.novelty
+        return getattr(self.model, "novelty", None)
+
+    # -- adding and removing fine-tunes ------------------------------------------------------------
+    def add(self, name: str, path: str, default_processor) -> None:
+        """Serve the `vlm train` LoRA output at `path` as `name` (`VLMError` for a folder that is
+        not one, a name taken, or a bridge that does not fit the base)."""
+        if name in self.served or name == BASE:
+            raise VLMError(f"--adapter {name}: that name is taken")
+        if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
+            raise VLMError(f"--adapter {name}={path}: not a LoRA output of vlm train (no {ADAPTER_CONFIG})")
+        bridge = self._read_bridge(name, path)
+        from peft import PeftModel
+
+        if is_peft(self.model):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
+            self.model.eval()
+        self.served[name] = Served(name, path, bridge, _processor(path, default_processor),
+                                   _novelty(path, next(self.model.parameters()).device))
+
+    def remove(self, name: str) -> None:
+        """Stop serving `name` and free its LoRA (no request may be using it)."""
+        self.served.pop(name)
+        self.retiring.discard(name)
+        if name == self.model.active_adapter and len(self.model.peft_config) > 1:
+            self.model.set_adapter(next(n for n in self.model.peft_config if n != name))
+        self.model.delete_adapter(name)
+
+    def _read_bridge(self, name: str, path: str) -> dict[str, torch.Tensor]:
+        from safetensors.torch import load_file
+
+        file = os.path.join(path, BRIDGE_WEIGHTS)
+        if not os.path.isfile(file):
+            return {}
+        params = dict(_bare(self.model).named_parameters())
+        state = load_file(file)
+        shared = [k for k in state if k.startswith(SHARED)]
+        if shared:
+            raise VLMError(f"--adapter {name}: {file} holds weights the fine-tunes share ({shared[0]}...); serve it "
+                           "alone, or merge it with vlm export --merge-lora")
+        wrong = [k for k, v in state.items() if k not in params or v.shape != params[k].shape]
+        if wrong:
+            raise VLMError(f"--adapter {name}: {file} does not fit this base model ({wrong[0]})")
+        return {k: v.to(params[k].device, params[k].dtype) for k, v in state.items()}
+
+
+def _processor(path: str, default):
+    if not os.path.isfile(os.path.join(path, "processor_config.json")):
+        return default
+    from ..processing import VLMProcessor
+
+    return VLMProcessor.from_pretrained(path)
+
+
+def _novelty(path: str, device) -> NoveltyDetector | None:
+    detector = NoveltyDetector.load(path)
+    return detector.to(device) if detector is not None else None

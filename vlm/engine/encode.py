@@ -16,6 +16,7 @@ import torch
 
 from ..errors import VLMError
 from ..preprocess import make_preprocess
+from .adapters import AdapterRouting
 from .cache import FeatureCache, pixel_digest
 from .request import ImageInput, Request
 
@@ -36,17 +37,15 @@ class Encoded:
 class Encoder:
     """Turns `Request`s into `Encoded` inputs for one `(model, processor)`."""
 
-    def __init__(self, model, processor, cache: FeatureCache):
+    def __init__(self, model, processor, cache: FeatureCache, routing: AdapterRouting | None = None):
         self.model, self.processor, self.cache = model, processor, cache
+        self.routing = routing or AdapterRouting(model)  # whose bridge and statistics a request's images get
         self.reads_instruction = bool(getattr(model.config, "qformer_reads_instruction", False))
         self.preprocess = make_preprocess(processor.image_processor)
         self.vision_encodes = 0  # images that ran through the vision tower
-        # Training-image statistics loaded with the model (None: no warnings), and per image key
-        # whether it is unlike them (bounded by MAX_NOVELTY_ENTRIES).
-        self.novelty = getattr(model, "novelty", None)
-        # What the model says instead of answering about such an image (None: it answers, warned).
-        self.novel_answer = getattr(self.novelty, "answer", None)
-        self._novel: OrderedDict[str, bool] = OrderedDict()
+        # Per (model name, image key): whether the image is unlike that model's training images
+        # (`vlm.novelty`; bounded by MAX_NOVELTY_ENTRIES).
+        self._novel: OrderedDict[tuple, bool] = OrderedDict()
 
     @property
     def device(self) -> torch.device:
@@ -56,34 +55,48 @@ class Encoder:
         """`(3, H, W)` pixel values of an image (a tensor is taken as already preprocessed)."""
         return image if isinstance(image, torch.Tensor) else self.preprocess(image)
 
+    def novel_answer(self, model_name: str | None = None) -> str | None:
+        """What `model_name` says instead of answering about an image unlike its training images
+        (None: it answers, warned)."""
+        return getattr(self.routing.novelty(model_name), "answer", None)
+
     @torch.inference_mode()
-    def cached_features(self, images: list[ImageInput]) -> tuple[list[torch.Tensor], list[bool]]:
-        """Per image: the cached tensor (soft prompt, or vision features for instruction-reading
-        Q-Formers), and whether it is unlike the training images (always False without novelty
-        statistics); the images not cached yet run through the vision tower together."""
+    def cached_features(self, images: list[ImageInput], model_name: str | None = None
+                        ) -> tuple[list[torch.Tensor], list[bool]]:
+        """Per image: the cached tensor (soft prompt through `model_name`'s bridge, or vision
+        features for instruction-reading Q-Formers), and whether it is unlike that model's
+        training images; the images not cached yet run through the vision tower together."""
         pixels = [self.pixels(image) for image in images]
-        keys = [pixel_digest(p) for p in pixels]
+        digests = [pixel_digest(p) for p in pixels]
+        # A fine-tune's soft prompts come from its own bridge; the tower's features are everyone's.
+        keys = digests if self.reads_instruction or model_name is None else [f"{model_name}:{d}" for d in digests]
         found = {k: v for k in dict.fromkeys(keys) if (v := self.cache.get(k)) is not None}
         missing = [k for k in dict.fromkeys(keys) if k not in found]
-        if missing:
-            batch = torch.stack([pixels[keys.index(k)] for k in missing])
-            vision = self.model.get_vision_features(batch)
-            self.vision_encodes += len(missing)
-            self._remember_novelty(missing, vision)
-            values = vision if self.reads_instruction else self.model.get_image_features(vision_features=vision)
-            for key, value in zip(missing, values):
-                # A copy: a view would keep the whole batch's tensor alive, which the cache's byte
-                # count would not see.
-                value = value.unsqueeze(0).clone()
-                found[key] = value
-                self.cache.put(key, value)
-        return [found[k] for k in keys], [self._novel.get(k, False) for k in keys]
+        unjudged = {d for d in digests if (model_name, d) not in self._novel}
+        if missing or unjudged:
+            todo = list(dict.fromkeys([keys.index(k) for k in missing] + [digests.index(d) for d in unjudged]))
+            vision = self.model.get_vision_features(torch.stack([pixels[i] for i in todo]))
+            self.vision_encodes += len(todo)
+            self._remember_novelty(model_name, [digests[i] for i in todo], vision)
+            if missing:
+                rows = [todo.index(keys.index(k)) for k in missing]
+                values = vision[rows] if self.reads_instruction else self._soft_prompts(vision[rows], model_name)
+                for key, value in zip(missing, values):
+                    # A copy: a view would keep the whole batch's tensor alive, which the cache's
+                    # byte count would not see.
+                    found[key] = value.unsqueeze(0).clone()
+                    self.cache.put(key, found[key])
+        return [found[k] for k in keys], [self._novel.get((model_name, d), False) for d in digests]
 
-    def _remember_novelty(self, keys: list[str], vision: torch.Tensor) -> None:
-        if self.novelty is None:
-            return
-        for key, novel in zip(keys, self.novelty.is_novel(vision)):
-            self._novel[key] = novel
+    def _soft_prompts(self, vision: torch.Tensor, model_name: str | None, **qformer_inputs) -> torch.Tensor:
+        with self.routing.bridge(model_name):
+            return self.model.get_image_features(vision_features=vision, **qformer_inputs)
+
+    def _remember_novelty(self, model_name: str | None, digests: list[str], vision: torch.Tensor) -> None:
+        detector = self.routing.novelty(model_name)
+        flags = detector.is_novel(vision) if detector is not None else [False] * len(digests)
+        for digest, novel in zip(digests, flags):
+            self._novel[(model_name, digest)] = novel
         while len(self._novel) > MAX_NOVELTY_ENTRIES:
             self._novel.popitem(last=False)
 
@@ -117,19 +130,23 @@ class Encoder:
             images_per_text=[len(r.images) for r in requests],
             qformer_text=_instructions(requests, self.processor),
         )
-        images = [image for r in requests for image in r.images]
-        if not images:
+        owners = [r.model for r in requests for _ in r.images]  # each image's model, in reading order
+        if not owners:
             return dict(encoding), None, [False] * len(requests)
-        cached, novel = self.cached_features(images)
-        features = torch.cat(cached, dim=0)
-        if self.reads_instruction:
-            features = self.model.get_image_features(
-                vision_features=features,
-                qformer_input_ids=encoding["qformer_input_ids"].to(features.device),
-                qformer_attention_mask=encoding["qformer_attention_mask"].to(features.device),
-            )
+        images = [image for r in requests for image in r.images]
+        features: list = [None] * len(images)
+        novel: list = [False] * len(images)
+        for model_name in dict.fromkeys(owners):  # each model's images through its own bridge
+            rows = [i for i, owner in enumerate(owners) if owner == model_name]
+            cached, flags = self.cached_features([images[i] for i in rows], model_name)
+            if self.reads_instruction:
+                vision = torch.cat(cached, dim=0)
+                ids, mask = (encoding[k][rows].to(vision.device) for k in ("qformer_input_ids", "qformer_attention_mask"))
+                cached = self._soft_prompts(vision, model_name, qformer_input_ids=ids, qformer_attention_mask=mask)
+            for i, row in enumerate(rows):
+                features[row], novel[row] = cached[i].reshape(1, *cached[i].shape[-2:]), flags[i]
         encoding = {k: v for k, v in encoding.items() if not k.startswith("qformer_")}
-        return encoding, features, _per_request(novel, requests)
+        return encoding, torch.cat(features, dim=0), _per_request(novel, requests)
 
     def encode(self, request: Request) -> Encoded:
         """One request, unpadded; `VLMError` for an empty prompt (no token to start from)."""
