@@ -125,16 +125,12 @@ def create_api(engine: InferenceEngine, settings: ApiSettings, metrics: ServeMet
 
 
 def make_app(engine, api_settings, with_api: bool = True):
-    """The root FastAPI app: `/v1` (the API), `/metrics` (Prometheus, behind the API key), and the
-    probes `/health` and `/ready` (open: load balancers call them); `vlm chat` mounts its page at `/`."""
+    """The root FastAPI app: the probes `/health` and `/ready` (open: load balancers call them), and
+    with `with_api` `/v1` (the API) and `/metrics` (Prometheus), behind the API key when one is set;
+    `vlm chat` mounts its page at `/`."""
     app = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     app.add_exception_handler(ApiError, _api_error)
     app.add_exception_handler(Exception, _server_error)
-    monitoring = ServeMetrics(engine)
-
-    @app.get("/metrics", dependencies=[Depends(require_key(api_settings.api_key))])
-    async def metrics():
-        return Response(monitoring.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():
@@ -149,8 +145,15 @@ def make_app(engine, api_settings, with_api: bool = True):
             return JSONResponse({"status": "unavailable", "reason": reason}, status_code=503)
         return {"status": "ready"}
 
-    if with_api:
-        app.mount("/v1", create_api(engine, api_settings, monitoring))
+    if not with_api:  # metrics name adapters and traffic: they are exposed as the API would be
+        return app
+    monitoring = ServeMetrics(engine)
+
+    @app.get("/metrics", dependencies=[Depends(require_key(api_settings.api_key))])
+    async def metrics():
+        return Response(monitoring.text(), media_type=CONTENT_TYPE_LATEST)
+
+    app.mount("/v1", create_api(engine, api_settings, monitoring))
     return app
 
 

@@ -32,7 +32,8 @@ from Python (pip install openai):
                                    {"type": "text", "text": "What is in this picture?"}]}])
 
 Requests from many clients are decoded together (continuous batching); each image is encoded
-once (follow-ups that resend it cost no vision pass). GET /metrics gives counters for monitoring.
+once (follow-ups that resend it cost no vision pass). Monitoring: GET /metrics (Prometheus), GET /health
+(alive) and GET /ready (503 while the queue is full or the engine has stopped; no key needed).
 """
 
 

@@ -154,12 +154,42 @@ def test_ready_is_503_once_the_engine_is_closed(blip2_opt_dir):
 
     model, processor = load_pretrained(str(blip2_opt_dir), device="cpu")
     engine = InferenceEngine(model, processor, max_batch_size=1)
+    with TestClient(make_app(engine, ApiSettings("tiny"), with_api=False)) as http:  # vlm chat, open host, no key
+        assert http.get("/ready").json() == {"status": "ready"} and http.get("/metrics").status_code == 404
     with TestClient(make_app(engine, ApiSettings("tiny", api_key=KEY))) as http:
         assert http.get("/ready").json() == {"status": "ready"}
         engine.close()
         assert http.get("/health").status_code == 200
         reply = http.get("/ready")
         assert reply.status_code == 503 and reply.json()["reason"] == "the model is not loaded"
+
+
+def test_chat_page_requests_count_under_their_front_door(blip2_opt_dir):
+    from fastapi.testclient import TestClient
+
+    from vlm.serve.api import ApiSettings, make_app
+    from vlm.serve.conversation import new_turn
+    from vlm.serve.frontend import ChatFrontend
+
+    model, processor = load_pretrained(str(blip2_opt_dir), device="cpu")
+    engine = InferenceEngine(model, processor, max_batch_size=2)
+    app = make_app(engine, ApiSettings("tiny"))  # as `vlm chat` builds it, before mounting the page
+    with TestClient(app) as http:
+        ChatFrontend(engine, upload_dirs=[]).reply([new_turn("hello", [])], max_new_tokens=3)
+        assert http.post("/v1/chat/completions", json={"model": "tiny", "max_tokens": 3,
+                                                       "messages": ask("hello")}).status_code == 200
+        families = scrape_app(http)
+    engine.close()
+    for door in ("chat", "api"):
+        assert total(families, "vlm_requests_total", front_door=door, adapter="base") == 1, door
+        assert total(families, "vlm_e2e_request_latency_seconds_count", front_door=door) == 1, door
+    assert total(families, "vlm_http_requests_total") == 1  # the page's own traffic is not the API's
+
+
+def scrape_app(http) -> list:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return list(text_string_to_metric_families(http.get("/metrics").text))
 
 
 def test_probes_through_a_shutdown(blip2_opt_dir, tmp_path):
