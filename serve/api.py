@@ -27,13 +27,23 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlm.engine import Completion, EngineBusy, EngineFailed, GenerationSettings, InferenceEngine, OutOfMemory, Stream
+from vlm.engine import (
+    Completion,
+    EngineBusy,
+    EngineFailed,
+    GenerationSettings,
+    InferenceEngine,
+    ModelNotFound,
+    OutOfMemory,
+    Stream,
+)
 from vlm.engine import Request as EngineRequest
 from vlm.context import fit_context
 from vlm.errors import VLMError
 
 from .body import BODY_TIMEOUT_S, parse_json, read_body, require_json
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics, StatusCounter, not_ready
+from .adapter_routes import add_adapter_routes, engine_model, served_models
 from .conversation import Turn, prompt_tokens, render_prompt
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
 from .remote import any_address, fetch_remote, is_public_address
@@ -80,25 +90,25 @@ def create_api(engine: InferenceEngine, settings: ApiSettings, metrics: ServeMet
 
     @app.get("/models")
     async def models():
-        return {"object": "list", "data": [_model_card(settings.model_name, created)]}
+        return {"object": "list",
+                "data": [_model_card(name, created) for name in served_models(engine, settings.model_name)]}
 
     @app.get("/models/{name:path}")
     async def model(name: str):
-        if name != settings.model_name:
-            raise ApiError(404, f"the model {name!r} does not exist", param="model", code="model_not_found")
+        engine_model(engine, settings.model_name, name)  # 404 unless served
         return _model_card(name, created)
+
+    add_adapter_routes(app, engine, settings)
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
         require_json(request)
         data = await parse_json(await read_body(request, settings.max_body_bytes, settings.body_timeout_s))
         body = await run_in_threadpool(parse_request, data)
-        if body.model != settings.model_name:
-            raise ApiError(404, f"the model {body.model!r} does not exist (this server has {settings.model_name!r})",
-                           param="model", code="model_not_found")
-        engine_request = await run_in_threadpool(build_request, engine, body, settings)
+        model = engine_model(engine, settings.model_name, body.model)
+        engine_request = await run_in_threadpool(build_request, engine, body, settings, model)
         stream = _submit(engine, engine_request)
-        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), settings.model_name)
+        reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_events(stream, request, reply, include_usage), media_type="text/event-stream",
@@ -187,14 +197,18 @@ def _submit(engine: InferenceEngine, request: EngineRequest) -> Stream:
         raise ApiError(503, str(e), code="server_busy", kind="server_error", headers={"Retry-After": "1"}) from None
     except EngineFailed as e:
         raise ApiError(500, str(e), kind="server_error") from None
+    except ModelNotFound as e:  # unloaded since the request was checked
+        raise ApiError(404, str(e), param="model", code="model_not_found") from None
     except VLMError as e:  # the engine is closed: the server is shutting down
         raise ApiError(503, str(e), code="server_shutting_down", kind="server_error") from None
 
 
 # -- request -> engine request ---------------------------------------------------------------------
-def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings: ApiSettings) -> EngineRequest:
-    """The engine request for a chat-completions body (prompt rendered as the chat page renders it)."""
-    processor = engine.processor
+def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings: ApiSettings,
+                  model: str | None = None) -> EngineRequest:
+    """The engine request for a chat-completions body, for the engine's `model` (None: its own): the
+    prompt rendered as the chat page renders it, in the format that model was trained with."""
+    processor = engine.processor_for(model)
     turns, system = messages_to_turns(body, settings, RequestImages(settings.images, engine.encoder.pixels),
                                       processor.image_token)
     try:
@@ -212,7 +226,7 @@ def build_request(engine: InferenceEngine, body: ChatCompletionRequest, settings
                                         top_p=body.top_p, seed=body.seed, stop=body.stop_strings())
     except VLMError as e:
         raise ApiError(400, str(e)) from None
-    return EngineRequest(prompt, images, generation, origin="api")
+    return EngineRequest(prompt, images, generation, origin="api", model=model)
 
 
 def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings, images: RequestImages,

@@ -42,6 +42,7 @@ class ChatSettings:
     top_p: float = 0.9
     concurrency: int = 2
     examples: bool = True
+    models: tuple[str, ...] = ()  # the served model's own name, then its fine-tunes: a picker when several
     source: str = DEFAULT_MODEL  # the --model name, for a registered source's example pictures
 
 
@@ -66,6 +67,7 @@ def make_respond(frontend: ChatFrontend):
         temperature: float,
         top_p: float,
         max_new_tokens: float,
+        model: str | None = None,
     ):
         message = message if isinstance(message, dict) else {"text": str(message or ""), "files": []}
         text = str(message.get("text") or "").strip()
@@ -78,7 +80,7 @@ def make_respond(frontend: ChatFrontend):
             settings = GenerationSettings(max_new_tokens=int(max_new_tokens), temperature=float(temperature),
                                           top_p=float(top_p))
             turns = history_to_turns(history) + [new_turn(text, paths)]
-            prepared = frontend.prepare(turns, system_prompt, settings)
+            prepared = frontend.prepare(turns, system_prompt, settings, frontend.engine_model(model))
             stream = frontend.submit(prepared)
         except VLMError as e:  # bad input, or EngineBusy: the queue is full
             yield notice(str(e))
@@ -186,6 +188,8 @@ def build_app(frontend: ChatFrontend, settings: ChatSettings) -> gr.Blocks:
                     label="Max new tokens",
                     render=False,
                 ),
+                gr.Dropdown(list(settings.models), value=settings.models[0] if settings.models else None,
+                            label="Model", visible=len(settings.models) > 1, render=False),
             ],
             additional_inputs_accordion=gr.Accordion("Generation settings", open=False, render=False),
             # One-element rows: the examples fill the message only and keep the current settings.

@@ -14,7 +14,17 @@ import sys
 
 from vlm.errors import VLMError
 
-from .server import add_model_arguments, api_settings, bind, check_limits, image_limits, is_loopback, run_server
+from .server import (
+    add_model_arguments,
+    api_settings,
+    bind,
+    check_limits,
+    image_limits,
+    is_loopback,
+    model_name,
+    run_server,
+    start_engine,
+)
 
 EPILOG = """examples:
   vlm chat                                  # demo model, http://127.0.0.1:7860 (API at /v1)
@@ -115,6 +125,7 @@ def settings_for(args: argparse.Namespace, loaded):
         concurrency=args.concurrency,
         examples=not args.no_examples,
         source=args.model or DEFAULT_MODEL,
+        models=(model_name(args), *(name for name, _ in args.adapter)),
     )
 
 
@@ -139,7 +150,6 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "httpcore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from vlm.engine import InferenceEngine
 
     from .api import make_app
     from .app import build_app, offline_theme
@@ -148,8 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     loaded = load_from_args(args)
     settings = settings_for(args, loaded)
-    engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.concurrency,
-                             max_waiting=args.max_queue, adapter_for_text=args.adapter_for_text)
+    engine = start_engine(args, loaded, args.concurrency, args.max_queue)
     images = image_limits(args, args.max_file_size * 1024 * 1024)
     frontend = make_frontend(engine, args, images)
     demo = build_app(frontend, settings)

@@ -57,27 +57,36 @@ class ChatFrontend:
     def context_length(self) -> int:
         return self.engine.context_length
 
-    # -- prompt --------------------------------------------------------------------------------
-    def prompt_text(self, turns: list[Turn], system_prompt: str | None = None) -> str:
-        """The exact prompt text the model reads for `turns` (see `conversation.render_prompt`)."""
-        return render_prompt(self.processor, turns, system_prompt)
+    def engine_model(self, name: str | None) -> str | None:
+        """The engine's name for a model picked on the page (None: the served model itself)."""
+        return name if name in self.engine.models() else None
 
-    def _input_ids(self, turns: list[Turn], system_prompt: str | None) -> torch.Tensor:
+    # -- prompt --------------------------------------------------------------------------------
+    def prompt_text(self, turns: list[Turn], system_prompt: str | None = None, model: str | None = None) -> str:
+        """The exact prompt text `model` (a fine-tune the engine serves; None: its own model) reads
+        for `turns`, in the format it was trained with (see `conversation.render_prompt`)."""
+        return render_prompt(self.engine.processor_for(model), turns, system_prompt)
+
+    def _input_ids(self, turns: list[Turn], system_prompt: str | None, model: str | None = None) -> torch.Tensor:
         images = sum(len(t.images) for t in turns)
-        return self.processor(text=self.prompt_text(turns, system_prompt), images_per_text=[images])["input_ids"]
+        return self.processor(text=self.prompt_text(turns, system_prompt, model), images_per_text=[images])["input_ids"]
 
     def prepare(self, turns: list[Turn], system_prompt: str | None = None,
-                settings: GenerationSettings | None = None) -> Prepared:
-        """Trim `turns` to the context, open their images, and build the request.
+                settings: GenerationSettings | None = None, model: str | None = None) -> Prepared:
+        """Trim `turns` to the context, open their images, and build the request for `model` (a
+        fine-tune the engine serves by name; None: its own model).
 
         Raises `VLMError` for a last turn that cannot fit even alone, or an image that cannot be
-        opened, or images over the limits (`ImageBudgetExceeded`, `ServerBusyDecoding`).
+        opened, or images over the limits (`ImageBudgetExceeded`, `ServerBusyDecoding`), or a
+        model the engine does not serve (`ModelNotFound`).
         """
         settings = settings or GenerationSettings()
-        fitted = fit_context(turns, lambda kept: prompt_tokens(self.processor, kept, system_prompt),
+        self.engine.check_model(model)
+        processor = self.engine.processor_for(model)
+        fitted = fit_context(turns, lambda kept: prompt_tokens(processor, kept, system_prompt),
                              self.context_length, settings.max_new_tokens, drop_oldest=True)
         turns, dropped = fitted.turns, fitted.dropped
-        input_ids = self._input_ids(turns, system_prompt)
+        input_ids = self._input_ids(turns, system_prompt, model)
         if dropped:
             log.info("left out the %d oldest turn(s) to fit the context", dropped)
         reader = RequestImages(self.limits, self.engine.encoder.pixels)
@@ -85,7 +94,8 @@ class ChatFrontend:
             self._add_upload(reader, path)
         images = self._named(reader.decode_all, turns)
         settings = dataclasses.replace(settings, max_new_tokens=fitted.max_new_tokens)
-        return Prepared(Request(self.prompt_text(turns, system_prompt), images, settings), input_ids, dropped)
+        request = Request(self.prompt_text(turns, system_prompt, model), images, settings, model=model)
+        return Prepared(request, input_ids, dropped)
 
     def open_upload(self, path: str):
         """Open an upload as an RGB image after the folder and size checks; `VLMError` otherwise.

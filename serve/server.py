@@ -73,6 +73,9 @@ def add_model_arguments(p: argparse.ArgumentParser, default_port: int) -> None:
     p.add_argument("--max-decoding-pixels", type=int, default=MAX_DECODING_PIXELS, metavar="N",
                    help=f"pixels decoded at once over the whole server, which bounds its image memory (default "
                         f"{MAX_DECODING_PIXELS:,}, ~{MAX_DECODING_PIXELS * 3 // 2**20} MB of RGB); more wait")
+    p.add_argument("--adapter", action="append", type=adapter_flag, default=[], metavar="NAME=PATH",
+                   help="also serve the LoRA output of `vlm train` at PATH as model NAME, on the same base (one copy "
+                        "of it in memory); repeatable. Requests choose by their `model` field")
     p.add_argument("--adapter-for-text", action="store_true",
                    help="with a LoRA adapter folder as --model: run conversations without images through the "
                         "adapter too (default: they get the base LLM's answers, so text chat stays as it was)")
@@ -98,6 +101,29 @@ def image_limits(args: argparse.Namespace, max_bytes: int | None = None):
     if max_bytes is not None:
         limits.max_bytes = max_bytes
     return limits
+
+
+def adapter_flag(text: str) -> tuple[str, str]:
+    """`--adapter NAME=PATH` as (NAME, PATH)."""
+    name, sep, path = text.partition("=")
+    if not sep or not name.strip() or not path.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name.strip(), path.strip()
+
+
+def start_engine(args: argparse.Namespace, loaded, max_batch_size: int, max_waiting: int):
+    """The inference engine for `loaded`, with every `--adapter` fine-tune added."""
+    from vlm.engine import InferenceEngine
+
+    engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=max_batch_size, max_waiting=max_waiting,
+                             adapter_for_text=args.adapter_for_text)
+    served = {model_name(args)}
+    for name, path in args.adapter:
+        if name in served:
+            raise VLMError(f"--adapter {name}={path}: the name {name!r} is served already")
+        engine.add_adapter(name, path)
+        served.add(name)
+    return engine
 
 
 def api_settings(args: argparse.Namespace, images=None):
@@ -192,11 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     sock = bind(args.host, args.port)  # fail on a taken port before the (slow) model load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     loaded = load_from_args(args)
-    from vlm.engine import InferenceEngine
-
-    engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.max_batch_size,
-                             adapter_for_text=args.adapter_for_text,
-                             max_waiting=args.max_queue)
+    engine = start_engine(args, loaded, args.max_batch_size, args.max_queue)
     settings = api_settings(args)
     print(f"vlm serve: {settings.model_name} on {loaded.description}; "
           f"API at http://{args.host}:{args.port}/v1", flush=True)

@@ -101,9 +101,7 @@ class AdapterRouting:
             with self.model.disable_adapter():
                 yield
         else:
-            # peft's forward(adapter_names=...) is this context around the base model's forward;
-            # the engine calls the LLM inside the model directly, so it enters the context itself.
-            with self.model._enable_peft_forward_hooks(adapter_names=list(names)):
+            with _per_row(self.model, list(names)):
                 yield
 
     @contextlib.contextmanager
@@ -174,6 +172,28 @@ class AdapterRouting:
         if wrong:
             raise VLMError(f"--adapter {name}: {file} does not fit this base model ({wrong[0]})")
         return {k: v.to(params[k].device, params[k].dtype) for k, v in state.items()}
+
+
+@contextlib.contextmanager
+def _per_row(model, names: list[str]) -> Iterator[None]:
+    """Each LoRA layer runs row `i` of the batch with adapter `names[i]` (peft's mixed-adapter
+    batch, as `forward(adapter_names=...)` does). Unlike peft's own hook, the names are stretched
+    to the rows a layer sees: some LLMs (OPT) flatten `(batch, tokens)` into one dimension before
+    their MLP, where each batch row's tokens are contiguous."""
+    from peft.tuners.lora import LoraLayer
+
+    def inject(module, args, kwargs):
+        rows = (args[0] if args else kwargs["x"]).shape[0]
+        kwargs["adapter_names"] = names if rows == len(names) else [n for n in names for _ in range(rows // len(names))]
+        return args, kwargs
+
+    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in model.modules()
+               if isinstance(m, LoraLayer)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _processor(path: str, default):

@@ -222,6 +222,11 @@ class InferenceEngine:
         """The fine-tunes requests may name (`Request.model`), besides the engine's own model (None)."""
         return self.routing.available()
 
+    def processor_for(self, name: str | None):
+        """The processor whose prompt format `name` was trained with (the engine's own for None)."""
+        served = self.routing.served.get(name) if name is not None else None
+        return served.processor if served is not None else self.processor
+
     def check_model(self, name: str | None) -> None:
         """`ModelNotFound` unless requests may name `name`."""
         if name is not None and name not in self.routing.available():
