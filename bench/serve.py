@@ -8,7 +8,13 @@ each request); `--cached` reuses one set of images (follow-up turns: found in th
 Prints completion tokens/s of each (from the responses' `usage`), the ratio, and the p50/p95
 latency of each mode, plus the machine's load average before the run.
 
+`--adapters 2`: several fine-tunes on one base instead. Two LoRA outputs of `vlm train` (one
+step each on the checkpoint) are served by one `vlm serve --adapter ...`, and the concurrent
+requests split over them (decoded together: peft's mixed-adapter rows); the reference is the same
+number of concurrent requests on one of them merged into its base (`vlm export --merge-lora`).
+
     python bench/serve.py [--requests 8] [--max-tokens 32] [--repeats 2]
+    python bench/serve.py --adapters 2 --requests 16
 """
 
 from __future__ import annotations
@@ -65,7 +71,10 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=2, help="rounds of (sequential, concurrent); the best of each")
     p.add_argument("--cached", action="store_true", help="the same images every round (cache hits after the first)")
+    p.add_argument("--adapters", type=int, default=0, help="N fine-tunes on one base against one merged model")
     args = p.parse_args()
+    if args.adapters:
+        return adapters_main(args)
     load = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -107,6 +116,73 @@ def main() -> int:
         print(f"  same replies in both modes: {best[True][2] == best[False][2]}")
     print("  images: " + ("cached (follow-up turns)" if args.cached else "new every round (first turns)"))
     return 0
+
+
+def train_adapters(checkpoint: Path, tmp: Path, n: int) -> list[Path]:
+    """`n` LoRA outputs of `vlm train` (one step on two pictures each: what is served, not what was learnt)."""
+    from vlm.cli import main as vlm_main
+
+    outputs = []
+    for k in range(n):
+        folder = tmp / f"adapter-{k}"
+        folder.mkdir()
+        rows = []
+        for i in range(2):
+            random_image(100 * k + i, (224, 224)).save(folder / f"{i}.png")
+            rows.append(f'{{"image": "{i}.png", "text": "picture {k} {i}"}}\n')
+        (folder / "rows.jsonl").write_text("".join(rows))
+        assert vlm_main(["train", "lora", f"model={checkpoint}", f"data.train={folder / 'rows.jsonl'}",
+                         f"output_dir={folder / 'out'}", "max_steps=1", "batch_size=2", "grad_accum=1",
+                         "report_to=none", "data.num_workers=0", "novelty_images=0"]) == 0
+        outputs.append(folder / "out")
+    return outputs
+
+
+def adapters_main(args) -> int:
+    """Concurrent requests split over `args.adapters` fine-tunes vs the same on one merged model."""
+    from vlm.cli import main as vlm_main
+
+    load = os.getloadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        checkpoint = mid_size_checkpoint(tmp / "blip2")
+        adapters = train_adapters(checkpoint, tmp, args.adapters)
+        assert vlm_main(["export", str(adapters[0]), "--merge-lora", "--output-dir", str(tmp / "merged")]) == 0
+        images = []
+        for i in range(args.requests):
+            random_image(10_000 + i, (224, 224)).save(tmp / "image.png")
+            images.append("data:image/png;base64," + base64.b64encode((tmp / "image.png").read_bytes()).decode())
+        flags = [f for k, a in enumerate(adapters) for f in ("--adapter", f"a{k}={a}")]
+        rates = {}
+        for label, model_dir, extra, names in (
+            ("one merged model", tmp / "merged", [], None),
+            (f"{args.adapters} adapters on one base", checkpoint, flags, [f"a{k}" for k in range(args.adapters)]),
+        ):
+            server = ServerProcess("serve", model_dir, tmp / "serve.log", "--max-batch-size", str(args.requests),
+                                   "--served-model-name", "m", *extra, ready="v1/models")
+            try:
+                client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0, timeout=600)
+                models = names or ["m"]
+                run_split(client, models, images[:2], 4)  # warm-up
+                rates[label] = max(run_split(client, models, images, args.max_tokens) for _ in range(args.repeats))
+            finally:
+                server.stop()
+    print(f"machine: {os.cpu_count()} CPUs, load average before the run {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    print(f"{args.requests} concurrent requests x {args.max_tokens} new tokens, greedy, mid-size random BLIP-2 OPT")
+    for label, rate in rates.items():
+        print(f"  {label:<28} {rate:7.1f} completion tokens/s")
+    merged, split = rates.values()
+    print(f"  adapters / merged throughput: {split / merged:.2f}x")
+    return 0
+
+
+def run_split(client, models: list[str], images: list[str], max_tokens: int) -> float:
+    """Completion tokens/s of all `images` asked at once, request i of model `models[i % len(models)]`."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(images)) as pool:
+        results = list(pool.map(lambda job: ask(client, models[job[0] % len(models)], job[1], max_tokens),
+                                enumerate(images)))
+    return sum(r[1] for r in results) / (time.perf_counter() - start)
 
 
 if __name__ == "__main__":
