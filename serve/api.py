@@ -45,6 +45,7 @@ from .body import BODY_TIMEOUT_S, parse_json, read_body, require_json
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics, StatusCounter, not_ready
 from .adapter_routes import add_adapter_routes, engine_model, served_models
 from .conversation import Turn, prompt_tokens, render_prompt
+from .embeddings_api import add_embedding_routes
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
 from .remote import any_address, fetch_remote, is_public_address
 from .uploads import REMOTE_TIMEOUT_S, ImageBudgetExceeded, ImageLimits, RequestImages, ServerBusyDecoding
@@ -99,6 +100,7 @@ def create_api(engine: InferenceEngine, settings: ApiSettings, metrics: ServeMet
         return _model_card(name, created)
 
     add_adapter_routes(app, engine, settings)
+    add_embedding_routes(app, engine, settings)
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
@@ -106,6 +108,9 @@ def create_api(engine: InferenceEngine, settings: ApiSettings, metrics: ServeMet
         data = await parse_json(await read_body(request, settings.max_body_bytes, settings.body_timeout_s))
         body = await run_in_threadpool(parse_request, data)
         model = engine_model(engine, settings.model_name, body.model)
+        if not engine.generates:
+            raise ApiError(400, f"{body.model!r} has no language model: this server answers /v1/embeddings only",
+                           param="model")
         engine_request = await run_in_threadpool(build_request, engine, body, settings, model)
         stream = _submit(engine, engine_request)
         reply = Reply(f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), body.model)

@@ -111,6 +111,10 @@ class RequestImages:
                 "(--max-request-pixels); send fewer or smaller images")
         self._pending.append((pixels, decode))
 
+    def __len__(self) -> int:
+        """Images added and not decoded yet."""
+        return len(self._pending)
+
     def decode_all(self) -> list:
         """The pixel values of every added image, in the order added."""
         out = []

@@ -651,3 +651,42 @@ def test_vlm_build_demo_cli_is_idempotent(demo_build):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == str(checkpoint)
     assert "downloading" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_demo_embeddings_reproduce_its_itc(demo_build, tmp_path):
+    """The demo scores (its heads were fitted to its bridge): /v1/embeddings vectors give `vlm score`'s ITC."""
+    import base64
+
+    import httpx
+    from server_process import ServerProcess
+
+    from tiny import random_image
+
+    _, checkpoint, _ = demo_build
+    pictures = []
+    for seed in range(2):
+        pictures.append(tmp_path / f"p{seed}.png")
+        random_image(seed, (64, 64)).save(pictures[-1])
+    texts = ["a red circle", "a blue triangle"]
+    out = tmp_path / "scores.jsonl"
+    args = ["score", *map(str, pictures), "--out", str(out), "--model", str(checkpoint), "--num-workers", "0",
+            "--no-progress", "--text", texts[0], "--text", texts[1]]
+    assert subprocess.run([sys.executable, "-m", "vlm.cli", *args], timeout=600).returncode == 0
+    wanted = {(Path(r["image"]).name, r["text"]): r["itc"] for r in map(json.loads, out.read_text().splitlines())}
+    server = ServerProcess("serve", checkpoint, tmp_path / "serve.log", "--served-model-name", "m", ready="v1/models")
+    try:
+        post = {"timeout": 300}
+        text_rows = httpx.post(server.url + "v1/embeddings", json={"model": "m", "input": texts}, **post).json()["data"]
+        content = [{"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                              + base64.b64encode(p.read_bytes()).decode()}}
+                   for p in pictures]
+        image_rows = httpx.post(server.url + "v1/embeddings", **post, json={
+            "model": "m", "messages": [{"role": "user", "content": content}]}).json()["data"]
+    finally:
+        server.stop()
+    for path, row in zip(pictures, image_rows):
+        vectors = np.asarray(row["embedding"], dtype=np.float32).reshape(row["queries"], -1)
+        for text, text_row in zip(texts, text_rows):
+            itc = float((vectors @ np.asarray(text_row["embedding"], dtype=np.float32)).max())
+            assert abs(itc - wanted[(path.name, text)]) < 1e-5

@@ -138,9 +138,9 @@ class RunningBatch:
     def __init__(self, model, routing: AdapterRouting | None = None):
         self.model = model
         self.routing = routing or AdapterRouting(model)
-        self.llm = model.language_model
+        self.llm = getattr(model, "language_model", None)  # None: an image-text model, nothing to decode
         # transformers 5.24 names the KV cache argument `cache`; earlier releases `past_key_values`.
-        params = inspect.signature(self.llm.forward).parameters
+        params = inspect.signature(self.llm.forward).parameters if self.llm is not None else {}
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.seqs: list[Sequence] = []
         self.cache: DynamicCache | None = None

@@ -28,71 +28,18 @@ from collections.abc import Callable, Iterable
 import torch
 
 from ..errors import VLMError
-from .adapters import AdapterRouting
 from ..novelty import WARNING as NOVELTY_WARNING
+from .adapters import AdapterRouting
 from .batches import BatchGenerator, OutOfMemory, free_memory
 from .cache import FeatureCache
 from .decode import RunningBatch, Sequence
+from .embed import Embedder
 from .encode import Encoder, prompt_problem
+from .failures import EngineBusy, EngineFailed, ModelNotFound, RequestFailed, is_device_fault
+from .limits import EngineStats, context_length, stop_token_ids
 from .request import Completion, Request, Stream
 
 logger = logging.getLogger(__name__)
-
-# End-of-turn tokens of common chat templates: generation stops at them as well as at EOS.
-END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
-DEFAULT_CONTEXT = 2048
-
-
-class EngineBusy(VLMError):
-    """More requests wait than the engine allows: the caller should try again later (HTTP 503)."""
-
-
-class EngineFailed(RuntimeError):
-    """The engine hit an error it cannot recover from (a CUDA error that leaves the device
-    unusable, or a bug in the engine's own scheduling); every request after it fails with this."""
-
-
-class ModelNotFound(VLMError):
-    """A request names a model this engine does not serve (HTTP 404)."""
-
-
-class RequestFailed(RuntimeError):
-    """One request met an unexpected error (a bug, not bad input): it fails alone, with its
-    traceback in the server's log, and the engine goes on with the others."""
-
-
-def is_device_fault(error: BaseException) -> bool:
-    """Whether `error` leaves the accelerator unusable (a CUDA device-side assert, an illegal
-    memory access): every later kernel fails too, so the engine must stop rather than go on."""
-    accelerator_error = getattr(torch, "AcceleratorError", None)
-    if accelerator_error is not None and isinstance(error, accelerator_error):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("CUDA error" in text or "device-side assert" in text)
-
-
-def stop_token_ids(model, processor) -> list[int]:
-    """EOS ids of the model and tokenizer, plus chat end-of-turn tokens when there is a chat template."""
-    tokenizer = processor.tokenizer
-    eos = model.generation_config.eos_token_id
-    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    if processor.has_chat_template:
-        vocab = tokenizer.get_vocab()
-        ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab]
-    return sorted(set(ids))
-
-
-def context_length(model, tokenizer) -> int:
-    """Tokens the LLM reads at most (its position limit, or the tokenizer's when smaller)."""
-    text_config = getattr(model.config, "text_config", model.config)
-    n = getattr(text_config, "max_position_embeddings", None) or DEFAULT_CONTEXT
-    tok_max = getattr(tokenizer, "model_max_length", None)
-    if tok_max and tok_max < 1_000_000:  # tokenizers without a limit report ~1e30
-        n = min(n, tok_max)
-    return int(n)
-
 
 class InferenceEngine:
     """Batched generation for one loaded `(model, processor)`; safe to call from many threads.
@@ -118,8 +65,10 @@ class InferenceEngine:
         self.max_batch_size, self.max_waiting = int(max_batch_size), int(max_waiting)
         self.routing = AdapterRouting(model, adapter_for_text)
         self.encoder = Encoder(model, processor, FeatureCache(feature_cache_bytes), self.routing)
-        self.stop_token_ids = stop_token_ids(model, processor)
-        self.context_length = context_length(model, processor.tokenizer)
+        # An image-text model (a retrieval checkpoint: no LLM) serves embeddings and scores only.
+        self.generates = getattr(model, "language_model", None) is not None
+        self.stop_token_ids = stop_token_ids(model, processor) if self.generates else []
+        self.context_length = context_length(model, processor.tokenizer) if self.generates else 0
         self.stats = EngineStats()
         # The counter is the stats object's method, not a closure over the engine: engine and model
         # would keep each other alive after `del` until the garbage collector ran (issue 28).
@@ -127,6 +76,7 @@ class InferenceEngine:
                                       on_oom=functools.partial(self.stats.bump, "out_of_memory"),
                                       routing=self.routing)
         self._model_lock = threading.RLock()  # one forward pass at a time, online or offline
+        self.embeddings = Embedder(model, processor, self.encoder, self.routing, self._model_lock)
         self._wake = threading.Condition()  # guards _waiting, _admitting, _closed and failure
         self._waiting: deque[Stream | Sequence] = deque()
         self._running = RunningBatch(model, self.routing)
@@ -153,6 +103,7 @@ class InferenceEngine:
         gives the text `submit` gives, whatever its batch mates. `on_batch(n)` is called after each
         batch (progress bars)."""
         requests = list(requests)
+        self._check_generates()
         for request in requests:
             self.check_model(request.model)
         size = batch_size or self.max_batch_size
@@ -200,6 +151,7 @@ class InferenceEngine:
 
     def _enqueue(self, stream: Stream, bounded: bool) -> Stream:
         """Queue `stream` for the running batch (`bounded`: refused past `max_waiting`)."""
+        self._check_generates()
         self.check_model(stream.request.model)
         with self._wake:
             if self.failure is not None:
@@ -226,6 +178,11 @@ class InferenceEngine:
         """The processor whose prompt format `name` was trained with (the engine's own for None)."""
         served = self.routing.served.get(name) if name is not None else None
         return served.processor if served is not None else self.processor
+
+    def _check_generates(self) -> None:
+        if not self.generates:
+            raise VLMError("this model has no language model to answer with: it serves embeddings and image-text "
+                           "scores only")
 
     def check_model(self, name: str | None) -> None:
         """`ModelNotFound` unless requests may name `name`."""
@@ -276,7 +233,7 @@ class InferenceEngine:
     def _release_model(self) -> None:
         """Drop every reference to the model and the image features cached on its device."""
         self.feature_cache.clear()
-        for part in (self, self.encoder, self.batches, self.routing, self._running):
+        for part in (self, self.encoder, self.batches, self.routing, self._running, self.embeddings):
             part.model = None
         self._running.llm = None
         self.routing.served.clear()  # the fine-tunes' bridges and statistics
@@ -494,25 +451,6 @@ class InferenceEngine:
 
     def _peak(self, rows: int) -> None:
         self.stats.peak(rows)
-
-
-class EngineStats(dict):
-    """The engine's counters (a dict, read by `/metrics`), safe to bump from many threads."""
-
-    def __init__(self):
-        super().__init__(requests=0, completion_tokens=0, decode_steps=0, peak_batch=0, evicted=0, out_of_memory=0,
-                         failed_requests=0)
-        self._lock = threading.Lock()  # `generate` callers and the scheduler thread both count
-
-    def bump(self, name: str, n: int = 1) -> None:
-        """Add `n` to counter `name`."""
-        with self._lock:
-            self[name] += n
-
-    def peak(self, rows: int) -> None:
-        """Record a running batch of `rows` (the largest one is kept)."""
-        with self._lock:
-            self["peak_batch"] = max(self["peak_batch"], rows)
 
 
 def _stream(item: Stream | Sequence) -> Stream:
