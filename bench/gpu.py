@@ -429,6 +429,54 @@ def bench_streams(ctx: Context, bench_id: str, quantization: str | None) -> dict
         engine.close()
 
 
+def bench_adapters(ctx: Context, bench_id: str) -> dict:
+    """16 requests split over two LoRA fine-tunes on one base (peft's mixed-adapter rows, `vlm serve
+    --adapter`) against the same 16 on the plain base, which costs what a merged model costs."""
+    from peft import LoraConfig, get_peft_model
+
+    from vlm.engine import InferenceEngine, Request
+
+    reset_peak(ctx.device)
+    model, processor = ctx.load("llama", None)
+    fail_on_purpose(bench_id)
+    folders = []
+    for k in range(2):  # random (not zero) LoRA weights: the rows really run their adapter
+        lora = LoraConfig(r=16, lora_alpha=32, init_lora_weights=False,
+                          target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)")
+        peft_model = get_peft_model(model, lora)
+        folders.append(ctx.tmp / f"adapter-{k}")
+        peft_model.save_pretrained(folders[-1])
+        model = peft_model.unload()
+    prompt = chat_prompt(processor)
+    settings = exact(ctx.shape["stream_tokens"])
+
+    def rate(engine, models: list) -> float:
+        pictures = ctx.new_pictures(STREAMS)
+        start = time.perf_counter()
+        streams = [engine.submit(Request(prompt, [p], settings, model=models[i % len(models)]))
+                   for i, p in enumerate(pictures)]
+        completions = [s.result() for s in streams]
+        failed = [c.error for c in completions if c.error is not None]
+        if failed:
+            raise failed[0]
+        return sum(c.completion_tokens for c in completions) / (time.perf_counter() - start)
+
+    engine = InferenceEngine(model, processor, max_batch_size=STREAMS)
+    try:
+        rate(engine, [None])  # warm-up
+        plain = rate(engine, [None])
+    finally:
+        engine.close()
+    engine = InferenceEngine(model, processor, max_batch_size=STREAMS)
+    try:
+        for k, folder in enumerate(folders):
+            engine.add_adapter(f"a{k}", str(folder))
+        split = rate(engine, ["a0", "a1"])
+        return {"split": split, "plain": plain, "ratio": split / plain, "peak_gib": peak_gib(ctx.device)}
+    finally:
+        engine.close()
+
+
 # -- training ------------------------------------------------------------------------------------------
 def bench_train(ctx: Context, bench_id: str, recipe: str) -> dict:
     """Seconds per optimizer step (after the first), samples and tokens per step, peak GPU memory."""
@@ -558,6 +606,8 @@ def plan(shape: dict) -> list[Bench]:
               lambda c: bench_generate(c, "generate-bf16", None)),
         Bench("streams-bf16", "streams", "vlm engine, bf16, 16 streams",
               lambda c: bench_streams(c, "streams-bf16", None)),
+        Bench("adapters-bf16", "adapters", "vlm engine, bf16, 2 LoRA fine-tunes",
+              lambda c: bench_adapters(c, "adapters-bf16")),
         Bench("generate-4bit", "chat", "transformers generate, 4-bit NF4",
               lambda c: bench_generate(c, "generate-4bit", "4bit"), True),
         Bench("train-qlora", "train", "qlora", lambda c: bench_train(c, "train-qlora", "qlora"), True),
@@ -631,6 +681,11 @@ def sections(shape: dict) -> dict:
                      "ratio", "peak batch", "peak GiB"],
                     lambda r: [fmt(r["concurrent"], 1), fmt(r["sequential"], 1), fmt(r["ratio"]),
                                str(r["peak_batch"]), fmt(r["peak_gib"])]),
+        "adapters": (f"{STREAMS} requests of {shape['stream_tokens']} tokens, 7B shape: split over two LoRA "
+                     "fine-tunes on one base vs all on the plain base (what a merged model costs)",
+                     [f"{STREAMS} split over 2 fine-tunes: tokens/s", f"{STREAMS} on the plain base: tokens/s",
+                      "ratio", "peak GiB"],
+                     lambda r: [fmt(r["split"], 1), fmt(r["plain"], 1), fmt(r["ratio"]), fmt(r["peak_gib"])]),
         "train": ("training, 7B shape (`vlm train` preset)",
                   ["samples/step (batch x grad_accum)", "input tokens/step", "s/step", "peak GiB"],
                   lambda r: [f"{r['samples']} ({r['batch']} x {r['grad_accum']})", fmt(r["tokens"], 0),
