@@ -172,36 +172,39 @@ def test_serving_quantizes_only_large_llms_on_cuda(wide_vlm_dir):
     assert default_quantization("cpu", 7_000_000_000) == "none"
 
 
-# -- memory: a frozen LLM in bf16 takes half the bytes ---------------------------------------------------
-# VmHWM, this process's own peak resident memory (getrusage's ru_maxrss keeps the parent's across exec).
+# -- memory: frozen weights in bf16 take half the bytes ---------------------------------------------------
+# VmHWM: the process's own peak resident memory, all of it (mapped weight files and libraries included).
 PEAK_SCRIPT = """
 import json, sys
-from vlm.cli import main
-rc = main(sys.argv[1:])
+rc = 0
+if sys.argv[1] == "load":  # load, then read every page of every weight
+    import torch
+    from vlm import load_pretrained
+    model, _ = load_pretrained(sys.argv[2], device="cpu", dtype=getattr(torch, sys.argv[3]))
+    touched = sum(float(p.detach().reshape(-1)[::512].float().sum()) for p in model.parameters())
+else:
+    from vlm.cli import main
+    rc = main(sys.argv[1:])
 status = {line.split(":")[0]: int(line.split()[1]) for line in open("/proc/self/status") if "kB" in line}
-# Peak RSS less the mapped files (libraries): how much of those is resident depends on the page
-# cache (a freshly installed venv maps ~100 MB more), not on the precision.
-print(json.dumps({"rc": rc, "peak_mb": (status["VmHWM"] - status["RssFile"]) / 1024}))
+print(json.dumps({"rc": rc, "peak_mb": status["VmHWM"] / 1024}))
 """
+# A frozen tower 44% the LLM's size (BLIP-2's ViT-g is 37% of OPT-2.7B, the demo's DINOv2 16% of SmolLM2):
+# frozen weights are the tower and the LLM; the test asks for half the LLM's alone.
+WIDE_TOWER = {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 6, "num_attention_heads": 8}
 
 
 @pytest.fixture(scope="module")
 def big_llm_dir(tmp_path_factory):
-    """A tiny bridge on a wide LLM (~47M parameters, 189 MB in fp32), saved in bf16 like hub checkpoints."""
+    """A wide LLM (~43M parameters, 164 MB in fp32) and vision tower (73 MB), saved in bf16 like hub checkpoints."""
     path = tmp_path_factory.mktemp("big-llm")
-    tiny.save_tiny_vlm(path, width=1536)
+    tiny.save_tiny_vlm(path, width=1536, vision=WIDE_TOWER)
     model, processor = load_pretrained(str(path), device="cpu", dtype=torch.bfloat16)
     model.save_pretrained(path)
     return path
 
 
-def peak_memory_mb(model_dir: Path, tmp_path: Path, precision: str) -> float:
-    tiny.random_image(0).save(tmp_path / "0.png")
-    data = tmp_path / "d.jsonl"
-    data.write_text(json.dumps({"image": "0.png", "text": "a red circle"}) + "\n")
-    argv = ["train", "--recipe", "lora", "--model", str(model_dir), "--train-data", str(data), "--output-dir",
-            str(tmp_path / precision), "--max-steps", "2", f"precision={precision}", "report_to=none",
-            "data.num_workers=0", "save_steps=1000"]
+def peak_memory_mb(argv: list[str]) -> float:
+    """Peak RSS of a fresh process running `argv` (`load DIR DTYPE` or `vlm` arguments)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, *argv], capture_output=True, text=True, env=env,
                             timeout=600)
@@ -211,11 +214,35 @@ def peak_memory_mb(model_dir: Path, tmp_path: Path, precision: str) -> float:
     return summary["peak_mb"]
 
 
+def lora_run_peak_mb(model_dir: Path, tmp_path: Path, precision: str) -> float:
+    tiny.random_image(0).save(tmp_path / "0.png")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"image": "0.png", "text": "a red circle"}) + "\n")
+    return peak_memory_mb(["train", "--recipe", "lora", "--model", str(model_dir), "--train-data", str(data),
+                           "--output-dir", str(tmp_path / precision), "--max-steps", "2", f"precision={precision}",
+                           "report_to=none", "data.num_workers=0", "save_steps=1000"])
+
+
 def test_bf16_lora_peaks_clearly_below_fp32(big_llm_dir, tmp_path):
     llm_fp32_mb = sum(p.numel() for p in load_pretrained(str(big_llm_dir), device="cpu")[0]
                       .language_model.parameters()) * 4 / 2**20
-    fp32 = peak_memory_mb(big_llm_dir, tmp_path, "fp32")
-    bf16 = peak_memory_mb(big_llm_dir, tmp_path, "bf16")
-    print(f"\nLoRA peak RSS less mapped files: fp32 {fp32:.0f} MB, bf16 {bf16:.0f} MB "
-          f"(frozen LLM: {llm_fp32_mb:.0f} MB in fp32)")
-    assert fp32 - bf16 > 0.4 * llm_fp32_mb  # the frozen LLM's bytes halve
+    fp32 = lora_run_peak_mb(big_llm_dir, tmp_path, "fp32")
+    bf16 = lora_run_peak_mb(big_llm_dir, tmp_path, "bf16")
+    print(f"\nLoRA peak RSS: fp32 {fp32:.0f} MB, bf16 {bf16:.0f} MB (frozen LLM: {llm_fp32_mb:.0f} MB in fp32)")
+    assert fp32 - bf16 >= 0.5 * llm_fp32_mb  # the frozen weights' bytes halve
+
+
+def test_an_fp32_checkpoint_loads_in_bf16_without_an_fp32_copy(big_llm_dir, tmp_path):
+    """Converted on the way in: the bf16 load's peak is the bf16 weights, not the fp32 file beside them
+    (mapped, the file stayed resident until the whole model had loaded: above an fp32 load's peak)."""
+    folder = tmp_path / "fp32"  # saved in fp32, as `vlm build` writes
+    model, processor = load_pretrained(str(big_llm_dir), device="cpu", dtype=torch.float32)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    del model
+    weights_mb = (folder / "model.safetensors").stat().st_size / 2**20
+    fp32, bf16 = (peak_memory_mb(["load", str(folder), dtype]) for dtype in ("float32", "bfloat16"))
+    print(f"\nload peak RSS: fp32 {fp32:.0f} MB, bf16 {bf16:.0f} MB ({weights_mb:.0f} MB of fp32 weights)")
+    # Measured: 96-104 MB below (mapped, the file made it 111 MB above). Not the whole half: converted
+    # tensors in flight and the allocator's freed blocks take some of it.
+    assert fp32 - bf16 >= 0.2 * weights_mb

@@ -205,15 +205,18 @@ def random_image(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
 
 
 def save_tiny_vlm(
-    path: Path, llm: str = "llama", chat: bool = True, num_query_tokens: int = 4, width: int = 32, seed: int = 0
+    path: Path, llm: str = "llama", chat: bool = True, num_query_tokens: int = 4, width: int = 32, seed: int = 0,
+    vision: dict | None = None,
 ) -> Path:
-    """A random-weight `vlm` checkpoint (BLIP-2 vision tower, Q-Former, tiny LLM) + processor."""
+    """A random-weight `vlm` checkpoint (BLIP-2 vision tower, Q-Former, tiny LLM) + processor.
+
+    `vision` overrides entries of the tiny vision config (a wider, deeper tower for memory tests)."""
     from vlm import VisionLanguageModel, VLMConfig, VLMProcessor
 
     tokenizer = make_tokenizer("opt" if llm == "opt" else "llama", chat=chat)
     processor = VLMProcessor(image_processor(), tokenizer, num_query_tokens=num_query_tokens)
     config = VLMConfig(
-        vision_config={"model_type": "blip_2_vision_model", **vision_config()},
+        vision_config={"model_type": "blip_2_vision_model", **vision_config(), **(vision or {})},
         qformer_config={"model_type": "blip_2_qformer", **qformer_config()},
         text_config=text_config(llm, len(tokenizer), width=width),
         num_query_tokens=num_query_tokens,
