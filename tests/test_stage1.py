@@ -154,7 +154,7 @@ def test_itc_loss_with_non_transitive_positives_equals_the_formula():
 def test_rows_without_a_negative_leave_itm(stage1_base):
     """A batch of one image's captions: no row has a negative; ITM then trains on the positives."""
     from vlm.stage1_losses import hard_negatives, itm_loss
-    from vlm.train.recipes import load_image_text_model
+    from vlm.train.recipes.stage1 import load_image_text_model
 
     positives = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
     positives[2, 2] = True
@@ -223,7 +223,7 @@ def stage1_base(tmp_path_factory):
 
 
 def test_itg_masks_and_loss(stage1_base):
-    from vlm.train.recipes import load_image_text_model
+    from vlm.train.recipes.stage1 import load_image_text_model
     from vlm.stage1_losses import IGNORE_INDEX, LABEL_SMOOTHING, itg_loss, itg_mask
 
     mask = itg_mask(2, torch.tensor([[1, 1, 0]]))[0, 0] == 0  # True: may attend

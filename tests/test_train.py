@@ -688,3 +688,40 @@ def test_train_eval_export_build_take_no_abbreviations(module, argv, capsys):
         parser.parse_intermixed_args(argv)
     abbreviation = argv[-1] if argv[-1].startswith("--") else argv[-2]
     assert exit_.value.code == 2 and f"unrecognized arguments: {abbreviation}" in capsys.readouterr().err
+
+
+# -- a recipe from outside the package ----------------------------------------------------------------
+def test_a_recipe_from_another_package_registers_and_trains(base_dir, data_file, tmp_path, monkeypatch, capsys):
+    """tests/recipe_plugin.py, declared as an installed package declares it (entry point group vlm.recipes),
+    trains through `vlm train` from its own YAML preset, with its defaults, loss part and output."""
+    import vlm.train.recipes as recipes
+    from safetensors.torch import load_file
+
+    from vlm.errors import VLMError
+    from vlm.train.config import load_config
+
+    monkeypatch.setattr(recipes, "_REGISTERED", dict(recipes._REGISTERED))  # this test's registrations stay here
+    dist = tmp_path / "site" / "my_recipes-0.1.dist-info"
+    dist.mkdir(parents=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-recipes\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[vlm.recipes]\nprojection-only = recipe_plugin:ProjectionOnly\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert recipes.recipe_names()[-1] == "projection-only"
+
+    preset = tmp_path / "projection-only.yaml"
+    preset.write_text(f"recipe: projection-only\nmodel: {base_dir}\ndata:\n  train: {data_file}\n  num_workers: 0\n")
+    out = tmp_path / "out"
+    assert vlm_main(["train", str(preset), "--print-config"]) == 0
+    assert "learning_rate: 0.01\n" in capsys.readouterr().out  # the recipe's default
+    assert vlm_main(["train", str(preset), f"output_dir={out}", "max_steps=4", "logging_steps=2", "report_to=none",
+                     "save_steps=1000"]) == 0
+    printed = capsys.readouterr().out
+    assert "recipe projection-only: training" in printed and "'loss_projection_norm':" in printed
+    before, after = load_file(base_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    moved = {name for name in before if not torch.equal(before[name], after[name])}
+    assert moved == {"language_projection.weight", "language_projection.bias"}
+    assert json.loads((out / "projection-only.json").read_text()) == {"trained": "language_projection"}
+    assert type(load_pretrained(str(out), device="cpu")[0]).__name__ == "VisionLanguageModel"
+
+    with pytest.raises(VLMError, match=r"recipe must be a registered recipe \(stage1, .*projection-only\), got 'x'"):
+        load_config(None, ["recipe=x"])

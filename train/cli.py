@@ -15,7 +15,8 @@ import sys
 
 from vlm.errors import VLMError
 
-from .config import RECIPES, TrainConfig, load_config
+from .config import TrainConfig, load_config
+from .recipes import BUILTIN, recipe_names
 
 EPILOG = """\
 examples:
@@ -43,7 +44,7 @@ recipes:
   lora    LoRA on the LLM's attention+MLP projections, plus the bridge (lora.train_bridge)
   qlora   the same on a 4-bit (NF4) LLM; needs bitsandbytes
   full    train the parameters named by `unfreeze` (name prefixes)
-
+{more_recipes}
 Order of precedence: flags > dotted overrides > CONFIG > defaults. A run whose output
 folder holds checkpoints continues from the newest one (resume=auto); --no-resume starts over.
 The output folder loads with vlm.load_pretrained(OUTPUT_DIR) and `vlm caption --model OUTPUT_DIR`.
@@ -75,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="vlm train",
         description="Fine-tune a BLIP-2-style model on captions, VQA or conversations.",
-        epilog=EPILOG.replace("{presets}", ", ".join(names(TRAIN_DIR))),
+        epilog=EPILOG.replace("{presets}", ", ".join(names(TRAIN_DIR))).replace("{more_recipes}", more_recipes()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,  # an unknown flag is an error, never a guessed prefix
     )
     p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="a YAML file or a preset name (e.g. lora) and/or dotted overrides such as lora.r=8")
-    p.add_argument("--recipe", choices=RECIPES, help="what trains (see below)")
+    p.add_argument("--recipe", help=f"what trains: {', '.join(recipe_names())} (see below)")
     p.add_argument("--model", help="base model: vlm/BLIP-2/InstructBLIP folder or hub id (default: the demo model)")
     p.add_argument("--train-data", help="COCO/Karpathy/VQAv2/LLaVA JSON, JSONL/CSV, HF dataset or imagefolder")
     p.add_argument("--eval-data", help="held-out data for periodic eval loss")
@@ -105,6 +106,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accelerate-config", metavar="NAME",
                    help="print the path of a shipped accelerate config (ddp, fsdp, deepspeed-zero2) and exit")
     return p
+
+
+def more_recipes() -> str:
+    """The help's line for recipes registered beyond vlm's own (installed packages' entry points)."""
+    others = [name for name in recipe_names() if name not in BUILTIN]
+    if not others:
+        return "  (packages add recipes through the entry point group vlm.recipes: see vlm.train.recipes)\n"
+    return f"  {', '.join(others)}: registered by installed packages (entry point group vlm.recipes)\n"
 
 
 def parse_config(argv: list[str]) -> tuple[TrainConfig, argparse.Namespace]:

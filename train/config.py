@@ -20,7 +20,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlm.errors import VLMError
 
-RECIPES = ("stage1", "align", "bridge", "lora", "qlora", "full")
 
 
 class NumberLoader(yaml.SafeLoader):
@@ -110,7 +109,7 @@ class PromptConfig(_Section):
 class TrainConfig(_Section):
     """One training run. Field names are the YAML keys; see configs/train/*.yaml."""
 
-    recipe: Literal[RECIPES] = "lora"
+    recipe: str = "lora"  # a registered recipe (vlm.train.recipes): stage1, align, bridge, lora, qlora, full, ...
     model: str | None = None  # vlm/BLIP-2/InstructBLIP folder or hub id; None: the demo default
     output_dir: str = "runs/vlm"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -155,6 +154,16 @@ class TrainConfig(_Section):
     # Any other `transformers.TrainingArguments` field (optim, torch_compile, deepspeed, fsdp,
     # ...); wins over what the keys above set.
     training_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("recipe")
+    @classmethod
+    def _known_recipe(cls, name: str) -> str:
+        from .recipes import recipe_names
+
+        known = recipe_names()
+        if name not in known:
+            raise ValueError(f"a registered recipe ({', '.join(known)})")
+        return name
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -214,9 +223,28 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
 def from_dict(raw: dict, where: str = "config") -> TrainConfig:
     """Build a validated `TrainConfig` from nested dicts; errors name `where` and the key."""
     try:
-        return TrainConfig.model_validate(_numbers_as_text(raw))
+        return TrainConfig.model_validate(_numbers_as_text(with_recipe_defaults(raw)))
     except ValidationError as e:
         raise VLMError(f"{where}: {_describe_error(e, raw)}") from None
+
+
+def with_recipe_defaults(raw: dict) -> dict:
+    """`raw` over the defaults of the recipe it names (`Recipe.defaults`): what the config leaves out,
+    the recipe chooses (a stage-1 learning rate for `recipe: stage1` alone)."""
+    from .recipes import get_recipe, recipe_names
+
+    name = raw.get("recipe", TrainConfig.model_fields["recipe"].default) if isinstance(raw, dict) else None
+    if not isinstance(name, str) or name not in recipe_names():
+        return raw  # validation names the problem
+    return _merged(get_recipe(name).defaults, raw)
+
+
+def _merged(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, section by section."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _numbers_as_text(raw: dict, model: type[BaseModel] = TrainConfig) -> dict:

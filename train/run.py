@@ -11,20 +11,11 @@ from transformers import set_seed
 
 from vlm.errors import VLMError
 
-from .collate import TrainDataset, make_collator
 from .config import TrainConfig
-from .recipes import prepare_model, trainable_parameter_count
-from .save import (
-    TRAIN_CONFIG,
-    base_model,
-    check_output_dir,
-    record_run_files,
-    save_stage1,
-    save_trained,
-    write_train_config,
-)
 from .novelty_stats import record_novelty
-from .stage1_data import Stage1Collator, Stage1Dataset, decoder_start_id, qformer_tokenizer
+from .recipes import recipe_for
+from .recipes.base import Recipe, trainable_parameter_count
+from .save import TRAIN_CONFIG, base_model, check_output_dir, record_run_files, write_train_config
 from .trainer import VLMTrainer, clean_staging, find_resume_checkpoint, training_arguments
 from .vision_cache import VisionFeatureCache, cache_blocker, tower_fingerprint
 
@@ -60,16 +51,18 @@ def train(
     / `config.data.eval` when given (library use without files). `callbacks`: extra
     `transformers.TrainerCallback`s (progress reporting, timing).
     """
+    recipe = recipe_for(config)
     args = training_arguments(config, has_eval=bool(eval_examples or config.data.eval))
     # Everything that can be wrong with the input fails here, before the model loads.
-    train_examples, eval_examples = read_inputs(config, args.world_size, train_examples, eval_examples)
+    train_examples, eval_examples = read_inputs(config, train_examples, eval_examples)
+    recipe.check_data(train_examples, eval_examples, args.world_size)
     theirs = check_output_dir(config.output_dir)  # before hours of training, not after
     resume_from = find_resume_checkpoint(config.output_dir, config.resume)
     if resume_from is not None and config.resume == "auto":
         check_same_run(config)
 
     set_seed(config.seed)  # LoRA init draws from the RNG: same seed, same starting weights
-    model, processor = prepare_model(config, device=str(args.device))
+    model, processor = recipe.prepare_model(device=str(args.device))
     trainable, total = trainable_parameter_count(model)
     if args.should_log:
         print(
@@ -77,24 +70,24 @@ def train(
             f"examples" + (f"; resuming from {resume_from}" if resume_from else ""),
             flush=True,
         )
-    train_dataset, eval_dataset, collator = make_datasets(config, processor, train_examples, eval_examples,
-                                                        processes=args.world_size)
+    train_dataset, eval_dataset, collator = recipe.datasets(processor, train_examples, eval_examples,
+                                                          processes=args.world_size)
     if args.should_save:
         os.makedirs(config.output_dir, exist_ok=True)
         clean_staging(config.output_dir)
         write_train_config(config, config.output_dir)
-    trainer = build_trainer(config, args, model, processor, train_dataset, eval_dataset, collator, callbacks)
+    trainer = build_trainer(recipe, args, model, processor, train_dataset, eval_dataset, collator, callbacks)
     result = trainer.train(resume_from_checkpoint=resume_from)
     report(trainer, result, eval_dataset, train_examples)
-    out = save_output(trainer, processor, config, train_examples)
+    out = save_output(trainer, processor, recipe, train_examples)
     if out is not None:
         record_run_files(out, theirs)
     return out
 
 
-def build_trainer(config: TrainConfig, args, model, processor, train_dataset, eval_dataset, collator,
+def build_trainer(recipe: Recipe, args, model, processor, train_dataset, eval_dataset, collator,
                   callbacks: Sequence | None) -> VLMTrainer:
-    """The `VLMTrainer` of the run, with its vision feature cache and the recipe's loss."""
+    """The `VLMTrainer` of the run: the recipe's loss, and the vision feature cache."""
     trainer = VLMTrainer(
         model=model,
         args=args,
@@ -103,13 +96,8 @@ def build_trainer(config: TrainConfig, args, model, processor, train_dataset, ev
         data_collator=collator,
         callbacks=list(callbacks or []),
     )
-    trainer.vision_cache = make_vision_cache(config, trainer, processor.image_processor)
-    if config.recipe == "align":
-        trainer.use_align_loss(processor.tokenizer.all_special_ids)
-    if config.recipe == "stage1":
-        tokenizer = qformer_tokenizer(processor)
-        weights = {"itc": config.stage1.itc, "itm": config.stage1.itm, "itg": config.stage1.itg}
-        trainer.use_stage1_loss(decoder_start_id(tokenizer), weights, config.stage1.hard_negatives)
+    trainer.use_recipe(recipe)
+    trainer.vision_cache = make_vision_cache(recipe.config, trainer, processor.image_processor)
     return trainer
 
 
@@ -130,7 +118,7 @@ def report(trainer: VLMTrainer, result, eval_dataset, train_examples: Sequence) 
         print(f"skipped {skipped} rows with missing or broken images", flush=True)
 
 
-def save_output(trainer: VLMTrainer, processor, config: TrainConfig, train_examples: Sequence) -> Path | None:
+def save_output(trainer: VLMTrainer, processor, recipe: Recipe, train_examples: Sequence) -> Path | None:
     """The run's output folder (on the main process; None on the others), with novelty statistics."""
     trainer.accelerator.wait_for_everyone()
     # Under FSDP / DeepSpeed the full weights exist only once gathered, which every process joins.
@@ -139,30 +127,23 @@ def save_output(trainer: VLMTrainer, processor, config: TrainConfig, train_examp
     if not trainer.args.should_save:
         return None
     model = trainer.accelerator.unwrap_model(trainer.model)
-    if config.recipe == "stage1":
-        out = save_stage1(model, processor, config, state_dict)
-    else:
-        out = save_trained(model, processor, config.output_dir, config, state_dict)
+    out = recipe.save(model, processor, state_dict)
+    config = recipe.config
     if config.novelty_images:
         record_novelty(base_model(model), processor, train_examples, out, config.novelty_images, trainer.vision_cache,
                        answer=config.novelty_answer)
     return out
 
 
-def read_inputs(config: TrainConfig, processes: int, train_examples: Sequence | None,
+def read_inputs(config: TrainConfig, train_examples: Sequence | None,
                 eval_examples: Sequence | None) -> tuple[Sequence, Sequence | None]:
-    """The training and evaluation examples (read from `config.data` unless given), checked
-    against the recipe and the number of processes."""
+    """The training and evaluation examples (read from `config.data` unless given)."""
     if train_examples is None:
         if not config.data.train:
             raise VLMError("no training data: give --train-data or data.train in the config")
         train_examples = load_data(config, config.data.train)
     if eval_examples is None and config.data.eval:
         eval_examples = load_data(config, config.data.eval)
-    if config.recipe == "align":
-        check_align_data(train_examples)
-        if processes > 1:  # its loss is computed outside the model's forward, which DDP needs
-            raise VLMError("the align recipe runs in one process; launch it without accelerate/torchrun")
     return train_examples, eval_examples
 
 
@@ -187,26 +168,6 @@ def check_same_run(config: TrainConfig) -> None:
                 f"{config.output_dir} holds checkpoints of a run with another {key} ({before[key]!r}; now "
                 f"{now[key]!r}): continue it with its settings ({saved}), start over with --no-resume, or "
                 "choose another --output-dir")
-
-
-def make_datasets(config: TrainConfig, processor, train_examples, eval_examples, processes: int = 1):
-    """(train dataset, eval dataset or None, collator) for the recipe, run by `processes` processes."""
-    if config.recipe == "stage1":
-        collator = Stage1Collator(qformer_tokenizer(processor), config.stage1.max_text_length,
-                                  same_width=processes > 1)
-        train = Stage1Dataset(train_examples, processor)
-        return train, Stage1Dataset(eval_examples, processor) if eval_examples else None, collator
-    train = TrainDataset(train_examples, processor, config.data.max_length)
-    evaluation = TrainDataset(eval_examples, processor, config.data.max_length) if eval_examples else None
-    return train, evaluation, make_collator(processor)
-
-
-def check_align_data(examples: Sequence) -> None:
-    """The `align` recipe learns the words of captions: every row must be a caption of an image."""
-    for example in examples:
-        if example.task != "caption" or example.image is None:
-            what = "has no image" if example.image is None else f"is a {example.task} row"
-            raise VLMError(f"{example.source or 'data'}: {what}; the align recipe trains on image captions only")
 
 
 def make_vision_cache(config: TrainConfig, trainer: VLMTrainer, image_processor=None) -> VisionFeatureCache | None:

@@ -5,10 +5,11 @@ warmup + cosine, TensorBoard, periodic evaluation, DDP/FSDP/DeepSpeed through ac
 token-count-exact loss scaling across accumulation steps and processes (`num_items_in_batch`).
 
 What we add:
+- the loss is the run's recipe's (`Recipe.compute_loss`; `vlm.train.recipes`), the LLM's next-token
+  loss unless the recipe has its own; parts it reports (`log_loss_parts`) are logged as `loss_<part>`;
 - checkpoints hold `trainable.safetensors` (the bridge and/or LoRA weights; never the frozen
   base), so resuming restores the bridge too, which peft's adapter file would not hold;
 - frozen vision features come from a `VisionFeatureCache` when the run has one (`vision_cache.py`);
-- the `align` recipe's loss (`align.py`) replaces the LLM's after `use_align_loss`;
 - the LM head runs only at the positions whose next token carries loss (`logits_to_keep`): with a
   49k-word vocabulary it is ~20% of a small LLM's step, and a caption or short answer is a few
   tokens after a long prompt. The loss is transformers' own (`shift_labels`), so it is the same;
@@ -35,10 +36,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from vlm.errors import VLMError
 
-from .align import bag_of_words_loss
 from .collate import IGNORE_INDEX
 from .config import BRIDGE_MODULES, TrainConfig
-from .recipes import resolve_precision
+from .recipes.base import resolve_precision
 from .save import (
     STAGING_DIR,
     TRAINABLE_WEIGHTS,
@@ -55,71 +55,56 @@ _CHECKPOINT_RE = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
 
 
 class VLMTrainer(Trainer):
-    """`Trainer` whose checkpoints are the trainable weights, moved into place atomically."""
+    """`Trainer` whose loss is the recipe's and whose checkpoints are the trainable weights, moved into
+    place atomically. Without a recipe (`use_recipe`), the loss is the LLM's."""
 
     _staging = False
     vision_cache: VisionFeatureCache | None = None
-    # `align` recipe: the tokens its bag-of-words loss leaves out; None for the LLM's own loss.
-    align_ignore_ids: list[int] | None = None
+    recipe = None  # the run's `vlm.train.recipes.Recipe`
 
-    stage1_settings: dict | None = None  # `stage1` recipe: stage1_losses keyword arguments
+    def use_recipe(self, recipe) -> None:
+        """Compute each step's loss with `recipe.compute_loss`."""
+        self.recipe = recipe
+        self.loss_is_scaled_for_ga = recipe.loss_is_scaled_for_ga
+        self._loss_sums: dict[str, float] = {}
+        self._loss_count = 0
 
-    def use_stage1_loss(self, decoder_start_id: int, weights: dict, negatives: str) -> None:
-        """Train with BLIP-2's stage-1 losses (ITC + ITM + ITG, `vlm.stage1_losses`), each logged."""
-        self.stage1_settings = {"decoder_start_id": decoder_start_id, "weights": weights, "negatives": negatives}
-        self.loss_is_scaled_for_ga = False  # per-batch means: Trainer divides across accumulation steps
-        self._stage1_sums: dict[str, float] = {}
-        self._stage1_count = 0
+    def log_loss_parts(self, parts: dict) -> None:
+        """Add a training step's named loss parts (tensors or numbers); the next log averages them."""
+        for name, value in parts.items():
+            self._loss_sums[name] = self._loss_sums.get(name, 0.0) + float(value)
+        self._loss_count += 1
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        """Trainer's log, plus the stage-1 losses averaged since the last log."""
-        if self.stage1_settings is not None and self._stage1_count and "loss" in logs:
-            for name, total in self._stage1_sums.items():
-                logs[f"loss_{name}"] = round(total / self._stage1_count, 4)
-            self._stage1_sums, self._stage1_count = {}, 0
+        """Trainer's log, plus the recipe's loss parts averaged since the last log (`loss_<part>`)."""
+        if getattr(self, "_loss_count", 0) and "loss" in logs:
+            for name, total in self._loss_sums.items():
+                logs[f"loss_{name}"] = round(total / self._loss_count, 4)
+            self._loss_sums, self._loss_count = {}, 0
         super().log(logs, *args, **kwargs)
 
-    def _stage1_loss(self, model, inputs):
-        # Through the (DDP-)wrapped model: a loss computed on the bare model would skip DDP's
-        # gradient all-reduce, and each process would train on its own gradients.
-        with self.accelerator.autocast():
-            losses = model(**inputs, **self.stage1_settings)
-        if not model.training:  # an evaluation batch: not part of the training log
-            return losses["loss"]
-        for name in ("itc", "itm", "itg"):
-            self._stage1_sums[name] = self._stage1_sums.get(name, 0.0) + float(losses[name].detach())
-        self._stage1_count += 1
-        return losses["loss"]
-
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Stage 1's batches carry no `labels` (its losses need none), for which Trainer would
-        skip the evaluation loss: it is computed here."""
-        if self.stage1_settings is None:
+        """A recipe whose batches carry no `labels` (stage 1's losses need none) still has an
+        evaluation loss, which Trainer would skip: it is computed here."""
+        if "labels" in inputs:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         inputs = self._prepare_inputs(inputs)
         with torch.no_grad():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
-    def use_align_loss(self, ignore_ids: list[int]) -> None:
-        """Train with the `align` recipe's loss, leaving `ignore_ids` (special tokens) out of its targets."""
-        self.align_ignore_ids = list(ignore_ids)
-        # That loss is a per-batch mean, so Trainer must divide it across accumulation steps itself.
-        self.loss_is_scaled_for_ga = False
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         keys = inputs.pop("image_keys", None)  # the collator names each image for the cache
-        bare = base_model(self.accelerator.unwrap_model(model))
         if self.vision_cache is not None and keys and "pixel_values" in inputs:
+            bare = base_model(self.accelerator.unwrap_model(model))
             with self.accelerator.autocast():  # what the model's own forward runs under
                 inputs["vision_features"] = self.vision_cache.features(bare, inputs.pop("pixel_values"), keys)
-        if self.stage1_settings is not None:
-            loss = self._stage1_loss(model, inputs)
-            return (loss, {"loss": loss}) if return_outputs else loss
-        if self.align_ignore_ids is not None:
-            with self.accelerator.autocast():
-                loss = bag_of_words_loss(bare, inputs, self.align_ignore_ids)
-            return (loss, {"loss": loss}) if return_outputs else loss
+        if self.recipe is not None:
+            return self.recipe.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        return self.language_model_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def language_model_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The LLM's next-token loss on the `labels` (Trainer's own), its LM head run only where a label is."""
         if not return_outputs and "labels" in inputs and self._llm_keeps_logits(model):
             targets = inputs["labels"][:, 1:]  # position t predicts token t + 1
             keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().flatten()
@@ -132,6 +117,7 @@ class VLMTrainer(Trainer):
         # A batch of text-only rows never reaches the bridge; under DDP every process must produce
         # a gradient for every trainable parameter, or the all-reduce waits forever. Zero-weighted.
         loss, outputs = result if return_outputs else (result, None)
+        bare = base_model(self.accelerator.unwrap_model(model))
         image_path = ("vision_model", *BRIDGE_MODULES)
         untouched = [p for n, p in bare.named_parameters() if p.requires_grad and n.split(".")[0] in image_path]
         loss = loss + 0.0 * sum(p.sum() for p in untouched)
