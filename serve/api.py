@@ -11,8 +11,6 @@ and status codes; bad input is a 4xx and the server keeps serving.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hmac
 import json
@@ -46,9 +44,9 @@ from .metrics import CONTENT_TYPE_LATEST, ServeMetrics, StatusCounter, not_ready
 from .adapter_routes import add_adapter_routes, engine_model, served_models
 from .conversation import Turn, prompt_tokens, render_prompt
 from .embeddings_api import add_embedding_routes
+from .image_urls import image_errors, open_image
 from .openai_schema import ApiError, ChatCompletionRequest, parse_request
-from .remote import any_address, fetch_remote, is_public_address
-from .uploads import REMOTE_TIMEOUT_S, ImageBudgetExceeded, ImageLimits, RequestImages, ServerBusyDecoding
+from .uploads import REMOTE_TIMEOUT_S, ImageLimits, RequestImages
 
 log = logging.getLogger(__name__)
 MAX_IMAGES_PER_REQUEST = 16
@@ -267,7 +265,7 @@ def messages_to_turns(body: ChatCompletionRequest, settings: ApiSettings, images
                 turns[-1].parts.append({"type": "image"})
     if not turns or turns[-1].reply is not None or not turns[-1].parts:
         raise ApiError(400, "the last message must be a user message with text or images", param="messages")
-    pixels = iter(_image_errors(images.decode_all, "messages"))
+    pixels = iter(image_errors(images.decode_all, "messages"))
     for turn in turns:
         turn.images = [next(pixels) for _ in turn.images]
     return turns, "\n".join(system) or None
@@ -292,44 +290,6 @@ def _texts(parts: list, where: str, allow_images: bool) -> list[str]:
             raise ApiError(400, f"{where}.content[{p}]: only user messages may hold images",
                            param=f"{where}.content[{p}]")
     return out
-
-
-def open_image(url: str, where: str, settings: ApiSettings, images: RequestImages) -> None:
-    """Add an `image_url` (a `data:` URL, or http(s) when remote images are allowed) to the
-    request's `images`, within the image limits (decoded later, by `images.decode_all`)."""
-    limit = settings.images.max_bytes
-    if url.startswith("data:"):
-        header, sep, payload = url.partition(",")
-        if not sep or ";base64" not in header:
-            raise ApiError(400, f"{where}: expected a data URL like data:image/png;base64,...", param=where)
-        if len(payload) * 3 // 4 > limit:
-            raise ApiError(400, f"{where}: image over the {limit // 2**20} MB limit", param=where)
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, f"{where}: the data URL is not valid base64", param=where) from None
-    elif url.startswith(("http://", "https://")):
-        if not settings.allow_remote_images:
-            raise ApiError(400, f"{where}: remote image URLs are disabled on this server; send the image as a "
-                                "data: URL (or start it with --allow-remote-images)", param=where)
-        allowed = any_address if settings.allow_private_image_hosts else is_public_address
-        data = fetch_remote(url, where, limit, settings.remote_timeout_s, allowed)
-    else:
-        raise ApiError(400, f"{where}: unsupported image URL (use a data: URL)", param=where)
-    _image_errors(lambda: images.add_bytes(data, where), where)
-
-
-def _image_errors(work, where: str):
-    """`work()` with the image limits' errors as API errors: 413 over the request's pixel budget,
-    503 when the server's decode budget stays full, 400 for a bad image."""
-    try:
-        return work()
-    except ImageBudgetExceeded as e:
-        raise ApiError(413, str(e), param=where, code="request_too_large") from None
-    except ServerBusyDecoding as e:
-        raise ApiError(503, str(e), code="server_busy", kind="server_error", headers={"Retry-After": "1"}) from None
-    except VLMError as e:
-        raise ApiError(400, str(e), param=where) from None
 
 
 # -- responses -------------------------------------------------------------------------------------

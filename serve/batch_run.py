@@ -10,12 +10,24 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vlm.errors import VLMError
 from vlm.load_policy import add_load_arguments
 
-from .writers import CSV_FIELDS, CsvWriter, JsonlWriter, TxtWriter, check_folder, merge_parts, part_paths, read_done
+from .writers import (
+    CSV_FIELDS,
+    CsvWriter,
+    JsonlWriter,
+    TxtWriter,
+    check_folder,
+    merge_parts,
+    part_path,
+    part_paths,
+    read_done,
+)
 
 
 def positive(text: str) -> int:
@@ -203,3 +215,80 @@ def finish_outputs(out: str | None, fmt: str, summary: Summary, oom_splits: int,
     print(summary.line() + (f" -> {out}" if out else ""), file=sys.stderr)
     if summary.done == 0 and summary.errors == 0 and summary.skipped == 0:
         print("no images found in the inputs", file=sys.stderr)
+
+
+class BatchJob:
+    """What one batch command does with a batch of work items; `run_batches` does the rest.
+
+    `builder` is the DataLoader dataset that turns a list of items into a batch in worker
+    processes (its `key(item)` is the output row's identity); `expand` (optional) turns an item into
+    several (scoring: one per text); `skip` (optional) rejects an item this process would do
+    (an existing caption file); `rows(batch)` computes the batch's output rows."""
+
+    builder = None
+    expand = None
+    skip = None
+    oom_splits = 0
+
+    def rows(self, batch) -> list[dict]:
+        raise NotImplementedError
+
+    def write(self, writer, rows: list[dict], batch) -> list[dict]:
+        """Write `rows`; returns the rows as written (a writer may turn one into an error row)."""
+        return writer.write(rows)
+
+
+def run_batches(args: argparse.Namespace, fmt: str, command: str, summary: Summary, fields: list[str],
+                start: Callable[[object, str | None], BatchJob]) -> Summary:
+    """The one batch-run loop of `vlm caption` and `vlm score`: lock `--out`, read what is done,
+    let `start(writer, device)` load the model, run every pending batch through worker processes
+    (rows written and flushed after each, progress shown), sum over processes, merge their parts
+    and print the summary."""
+    from .pipeline import PendingBatches  # torch: not imported for --help
+
+    rank, world, state = distributed(args.device)
+    lock = hold_output(args.out, state, command)
+    try:
+        done = prepare_outputs(args.out, args.overwrite, fmt, state)
+        writer = make_writer(fmt, part_path(args.out, rank) if (world > 1 and args.out) else args.out,
+                             args.overwrite, part=world > 1, fields=fields)
+        device = args.device or (str(state.device) if state is not None else None)
+        try:
+            job = start(writer, device)
+            pending = PendingBatches(args.inputs, done, args.batch_size, job.builder.key, rank, world, job.skip,
+                                     job.expand)
+            started = time.perf_counter()
+            desc = command.split()[-1] + (f"[{rank}]" if world > 1 else "")
+            _run_pending(args, job, pending, writer, summary, done, desc)
+        finally:
+            writer.close()
+        summary.skipped = pending.skipped_done + pending.skipped_here
+        if state is not None:
+            sum_over_processes(summary, pending.skipped_done, pending.skipped_here, state)
+        summary.seconds = time.perf_counter() - started
+        if rank == 0:
+            finish_outputs(args.out, fmt, summary, job.oom_splits, fields=fields)
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_pending(args, job: BatchJob, pending, writer, summary: Summary, done, desc: str) -> None:
+    from tqdm import tqdm
+
+    from .pipeline import batch_loader, count_pending
+
+    total = None if args.no_progress else count_pending(args.inputs, done, job.builder.key, pending.world, job.expand)
+    bar = tqdm(total=total, unit=summary.unit[:-1] if summary.unit.endswith("s") else summary.unit, desc=desc,
+               disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
+    try:
+        for batch in batch_loader(pending, job.builder, worker_count(args.num_workers)):
+            rows = job.write(writer, job.rows(batch), batch)
+            errors = sum("error" in r for r in rows)
+            summary.errors += errors
+            summary.done += len(rows) - errors
+            bar.update(len(rows))
+            bar.set_postfix(errors=summary.errors, refresh=False)
+    finally:
+        bar.close()

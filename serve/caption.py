@@ -5,24 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
-from .batch_run import (
-    Summary,
-    add_run_arguments,
-    distributed,
-    exit_status,
-    finish_outputs,
-    hold_output,
-    make_writer,
-    positive,
-    prepare_outputs,
-    sum_over_processes,
-    worker_count,
-)
+from .batch_run import BatchJob, Summary, add_run_arguments, exit_status, positive, run_batches
 from .inputs import check_inputs
 from .ray_cli import add_ray_arguments, ray_main
-from .writers import FORMATS, part_path
+from .writers import CSV_FIELDS, FORMATS
 
 DESCRIPTION = """\
 Caption images, or answer a question about each, in batches. Resumable: re-run the same
@@ -107,69 +94,40 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace, fmt: str) -> Summary:
     """Load the model, caption everything pending, merge multi-process parts; print a summary.
     The run holds `--out`'s lock throughout (a second run on the same output exits at once)."""
-    rank, world, state = distributed(args.device)
-    lock = hold_output(args.out, state, "vlm caption")
-    try:
-        return _run_locked(args, fmt, rank, world, state)
-    finally:
-        if lock is not None:
-            lock.release()
+    return run_batches(args, fmt, "vlm caption", Summary(), CSV_FIELDS, lambda writer, device: CaptionJob(
+        args, fmt, writer, device))
 
 
-def _run_locked(args: argparse.Namespace, fmt: str, rank: int, world: int, state) -> Summary:
-    from vlm.engine import GenerationSettings, InferenceEngine
-    from vlm.load_policy import load_from_args
+class CaptionJob(BatchJob):
+    """Captions (or answers) for a batch of images, through the inference engine."""
 
-    from .pipeline import BatchBuilder, PendingBatches
+    def __init__(self, args: argparse.Namespace, fmt: str, writer, device: str | None):
+        from vlm.engine import GenerationSettings, InferenceEngine
+        from vlm.load_policy import load_from_args
 
-    done = prepare_outputs(args.out, args.overwrite, fmt, state)
-    writer = make_writer(fmt, part_path(args.out, rank) if (world > 1 and args.out) else args.out,
-                         args.overwrite, part=world > 1)
-    device = args.device or (str(state.device) if state is not None else None)
-    loaded = load_from_args(args, device)
-    model, processor = loaded.model, loaded.processor
-    settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
-    builder = BatchBuilder(processor, prompt=args.prompt, question=args.question, allow_questions=fmt != "txt",
-                           settings=settings)
-    skip = (lambda item: writer.exists(item.path)) if fmt == "txt" else None
-    pending = PendingBatches(args.inputs, done, args.batch_size, builder.key, rank, world, skip)
-    # Captioning rarely sees an image twice across batches: a small feature cache is enough.
-    engine = InferenceEngine(model, processor, max_batch_size=args.batch_size, feature_cache_bytes=256 << 20)
+        from .pipeline import BatchBuilder
 
-    start = time.perf_counter()
-    summary = _caption_all(args, fmt, engine, builder, pending, writer, rank, world, done)
-    summary.skipped = pending.skipped_done + pending.skipped_here
-    if state is not None:
-        sum_over_processes(summary, pending.skipped_done, pending.skipped_here, state)
-    summary.seconds = time.perf_counter() - start
-    if rank == 0:
-        finish_outputs(args.out, fmt, summary, engine.batches.oom_splits)
-    return summary
+        loaded = load_from_args(args, device)
+        settings = GenerationSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams)
+        self.builder = BatchBuilder(loaded.processor, prompt=args.prompt, question=args.question,
+                                    allow_questions=fmt != "txt", settings=settings)
+        self.txt = fmt == "txt"
+        self.skip = (lambda item: writer.exists(item.path)) if self.txt else None
+        # Captioning rarely sees an image twice across batches: a small feature cache is enough.
+        self.engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=args.batch_size,
+                                      feature_cache_bytes=256 << 20)
 
+    @property
+    def oom_splits(self) -> int:
+        return self.engine.batches.oom_splits
 
-def _caption_all(args, fmt, engine, builder, pending, writer, rank: int, world: int, done) -> Summary:
-    """Caption every pending batch, writing each batch's rows as soon as it is done."""
-    from tqdm import tqdm
+    def rows(self, batch) -> list[dict]:
+        from .pipeline import caption_rows
 
-    from .pipeline import batch_loader, caption_rows, count_pending
+        return caption_rows(self.engine, batch, self.builder)
 
-    summary = Summary()
-    total = count_pending(args.inputs, done, builder.key, world) if not args.no_progress else None
-    bar = tqdm(total=total, unit="img", desc=f"caption[{rank}]" if world > 1 else "caption",
-               disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
-    try:
-        for batch in batch_loader(pending, builder, worker_count(args.num_workers)):
-            rows = caption_rows(engine, batch, builder)
-            rows = writer.write(rows, [it.path for it in batch.items]) if fmt == "txt" else writer.write(rows)
-            errors = sum("error" in r for r in rows)
-            summary.errors += errors
-            summary.done += len(rows) - errors
-            bar.update(len(rows))
-            bar.set_postfix(errors=summary.errors, refresh=False)
-    finally:
-        bar.close()
-        writer.close()
-    return summary
+    def write(self, writer, rows: list[dict], batch) -> list[dict]:
+        return writer.write(rows, [item.path for item in batch.items]) if self.txt else writer.write(rows)
 
 
 if __name__ == "__main__":

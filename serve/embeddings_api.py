@@ -22,6 +22,7 @@ from vlm.errors import VLMError
 
 from .adapter_routes import engine_model
 from .body import parse_json, read_body, require_json
+from .image_urls import open_image
 from .openai_schema import ApiError, Message, _param
 from .uploads import RequestImages
 
@@ -60,8 +61,6 @@ def parse_embedding_request(data) -> EmbeddingRequest:
 
 def add_embedding_routes(app: FastAPI, engine: InferenceEngine, settings) -> None:
     """`POST /embeddings` on the `/v1` app."""
-    from .api import open_image  # the chat completions' image rules, limits included
-
     def embed(body: EmbeddingRequest, model: str | None) -> tuple[list[tuple], int]:
         """(kind, vector, queries) per input, and the text tokens used."""
         try:

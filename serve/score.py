@@ -4,24 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
-from .batch_run import (
-    Summary,
-    add_run_arguments,
-    distributed,
-    exit_status,
-    finish_outputs,
-    hold_output,
-    make_writer,
-    prepare_outputs,
-    sum_over_processes,
-    worker_count,
-)
+from .batch_run import BatchJob, Summary, add_run_arguments, exit_status, run_batches
 from .inputs import check_inputs
 from .pairs import SCORE_FIELDS, PairBuilder, ScoreBatch, load_scorer, score_rows  # noqa: F401 (re-exported)
 from .ray_cli import add_ray_arguments, ray_main
-from .writers import part_path
 
 DESCRIPTION = """\
 Score image-text pairs with BLIP-2's stage-1 heads: one row per (image, text) pair,
@@ -62,45 +49,20 @@ def main(argv: list[str] | None = None) -> int:
     fmt = args.format or ("csv" if args.out.lower().endswith(".csv") else "jsonl")
     check_inputs(args.inputs)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    rank, world, state = distributed(args.device)
-    lock = hold_output(args.out, state, "vlm score")
-    try:
-        summary = _score_all(args, fmt, rank, world, state)
-    finally:
-        if lock is not None:
-            lock.release()
+    summary = run_batches(args, fmt, "vlm score", Summary(verb="scored", unit="pairs"), SCORE_FIELDS,
+                          lambda writer, device: ScoreJob(args, device))
     return exit_status(summary, args.max_error_rate)
 
 
-def _score_all(args: argparse.Namespace, fmt: str, rank: int, world: int, state) -> Summary:
-    """Score every pending pair, writing rows after each batch; merge parts and print the summary."""
-    from tqdm import tqdm
+class ScoreJob(BatchJob):
+    """ITC and ITM for a batch of (image, text) pairs."""
 
-    from .pipeline import PendingBatches, batch_loader, count_pending
+    def __init__(self, args: argparse.Namespace, device: str | None):
+        self.model, processor = load_scorer(args, device)
+        self.tokenizer = processor.qformer_tokenizer
+        self.builder = PairBuilder(processor, args.text)
+        self.expand = self.builder.expand
 
-    done = prepare_outputs(args.out, args.overwrite, fmt, state)
-    writer = make_writer(fmt, part_path(args.out, rank) if world > 1 else args.out, part=world > 1,
-                         fields=SCORE_FIELDS)
-    model, processor = load_scorer(args, args.device or (str(state.device) if state is not None else None))
-    builder = PairBuilder(processor, args.text)
-    pending = PendingBatches(args.inputs, done, args.batch_size, builder.key, rank, world, expand=builder.expand)
-    total = None if args.no_progress else count_pending(args.inputs, done, builder.key, world, builder.expand)
-    summary = Summary(verb="scored", unit="pairs")
-    start = time.perf_counter()
-    bar = tqdm(total=total, unit="pair", desc="score", disable=args.no_progress or None, dynamic_ncols=True)
-    try:
-        for batch in batch_loader(pending, builder, worker_count(args.num_workers)):
-            rows = writer.write(score_rows(model, processor.qformer_tokenizer, batch))
-            summary.errors += sum("error" in r for r in rows)
-            summary.done += sum("error" not in r for r in rows)
-            bar.update(len(rows))
-    finally:
-        bar.close()
-        writer.close()
-    summary.skipped = pending.skipped_done + pending.skipped_here
-    if state is not None:
-        sum_over_processes(summary, pending.skipped_done, pending.skipped_here, state)
-    summary.seconds = time.perf_counter() - start
-    if rank == 0:
-        finish_outputs(args.out, fmt, summary, 0, fields=SCORE_FIELDS)
-    return summary
+    def rows(self, batch) -> list[dict]:
+        return score_rows(self.model, self.tokenizer, batch)
+

@@ -17,9 +17,10 @@ def caption_command(folder, out, model_dir, *extra: str) -> list[str]:
 
 
 def test_a_second_run_on_the_same_out_exits_naming_the_first(tmp_path, blip2_opt_dir):
-    folder = images_folder(tmp_path / "imgs", 30)
+    folder = images_folder(tmp_path / "imgs", 300)  # the first run must outlast the second's start-up
     out = tmp_path / "out.jsonl"
-    first = subprocess.Popen(caption_command(folder, out, blip2_opt_dir, "--batch-size", "1"), env=cli_env(),
+    first = subprocess.Popen(caption_command(folder, out, blip2_opt_dir, "--batch-size", "1", "--max-new-tokens", "8"),
+                             env=cli_env(),
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and first.poll() is None and not (out.exists() and out.read_text().count("\n")):
@@ -37,7 +38,7 @@ def test_a_second_run_on_the_same_out_exits_naming_the_first(tmp_path, blip2_opt
     # The lock ends with the run: the same command now resumes (nothing left to do).
     again = subprocess.run(caption_command(folder, out, blip2_opt_dir), env=cli_env(), capture_output=True,
                            text=True, timeout=120)
-    assert again.returncode == 0 and "skipped 30" in again.stderr, again.stderr
+    assert again.returncode == 0 and "skipped 300" in again.stderr, again.stderr
 
 
 def test_a_csv_list_saved_by_excel_with_a_byte_order_mark(tmp_path, blip2_opt_dir):

@@ -127,7 +127,7 @@ def test_library_warnings_are_quiet_unless_verbose(capsys):
             logging.getLogger(name).setLevel(level)
 
 
-@pytest.mark.parametrize("command, abbreviation", [("serve", "--adapter"), ("chat", "--adapter"),
+@pytest.mark.parametrize("command, abbreviation", [("serve", "--adapter-for"), ("chat", "--adapter-for"),
                                                    ("caption", "--quant"), ("score", "--quant")])
 def test_flags_are_not_abbreviated(command, abbreviation, tmp_path):
     result = subprocess.run([sys.executable, "-m", "vlm.cli", command, *(["x.png", "--out", "o.jsonl"]
