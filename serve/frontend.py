@@ -94,7 +94,7 @@ class ChatFrontend:
             self._add_upload(reader, path)
         images = self._named(reader.decode_all, turns)
         settings = dataclasses.replace(settings, max_new_tokens=fitted.max_new_tokens)
-        request = Request(self.prompt_text(turns, system_prompt, model), images, settings, model=model)
+        request = Request(self.prompt_text(turns, system_prompt, model), images, settings, model=model, origin="chat")
         return Prepared(request, input_ids, dropped)
 
     def open_upload(self, path: str):

@@ -35,8 +35,8 @@ def adapter_label(engine: InferenceEngine, stream: Stream) -> str:
 
 
 def front_door(stream: Stream) -> str:
-    """The `front_door` label: the request's `origin` ("api"); the chat page leaves it unset."""
-    return stream.request.origin or "chat"
+    """The `front_door` label: the request's `origin` ("api", "chat"); "other" for a program's own requests."""
+    return stream.request.origin or "other"
 
 
 def not_ready(engine: InferenceEngine) -> str | None:
