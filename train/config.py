@@ -90,9 +90,16 @@ class Stage1Settings(_Section):
     hard_negatives: Literal["sample", "hardest"] = "sample"
     # Caption tokens (BERT) per pair: LAVIS's 32; BERT has 512 positions.
     max_text_length: int = Field(32, ge=2, le=512)
-    # false: the word embeddings (and the ITG decoder tied to them) stay as initialised, e.g.
-    # BERT's: a small vocabulary of captions changes few rows, and the rest need not be shipped.
-    train_word_embeddings: bool = True
+    # false (default): the word embeddings (and the ITG decoder tied to them) stay as initialised,
+    # e.g. BERT's. Trained, ITG (a language model through that tied decoder) pulls the embeddings of
+    # words it cannot yet predict from the image, such as "red" and "blue" in "a ___ circle",
+    # together, and ITC then cannot tell those captions apart (measured: README, Fine-tune).
+    train_word_embeddings: bool = False
+    # The Q-Former's dropout on its hidden states during stage 1 (BERT's hidden_dropout_prob is 0.1);
+    # null keeps the checkpoint's. 0 (default): from a fresh Q-Former the image reaches the query
+    # outputs as ~1% of them, and dropout's noise, 10x that, made ITC collapse every embedding to one
+    # point (measured). The saved config keeps the checkpoint's value for stage 2.
+    dropout: float | None = Field(0.0, ge=0.0, lt=1.0)
     # false: only what stage 2 never runs trains (text embeddings, the text-side feed-forward
     # layers, the heads): the ITC/ITM heads are fitted to a finished stage-2 bridge (queries and
     # Q-Former unchanged), so one checkpoint answers and scores. The demo does this last.

@@ -17,6 +17,7 @@ A subclass sets `name` (and `summary`, one line for listings) and overrides what
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -32,6 +33,7 @@ from ..config import TrainConfig
 from ..save import save_trained
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+logger = logging.getLogger(__name__)
 
 
 class Recipe:
@@ -81,6 +83,7 @@ class Recipe:
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if not any(p.requires_grad for p in model.parameters()):
             raise VLMError(f"recipe {self.name}: nothing to train (every parameter is frozen)")
+        draw_untrained_queries(model)
         trainable_in_fp32(model)
         self.processor = processor
         return model, processor
@@ -138,6 +141,24 @@ def apply_prompts(processor, config: TrainConfig) -> None:
         if template.count("{}") != 1:
             raise VLMError(f"prompt.question_template must hold exactly one {{}} for the question, got {template!r}")
         processor.question_template = template
+
+
+def draw_untrained_queries(model) -> None:
+    """Query tokens that are all zero, as transformers initialises a BLIP-2 model it has no weights for,
+    are drawn as BLIP-2 draws them (normal, std `initializer_range`) when they are to train.
+
+    The Q-Former's first layer normalises them: a LayerNorm of a constant vector has a gradient of
+    ~1/sqrt(eps) (measured: an infinite gradient norm for ITC on a fresh `Blip2ForImageTextRetrieval`),
+    and clipping that to `max_grad_norm` leaves every other weight without an update.
+    """
+    bare = model.get_base_model() if is_peft(model) else model
+    queries = getattr(bare, "query_tokens", None)
+    if queries is None or not queries.requires_grad or queries.count_nonzero() > 0:
+        return
+    with torch.no_grad():
+        queries.normal_(0.0, bare.config.initializer_range)
+    logger.warning("the query tokens were all zero (an untrained checkpoint): drawn from N(0, %s), as BLIP-2 "
+                   "initialises them", bare.config.initializer_range)
 
 
 def trainable_in_fp32(model) -> None:
