@@ -121,6 +121,8 @@ class Captioner:
         model: checkpoint folder, hub id or registered name (`None`: the offline demo).
         prompt / question: as `vlm caption --prompt` / `--question`; a row's own column wins.
         batch_size: images per model call inside the actor (pass Ray's `batch_size` as well).
+        device / dtype / quantization: as the `vlm` flags (default: CUDA when the actor has a GPU,
+            its native dtype, 4-bit NF4 on CUDA for LLMs of 1B+ parameters).
         num_threads: torch threads (default: what Ray gives the actor: its `num_cpus`).
         workdir: folder to read relative image paths from (`vlm caption --ray`: the driver's).
     """
@@ -133,13 +135,15 @@ class Captioner:
                  workdir: str | None = None):
         setup_process(num_threads, workdir)
         from vlm.engine import GenerationSettings, InferenceEngine
-        from vlm.loading import load_pretrained
+        from vlm.load_policy import load_for_inference
 
-        loaded, processor = load_pretrained(model, quantization=quantization, device=device, dtype=dtype)
+        # The loading policy of every command (`vlm caption`'s too): 4-bit on CUDA for 1B+ LLMs.
+        loaded = load_for_inference(model, device, dtype, quantization)
         settings = GenerationSettings(max_new_tokens=max_new_tokens, num_beams=num_beams)
-        self.builder = SourceBatchBuilder(processor, prompt=prompt, question=question, settings=settings)
+        self.builder = SourceBatchBuilder(loaded.processor, prompt=prompt, question=question, settings=settings)
         # As `vlm caption`: images rarely repeat across batches, so a small feature cache is enough.
-        self.engine = InferenceEngine(loaded, processor, max_batch_size=batch_size, feature_cache_bytes=256 << 20)
+        self.engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=batch_size,
+                                      feature_cache_bytes=256 << 20)
         self.batch_size = batch_size
 
     def rows(self, items: list[Item], blobs: Mapping[str, bytes] | None = None) -> list[dict]:
@@ -161,16 +165,16 @@ class Scorer:
     Args:
         model: a checkpoint with the stage-1 heads (`Blip2ForImageTextRetrieval`, a stage-1 output).
         texts: scored against every row that has no `text` of its own (one output row per text).
-        batch_size: pairs per model call inside the actor.
+        batch_size: pairs per model call inside the actor; the other arguments as `Captioner`'s.
     """
 
     fields = SCORE_FIELDS
 
     def __init__(self, model: str | None = None, *, texts: list[str] | None = None, batch_size: int = 64,
-                 device: str | None = None, dtype: str | None = None, num_threads: int | None = None,
-                 workdir: str | None = None):
+                 device: str | None = None, dtype: str | None = None, quantization: str | None = None,
+                 num_threads: int | None = None, workdir: str | None = None):
         setup_process(num_threads, workdir)
-        flags = types.SimpleNamespace(model=model, device=device, dtype=dtype, quantization=None)  # as `vlm score`'s
+        flags = types.SimpleNamespace(model=model, device=device, dtype=dtype, quantization=quantization)
         self.model, processor = load_scorer(flags, device)
         self.tokenizer = processor.qformer_tokenizer
         self.builder = SourcePairBuilder(processor, list(texts or []))

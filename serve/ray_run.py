@@ -106,12 +106,12 @@ def make_job(args: argparse.Namespace, command: str) -> Job:
     """The actor class, its arguments and the item identity for `command`."""
     model = os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model
     common = dict(out=os.path.abspath(args.out), shard_format=args.shard_format or "jsonl", model=model,
-                  batch_size=args.batch_size, device=args.device, dtype=args.dtype,
+                  batch_size=args.batch_size, device=args.device, dtype=args.dtype, quantization=args.quantization,
                   num_threads=max(1, int(args.num_cpus or 1)), workdir=os.getcwd())
     if command == "caption":
         keys = _CaptionKeys(args.question)
         kwargs = dict(prompt=args.prompt, question=args.question, max_new_tokens=args.max_new_tokens,
-                      num_beams=args.num_beams, quantization=args.quantization)
+                      num_beams=args.num_beams)
         return Job(ShardCaptioner, {**common, **kwargs}, keys.key, None, Summary())
     pairs = _PairKeys(args.text)
     return Job(ShardScorer, {**common, "texts": args.text}, pairs.key, pairs.expand,
