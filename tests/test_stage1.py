@@ -236,6 +236,30 @@ def stage1_base(tmp_path_factory):
     return root / "built"
 
 
+def test_untrained_all_zero_queries_are_drawn_before_training(tmp_path):
+    """transformers initialises BLIP-2's query tokens to zero; LayerNorm of that gave ITC an infinite
+    gradient norm, which clipping turned into no update at all. The recipe draws them as BLIP-2 does."""
+    from safetensors.torch import load_file, save_file
+
+    from vlm.stage1_losses import itc_loss
+    from vlm.train.config import load_config
+    from vlm.train.recipes import prepare_model
+
+    folder = tiny.save_official_retrieval(tmp_path / "untrained", seed=1)
+    weights = load_file(folder / "model.safetensors")
+    save_file({**weights, "query_tokens": torch.zeros_like(weights["query_tokens"])}, folder / "model.safetensors",
+              metadata={"format": "pt"})
+    model, processor = prepare_model(load_config("stage1", [f"model={folder}"]), device="cpu")
+    assert model.query_tokens.count_nonzero() == model.query_tokens.numel()
+    assert 0.01 < float(model.query_tokens.std()) < 0.03  # N(0, initializer_range)
+    pixels = processor.image_processor([tiny.random_image(i) for i in range(3)], return_tensors="pt")["pixel_values"]
+    tokens = processor.qformer_tokenizer(TEXTS[:3], padding=True, return_tensors="pt")
+    loss, *_ = itc_loss(model.image_embeddings(pixels), model.text_embeddings(**_ids(tokens)), torch.arange(3),
+                        model.temp)
+    loss.backward()
+    assert torch.isfinite(torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None]))
+
+
 def test_itg_masks_and_loss(stage1_base):
     from vlm.train.recipes.stage1 import load_image_text_model
     from vlm.stage1_losses import IGNORE_INDEX, LABEL_SMOOTHING, itg_loss, itg_mask
