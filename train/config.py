@@ -10,7 +10,6 @@ type is a `VLMError` naming the key (and the file), with a suggestion for near-m
 from __future__ import annotations
 
 import difflib
-import re
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -20,27 +19,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlm.errors import VLMError
 
+from .yaml_text import read_yaml, yaml_error
 
 
-class NumberLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading `1e-3` as the number everyone means.
 
-    PyYAML implements YAML 1.1, whose floats need a dot and a signed exponent (`1.0e-3`): `1e-3`
-    stays a string and a typed key then rejects it. YAML 1.2 (and JSON, and Python) read it as a
-    float; so do we, in config files and in `key=value` overrides alike.
-    """
-
-
-NumberLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."),
-)
-
-
-def read_yaml(text: str):
-    """`text` parsed as YAML with `NumberLoader`."""
-    return yaml.load(text, Loader=NumberLoader)  # a SafeLoader: plain data only, no Python objects
 BRIDGE_MODULES = ("query_tokens", "qformer", "language_projection")
 
 
@@ -334,15 +316,6 @@ def _expected(key: str) -> str:
         else:
             words.append(names.get(arm, "a mapping" if typing.get_origin(arm) is dict else str(arm)))
     return " or ".join(words) + (" or null" if type(None) in _arms(kind) else "")
-
-
-def yaml_error(path: str, error: yaml.YAMLError) -> str:
-    """A YAML syntax error as one line with its position: `file:line:column: not valid YAML (why)`."""
-    mark = getattr(error, "problem_mark", None)
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
-    why = getattr(error, "problem", None) or str(error).splitlines()[0]
-    hint = " (YAML indents with spaces, not tabs)" if "'\\t'" in why else ""
-    return f"{where}: not valid YAML ({why}){hint}"
 
 
 def _parse_value(text: str, kind=None) -> Any:
