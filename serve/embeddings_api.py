@@ -14,7 +14,7 @@ import base64
 from typing import Literal
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from vlm.engine import InferenceEngine
@@ -23,7 +23,7 @@ from vlm.errors import VLMError
 from .adapter_routes import engine_model
 from .body import parse_json, read_body, require_json
 from .image_urls import open_image
-from .openai_schema import ApiError, Message, _param
+from .openai_schema import ApiError, Message, validate
 from .uploads import RequestImages
 
 MAX_INPUTS = 2048  # OpenAI's limit on inputs per request
@@ -41,13 +41,7 @@ class EmbeddingRequest(BaseModel):
 
 def parse_embedding_request(data) -> EmbeddingRequest:
     """The validated body, or a 400 naming the field."""
-    if not isinstance(data, dict):
-        raise ApiError(400, "the request body must be a JSON object")
-    try:
-        body = EmbeddingRequest.model_validate(data)
-    except ValidationError as e:
-        worst = max(e.errors(), key=lambda error: len(error["loc"]))
-        raise ApiError(400, f"{_param(worst['loc'])}: {worst['msg']}", param=_param(worst["loc"])) from None
+    body = validate(EmbeddingRequest, data)
     if (body.input is None) == (body.messages is None):
         raise ApiError(400, "give texts as `input` or images as `messages`, one of the two", param="input")
     if body.dimensions is not None:

@@ -114,18 +114,23 @@ class ChatCompletionRequest(_NullMeansDefault):
         return tuple(s for s in stops if s)
 
 
-def parse_request(data: Any) -> ChatCompletionRequest:
-    """The validated request, or an `ApiError` (400) naming the offending field."""
+def validate(model: type[BaseModel], data: Any):
+    """`data` (a parsed JSON body) as `model`, or an `ApiError` (400) naming the offending field."""
     if not isinstance(data, dict):
         raise ApiError(400, "the request body must be a JSON object")
     try:
-        request = ChatCompletionRequest.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         # A union reports every arm; the deepest error is about the arm the input was meant for
         # (a bad content part, not "content should be a string").
         worst = max(e.errors(), key=lambda error: len(error["loc"]))
         param = _param(worst["loc"]) + (".type" if worst["type"] == "content_part_type" else "")
         raise ApiError(400, f"{param}: {worst['msg']}", param=param) from None
+
+
+def parse_request(data: Any) -> ChatCompletionRequest:
+    """The validated request, or an `ApiError` (400) naming the offending field."""
+    request = validate(ChatCompletionRequest, data)
     if request.n != 1:
         raise ApiError(400, "n: only n=1 is supported", param="n")
     if isinstance(request.stop, list) and len(request.stop) > 4:

@@ -83,12 +83,29 @@ def test_training_records_statistics_and_the_engine_warns(trained, tmp_path):
     assert two.warning == WARNING  # any unlike image warns
 
 
-def test_caption_rows_and_the_api_carry_the_warning(trained, tmp_path):
+def ask_served_about_a_photo(model_dir, tmp_path):
+    """A real `vlm serve` of `model_dir` asked, through the `openai` client, about a photo (noise)."""
     import base64
     import io
 
     import openai
     from server_process import ServerProcess
+
+    server = ServerProcess("serve", model_dir, tmp_path / f"serve-{model_dir.name}.log", ready="v1/models")
+    try:
+        client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
+        buffer = io.BytesIO()
+        photo(0).save(buffer, "PNG")
+        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        return client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=3, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
+                                         {"type": "text", "text": "what is it?"}]}])
+    finally:
+        server.stop()
+
+
+def test_caption_rows_and_the_api_carry_the_warning(trained, tmp_path):
+
 
     folder = tmp_path / "mixed"
     shapes(folder, 2, seed=1)
@@ -99,18 +116,8 @@ def test_caption_rows_and_the_api_carry_the_warning(trained, tmp_path):
     rows = {json.loads(line)["image"].rsplit("/", 1)[-1]: json.loads(line) for line in out.read_text().splitlines()}
     assert rows["photo.png"]["warning"] == WARNING and "warning" not in rows["shape0.png"]
 
-    server = ServerProcess("serve", trained, tmp_path / "serve.log", ready="v1/models")
-    try:
-        client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
-        buffer = io.BytesIO()
-        photo(0).save(buffer, "PNG")
-        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=2, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": "what is it?"}]}])
-        assert reply.model_extra["warning"] == WARNING
-    finally:
-        server.stop()
+    reply = ask_served_about_a_photo(trained, tmp_path)
+    assert reply.model_extra["warning"] == WARNING
 
 
 ONLY_SHAPES = "I only know pictures of shapes; this one is not."
@@ -120,11 +127,7 @@ def test_a_model_that_knows_one_kind_of_picture_says_so(trained, tmp_path):
     """With `novelty_answer` set (the demo sets it), an unlike image gets that answer instead of an
     invented one, the same offline, streamed, in caption rows and through the API; like images are
     answered as usual. Without it (`trained`), models answer and warn."""
-    import base64
-    import io
 
-    import openai
-    from server_process import ServerProcess
 
     from vlm.novelty import NoveltyDetector as Detector
 
@@ -153,18 +156,8 @@ def test_a_model_that_knows_one_kind_of_picture_says_so(trained, tmp_path):
                      "--num-workers", "0", "--no-progress"]) == 0
     (row,) = map(json.loads, out.read_text().splitlines())
     assert row["caption"] == ONLY_SHAPES and row["warning"] == WARNING
-    server = ServerProcess("serve", knows, tmp_path / "serve.log", ready="v1/models")
-    try:
-        client = openai.OpenAI(base_url=server.url + "v1", api_key="none", max_retries=0)
-        buffer = io.BytesIO()
-        photo(0).save(buffer, "PNG")
-        image = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-        reply = client.chat.completions.create(model=client.models.list().data[0].id, max_tokens=3, messages=[
-            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}},
-                                         {"type": "text", "text": "what is it?"}]}])
-        assert reply.choices[0].message.content == ONLY_SHAPES and reply.model_extra["warning"] == WARNING
-    finally:
-        server.stop()
+    reply = ask_served_about_a_photo(knows, tmp_path)
+    assert reply.choices[0].message.content == ONLY_SHAPES and reply.model_extra["warning"] == WARNING
 
 
 def test_the_chat_keeps_the_warning_beside_the_answer_and_out_of_the_next_prompt():
