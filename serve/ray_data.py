@@ -101,13 +101,18 @@ class SourcePairBuilder(_Sources, PairBuilder):
     """`vlm score`'s batch builder, reading bytes and URIs too."""
 
 
-def setup_process(num_threads: int | None = None, workdir: str | None = None) -> None:
-    """Per-actor setup: torch threads, and the driver's folder so relative paths read as there."""
+def setup_process(num_threads: int | None = None, workdir: str | None = None, quiet: bool = False) -> None:
+    """Per-actor setup: torch threads, the driver's folder so relative paths read as there, and
+    (`quiet`) the `vlm` command's quiet libraries, since Ray forwards actors' stderr to the driver."""
     import torch
     from transformers.utils import logging as hf_logging
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     hf_logging.disable_progress_bar()  # one weight-loading bar per actor, forwarded to the driver
+    if quiet:
+        from vlm.cli import quiet_libraries
+
+        quiet_libraries()
     if num_threads:
         torch.set_num_threads(int(num_threads))
     if workdir and os.path.isdir(workdir):
@@ -125,6 +130,7 @@ class Captioner:
             its native dtype, 4-bit NF4 on CUDA for LLMs of 1B+ parameters).
         num_threads: torch threads (default: what Ray gives the actor: its `num_cpus`).
         workdir: folder to read relative image paths from (`vlm caption --ray`: the driver's).
+        quiet: keep third-party warnings and logs off stderr, as the `vlm` command does.
     """
 
     fields = CSV_FIELDS
@@ -132,8 +138,8 @@ class Captioner:
     def __init__(self, model: str | None = None, *, prompt: str | None = None, question: str | None = None,
                  max_new_tokens: int = 30, num_beams: int = 1, batch_size: int = 16, device: str | None = None,
                  dtype: str | None = None, quantization: str | None = None, num_threads: int | None = None,
-                 workdir: str | None = None):
-        setup_process(num_threads, workdir)
+                 workdir: str | None = None, quiet: bool = False):
+        setup_process(num_threads, workdir, quiet)
         from vlm.engine import GenerationSettings, InferenceEngine
         from vlm.load_policy import load_for_inference
 
@@ -172,8 +178,8 @@ class Scorer:
 
     def __init__(self, model: str | None = None, *, texts: list[str] | None = None, batch_size: int = 64,
                  device: str | None = None, dtype: str | None = None, quantization: str | None = None,
-                 num_threads: int | None = None, workdir: str | None = None):
-        setup_process(num_threads, workdir)
+                 num_threads: int | None = None, workdir: str | None = None, quiet: bool = False):
+        setup_process(num_threads, workdir, quiet)
         flags = types.SimpleNamespace(model=model, device=device, dtype=dtype, quantization=quantization)
         self.model, processor = load_scorer(flags, device)
         self.tokenizer = processor.qformer_tokenizer

@@ -107,7 +107,7 @@ def make_job(args: argparse.Namespace, command: str) -> Job:
     model = os.path.abspath(args.model) if args.model and os.path.exists(args.model) else args.model
     common = dict(out=os.path.abspath(args.out), shard_format=args.shard_format or "jsonl", model=model,
                   batch_size=args.batch_size, device=args.device, dtype=args.dtype, quantization=args.quantization,
-                  num_threads=max(1, int(args.num_cpus or 1)), workdir=os.getcwd())
+                  num_threads=max(1, int(args.num_cpus or 1)), workdir=os.getcwd(), quiet=quiet())
     if command == "caption":
         keys = _CaptionKeys(args.question)
         kwargs = dict(prompt=args.prompt, question=args.question, max_new_tokens=args.max_new_tokens,
@@ -163,17 +163,23 @@ def _run_locked(ray, args: argparse.Namespace, command: str) -> int:
     return exit_status(summary, args.max_error_rate)
 
 
+def quiet() -> bool:
+    """Whether the `vlm` command keeps library chatter off stderr here (no --verbose): the actors
+    and Ray's own driver-side logging follow it."""
+    return logging.getLogger("transformers").level >= logging.ERROR
+
+
 @contextlib.contextmanager
 def ray_session(ray, address: str):
     """Connect to `address` (or start a local instance with one CPU per core) unless Ray is up."""
     if ray.is_initialized():  # a caller's own session (Python use of `main`)
         yield
         return
-    quiet = dict(include_dashboard=False, logging_level=logging.WARNING, configure_logging=True)
+    options = dict(include_dashboard=False, logging_level=logging.ERROR if quiet() else logging.INFO)
     if address == "local":
-        ray.init(address="local", num_cpus=os.cpu_count(), **quiet)
+        ray.init(address="local", num_cpus=os.cpu_count(), **options)
     else:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, **options)
     try:
         yield
     finally:
