@@ -17,16 +17,16 @@ from .batch_run import positive
 # host:port, [v6]:port, ray://host:port, or the words Ray itself understands.
 _ADDRESS = re.compile(r"^(?:local|auto|ray://\S+|[\w.-]+:\d+|\[[0-9A-Fa-f:.]+\]:\d+)$")
 RAY_HELP = """\
-The same rows, computed by Ray Data actors (one
-model copy each) on a local Ray instance (no ADDRESS, or 'local': one actor per CPU) or a
-cluster ('auto' for the cluster this machine belongs to, ray://HEAD:10001, HEAD:6379). --out
-then names a folder of shards (part-*.jsonl, or .parquet with --shard-format parquet): read them
-with e.g. `cat OUT/part-*.jsonl`. INPUT may also be a Parquet file, a folder named *.parquet or
-a URI of a Parquet dataset, with an 'image' column of paths or URIs (plus 'prompt', 'question'
-or 'text'). Paths are read on the workers: on a cluster, give a shared filesystem mounted at
-the same path on every node, or URIs. A rerun skips what the shards hold; an actor that dies
-has its chunk redone and every input still ends in exactly one row. Put --ray after the INPUTs
-or write --ray=ADDRESS (a bare --ray followed by an INPUT takes it for an address).
+The same rows, computed by Ray Data actors (one model copy each) on a local Ray instance (no
+ADDRESS, or 'local': one actor per CPU) or a cluster ('auto' for the cluster this machine belongs
+to, ray://HEAD:10001, HEAD:6379). --out then names a folder of shards (part-*.jsonl, or .parquet
+with --shard-format parquet): `cat OUT/part-*.jsonl` gives one file. INPUT may also be a Parquet
+file, a folder named *.parquet or a URI of a Parquet dataset, with an 'image' column of paths or
+URIs (plus 'prompt', 'question' or 'text'). Images are read, and shards written, on the workers:
+on a cluster, use a filesystem mounted at the same path on every node. A rerun skips what the
+shards hold; an actor that dies has its chunk redone and every input still ends in exactly one
+row. Put --ray after the INPUTs or write --ray=ADDRESS (a bare --ray followed by an INPUT would
+take it for an address). --num-workers does not apply: actors decode their own images.
 """
 
 
