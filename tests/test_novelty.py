@@ -148,6 +148,14 @@ def test_a_model_that_knows_one_kind_of_picture_says_so(trained, tmp_path):
     for like_reply, unlike_reply in (offline, streamed):
         assert like_reply.text != ONLY_SHAPES and like_reply.warning is None
         assert (unlike_reply.text, unlike_reply.warning, unlike_reply.finish_reason) == (ONLY_SHAPES, WARNING, "stop")
+    # A conversation: a photo, then a shape. The answer about the shape is given (warned: a photo is
+    # in the conversation); when the photo is the last picture sent, the model says so again.
+    photo_first, shape_first = (Request("<image> <image> hi", images, settings)
+                                for images in ([photo(0), like], [like, photo(0)]))
+    for replies in (engine.generate([photo_first, shape_first]),
+                    [engine.submit(r).result() for r in (photo_first, shape_first)]):
+        assert replies[0].text != ONLY_SHAPES and replies[0].warning == WARNING
+        assert replies[1].text == ONLY_SHAPES
     engine.close()
 
     photo(0).save(tmp_path / "photo.png")

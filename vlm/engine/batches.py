@@ -133,12 +133,12 @@ class BatchGenerator:
         prompt_lengths = encoding["attention_mask"].sum(dim=1).tolist()
         completions = [self._completion(ids, n, settings, kwargs["max_new_tokens"])
                        for ids, n in zip(new_tokens, prompt_lengths)]
-        for completion, unlike, request in zip(completions, novel, requests):
+        for completion, (unlike, last_unlike), request in zip(completions, novel, requests):
             if unlike:
                 completion.warning = NOVELTY_WARNING
-                answer = self.encoder.novel_answer(request.model)
-                if answer:  # the same answer the running batch gives (`engine.py`)
-                    completion.text, completion.finish_reason = answer, "stop"
+            answer = self.encoder.novel_answer(request.model) if last_unlike else None
+            if answer:  # the same answer the running batch gives (`engine.py`)
+                completion.text, completion.finish_reason = answer, "stop"
         return completions
 
     def _completion(self, ids: list[int], prompt_tokens: int, settings, max_new_tokens: int) -> Completion:

@@ -31,7 +31,8 @@ class Encoded:
 
     input_ids: list[int]
     image_features: torch.Tensor | None  # (num_images, num_query_tokens, llm_width), on the model's device
-    novel: bool = False  # an image unlike the model's training images (`vlm.novelty`)
+    novel: bool = False  # an image unlike the model's training images (`vlm.novelty`): a warning
+    last_novel: bool = False  # the last image sent is one: a model with a novelty answer gives it
 
 
 class Encoder:
@@ -119,10 +120,10 @@ class Encoder:
                                   padding=False, return_tensors=None)
         return [len(ids) for ids in encoding["input_ids"]]
 
-    def encode_batch(self, requests: list[Request]) -> tuple[dict, torch.Tensor | None, list[bool]]:
+    def encode_batch(self, requests: list[Request]) -> tuple[dict, torch.Tensor | None, list[tuple[bool, bool]]]:
         """Left-padded `input_ids` / `attention_mask` for `requests`, the soft prompts of all
         their images in reading order (None when there are none), and per request whether one of
-        its images is unlike the training images."""
+        its images, and whether its last image, is unlike the training images."""
         for request in requests:
             check_markers(request, self.processor.image_token)
         encoding = self.processor(
@@ -132,7 +133,7 @@ class Encoder:
         )
         owners = [r.model for r in requests for _ in r.images]  # each image's model, in reading order
         if not owners:
-            return dict(encoding), None, [False] * len(requests)
+            return dict(encoding), None, [(False, False)] * len(requests)
         images = [image for r in requests for image in r.images]
         features: list = [None] * len(images)
         novel: list = [False] * len(images)
@@ -150,11 +151,11 @@ class Encoder:
 
     def encode(self, request: Request) -> Encoded:
         """One request, unpadded; `VLMError` for an empty prompt (no token to start from)."""
-        encoding, features, (novel,) = self.encode_batch([request])
+        encoding, features, ((novel, last_novel),) = self.encode_batch([request])
         input_ids = encoding["input_ids"][0].tolist()
         if not input_ids:
             raise prompt_problem(0, 1)
-        return Encoded(input_ids, features, novel=novel)
+        return Encoded(input_ids, features, novel=novel, last_novel=last_novel)
 
 
 def prompt_problem(length: int, context_length: int) -> VLMError | None:
@@ -177,11 +178,14 @@ def check_markers(request: Request, marker: str) -> None:
         raise VLMError(f"qformer_text has {len(request.qformer_text)} entries for {len(request.images)} images")
 
 
-def _per_request(flags: list[bool], requests: list[Request]) -> list[bool]:
-    """Per-image flags (in reading order) -> whether any image of each request has one."""
+def _per_request(flags: list[bool], requests: list[Request]) -> list[tuple[bool, bool]]:
+    """Per-image flags (in reading order) -> per request, whether any of its images has one, and
+    whether its last image does (the one a question is most likely about: an earlier photo in a
+    conversation must not silence the answers about the pictures that follow it)."""
     out, start = [], 0
     for r in requests:
-        out.append(any(flags[start:start + len(r.images)]))
+        mine = flags[start:start + len(r.images)]
+        out.append((any(mine), bool(mine) and mine[-1]))
         start += len(r.images)
     return out
 

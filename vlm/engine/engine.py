@@ -347,7 +347,7 @@ class InferenceEngine:
         except VLMError as e:  # bad input (an empty prompt, markers that do not match the images...)
             stream.finish(Completion("", "error", error=e))
             return None
-        answer = self.encoder.novel_answer(stream.request.model) if encoded.novel else None
+        answer = self.encoder.novel_answer(stream.request.model) if encoded.last_novel else None
         if answer:  # a model that says so rather than invent
             stream.push(answer)
             stream.finish(Completion(answer, "stop", len(encoded.input_ids), 0, warning=NOVELTY_WARNING))
