@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_train import CAPTIONS, shape_image, write_caption_data
+from train_data import CAPTIONS, shape_image, write_caption_data
 
 import tiny
 from vlm.train.align import bag_of_words_loss

@@ -13,27 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 
 import tiny
+from train_data import CAPTIONS, shape_image, write_caption_data
 from vlm import VisionLanguageModel, VLMProcessor, load_pretrained
 from vlm.cli import main as vlm_main
 
-CAPTIONS = ["red circle", "blue square", "green triangle", "a cat on a sofa"]
-STYLE = [("white", "red"), ("black", "blue"), ("yellow", "green"), ("gray", "orange")]
 RECIPE_ARGS = {
     "bridge": ["--learning-rate", "1e-2"],
     "lora": ["--learning-rate", "1e-2", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"],
     "qlora": ["--learning-rate", "1e-2", "lora.r=8", "lora.alpha=16", "lora.dropout=0.0"],
     "full": ["--learning-rate", "3e-3", "unfreeze=[language_model,language_projection]"],
 }
-
-
-def shape_image(i: int) -> Image.Image:
-    background, fill = STYLE[i]
-    image = Image.new("RGB", (40, 40), background)
-    ImageDraw.Draw(image).ellipse([8, 8, 32, 32], fill=fill)
-    return image
 
 
 def pretrain_llm_on_captions(model_dir: Path, captions: list[str], steps: int = 40) -> None:
@@ -55,16 +46,6 @@ def pretrain_llm_on_captions(model_dir: Path, captions: list[str], steps: int = 
         optimizer.step()
     assert loss.item() < 0.5  # the first word is a 1-in-4 guess without the image: ln(4) / tokens
     model.save_pretrained(model_dir)
-
-
-def write_caption_data(folder: Path, captions: list[str] = CAPTIONS) -> Path:
-    """4 PNGs and a captions.jsonl with relative image paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / "captions.jsonl", "w") as f:
-        for i, caption in enumerate(captions):
-            shape_image(i).save(folder / f"img{i}.png")
-            f.write(json.dumps({"image": f"img{i}.png", "text": caption}) + "\n")
-    return folder / "captions.jsonl"
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
