@@ -34,6 +34,7 @@ MAX_IMAGES_PER_MESSAGE = 8
 MAX_REQUEST_PIXELS = 200_000_000  # one request's images together (five of the largest allowed)
 MAX_DECODING_PIXELS = 100_000_000  # decoded at once over the whole server (~300 MB of RGB)
 DECODE_WAIT_S = 30.0
+LARGE_IMAGE_PIXELS = 4_000_000  # after decoding one this large, freed heap memory goes back to the OS
 
 
 class ImageBudgetExceeded(VLMError):
@@ -125,9 +126,6 @@ class RequestImages:
                 release_memory()
         self._pending = []
         return out
-
-
-LARGE_IMAGE_PIXELS = 4_000_000
 
 
 def release_memory() -> None:
