@@ -100,6 +100,9 @@ class AdapterRouting:
         elif all(n == BASE for n in names):
             with self.model.disable_adapter():
                 yield
+        elif len(set(names)) == 1:  # one fine-tune for every row: make it the active one (no per-row work)
+            self.model.set_adapter(names[0])
+            yield
         else:
             with _per_row(self.model, list(names)):
                 yield
@@ -182,9 +185,13 @@ def _per_row(model, names: list[str]) -> Iterator[None]:
     their MLP, where each batch row's tokens are contiguous."""
     from peft.tuners.lora import LoraLayer
 
+    stretched = {len(names): names}
+
     def inject(module, args, kwargs):
         rows = (args[0] if args else kwargs["x"]).shape[0]
-        kwargs["adapter_names"] = names if rows == len(names) else [n for n in names for _ in range(rows // len(names))]
+        if rows not in stretched:
+            stretched[rows] = [n for n in names for _ in range(rows // len(names))]
+        kwargs["adapter_names"] = stretched[rows]
         return args, kwargs
 
     handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in model.modules()
