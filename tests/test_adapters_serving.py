@@ -154,3 +154,41 @@ def test_adapter_routes_need_the_api_key(setup, tmp_path):
         assert reply.status_code == 403 and "--api-key" in reply.json()["error"]["message"]
     finally:
         server.stop()
+
+
+def test_a_fine_tune_that_does_not_fit_is_refused(setup, tmp_path):
+    """A bridge holding weights every fine-tune shares, a bridge of another shape, or a name already
+    served is a VLMError naming the adapter; the fine-tunes already served keep answering."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from vlm.errors import VLMError
+
+    model, processor = load_pretrained(str(setup["base"]), device="cpu")
+    engine = InferenceEngine(model, processor)
+    try:
+        engine.add_adapter("colours", str(setup["colours"]))
+        bridge = load_file(setup["colours"] / "bridge.safetensors")
+        assert bridge and not any(k.startswith(("language_model.", "vision_model.")) for k in bridge)
+        llm = next(k for k, v in model.state_dict().items() if k.startswith("language_model.") and v.ndim == 2)
+        name = next(iter(bridge))
+        hostile = {"shared": {**bridge, llm: model.state_dict()[llm].clone()},
+                   "shape": {**bridge, name: bridge[name].new_zeros(bridge[name].shape[0] + 1)},
+                   "unknown": {**bridge, "qformer.not_a_module.weight": bridge[name].clone()}}
+        messages = {"shared": "--adapter shared: .* trained weights the fine-tunes share",
+                    "shape": f"bridge\\.safetensors: {name} has shape", "unknown": "lacks"}
+        for what, state in hostile.items():
+            folder = tmp_path / what
+            shutil.copytree(setup["colours"], folder)
+            save_file(state, folder / "bridge.safetensors")
+            with pytest.raises(VLMError, match=messages[what]):
+                engine.add_adapter(what, str(folder))
+        with pytest.raises(VLMError, match="--adapter colours: that name is taken"):
+            engine.add_adapter("colours", str(setup["numbers"]))
+        assert engine.models() == ["colours"]
+        request = Request(processor.format_question(QUESTION), [picture(0)], GenerationSettings(max_new_tokens=6),
+                          model="colours")
+        assert engine.generate([request])[0].text == alone(setup["colours"], setup["pictures"][:1])[0]
+    finally:
+        engine.close()

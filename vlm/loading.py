@@ -189,14 +189,25 @@ def load_pretrained(
         model = apply_adapter(model, adapter_dir)
         for adapter in model.peft_config.values():  # what a save (a second training stage) records
             adapter.base_model_name_or_path = name_or_path
-        if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
-            processor = VLMProcessor.from_pretrained(adapter_dir)
+        processor = adapter_processor(adapter_dir, processor)
     # The training images' statistics, for warnings on images unlike them (`vlm.novelty`).
     folders = [f for f in (adapter_dir, name_or_path) if f is not None and os.path.isdir(f)]
-    detector = next((d for d in map(NoveltyDetector.load, folders) if d is not None), None)
-    model.novelty = detector.to(model.device) if detector is not None else None
+    model.novelty = next((d for d in (load_novelty(f, model.device) for f in folders) if d is not None), None)
     model.eval()
     return model, processor
+
+
+def adapter_processor(adapter_dir: str | os.PathLike, default: VLMProcessor) -> VLMProcessor:
+    """The processor a LoRA output was trained with (its prompt format), else `default` (the base's)."""
+    if os.path.isfile(os.path.join(adapter_dir, "processor_config.json")):
+        return VLMProcessor.from_pretrained(adapter_dir)
+    return default
+
+
+def load_novelty(folder: str | os.PathLike, device) -> NoveltyDetector | None:
+    """The novelty statistics saved in `folder`, on `device` (None when it has none)."""
+    detector = NoveltyDetector.load(folder)
+    return detector.to(device) if detector is not None else None
 
 
 def read_vlm_config(name_or_path: str) -> tuple[VLMConfig, str]:
@@ -337,30 +348,39 @@ def adapter_base(adapter_dir: str) -> str:
     return inside if not os.path.isabs(base) and os.path.isdir(inside) else base
 
 
-def apply_adapter(model: VisionLanguageModel, folder: str | os.PathLike, model_name: str = "model"):
-    """Load a folder's trained bridge (`bridge.safetensors`, if any) and peft adapter (if any) onto `model`.
-
-    The bridge is checked first: a weight for a module `model` lacks, or of another shape, is
-    a VLMError naming the file (`model_name` says what the model is, for that message). Values
-    are cast to the dtypes of the model's own parameters. Returns a `PeftModel` when the
-    folder holds `adapter_config.json`, else `model` itself.
-    """
+def read_bridge(model, folder: str | os.PathLike, model_name: str = "model") -> dict[str, torch.Tensor] | None:
+    """A folder's trained bridge (`bridge.safetensors`) checked against `model` and cast to the
+    device and dtype of each weight it replaces (a model may span devices); None when the folder
+    has none. A weight for a module `model` lacks, or of another shape, is a VLMError naming the
+    file (`model_name` says what the model is, for that message)."""
     from safetensors.torch import load_file
 
     bridge = os.path.join(folder, BRIDGE_WEIGHTS)
-    if os.path.isfile(bridge):
-        known = model.state_dict()
-        state = load_file(bridge, device=str(next(model.parameters()).device))
-        unknown = sorted(k for k in state if k not in known)
-        if unknown:
-            raise VLMError(f"{bridge}: weights for modules the {model_name} lacks: {unknown[:3]}")
-        wrong = [k for k, v in state.items() if v.shape != known[k].shape]
-        if wrong:
-            raise VLMError(
-                f"{bridge}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
-                f"the {model_name} expects {tuple(known[wrong[0]].shape)}"
-            )
-        model.load_state_dict({k: v.to(known[k].dtype) for k, v in state.items()}, strict=False)
+    if not os.path.isfile(bridge):
+        return None
+    known = model.state_dict()
+    state = load_file(bridge, device=str(next(model.parameters()).device))
+    unknown = sorted(k for k in state if k not in known)
+    if unknown:
+        raise VLMError(f"{bridge}: weights for modules the {model_name} lacks: {unknown[:3]}")
+    wrong = [k for k, v in state.items() if v.shape != known[k].shape]
+    if wrong:
+        raise VLMError(
+            f"{bridge}: {wrong[0]} has shape {tuple(state[wrong[0]].shape)}, "
+            f"the {model_name} expects {tuple(known[wrong[0]].shape)}"
+        )
+    return {k: v.to(known[k].device, known[k].dtype) for k, v in state.items()}
+
+
+def apply_adapter(model: VisionLanguageModel, folder: str | os.PathLike, model_name: str = "model"):
+    """Load a folder's trained bridge (`bridge.safetensors`, if any) and peft adapter (if any) onto `model`.
+
+    The bridge is checked first (`read_bridge`). Returns a `PeftModel` when the folder holds
+    `adapter_config.json`, else `model` itself.
+    """
+    bridge = read_bridge(model, folder, model_name)
+    if bridge is not None:
+        model.load_state_dict(bridge, strict=False)
     if not os.path.isfile(os.path.join(folder, ADAPTER_CONFIG)):
         return model
     from peft import PeftModel

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import VLMError
-from ..files import ADAPTER_CONFIG, BRIDGE_WEIGHTS
-from ..loading import is_peft
+from ..files import ADAPTER_CONFIG
+from ..loading import adapter_processor, is_peft, load_novelty, read_bridge
 from ..novelty import NoveltyDetector
 from .request import Request
 
@@ -81,7 +81,7 @@ class AdapterRouting:
 
     def lora(self, model_name: str | None) -> str | None:
         """The peft adapter of a served model name (None: the default model's own, if any)."""
-        served = self.served.get(model_name) if model_name is not None else None
+        served = self.served.get(model_name)
         return served.name if served is not None else self.adapter
 
     def name(self, request: Request) -> str | None:
@@ -111,7 +111,7 @@ class AdapterRouting:
     def bridge(self, model_name: str | None) -> Iterator[None]:
         """In this context the model's bridge modules hold the weights of `model_name`'s fine-tune
         (the tensors are swapped, not copied; no other forward pass may run meanwhile)."""
-        served = self.served.get(model_name) if model_name is not None else None
+        served = self.served.get(model_name)
         if served is None or not served.bridge:
             yield
             return
@@ -127,7 +127,7 @@ class AdapterRouting:
 
     def novelty(self, model_name: str | None):
         """The novelty statistics for `model_name`'s images (a fine-tune's own, else the model's)."""
-        served = self.served.get(model_name) if model_name is not None else None
+        served = self.served.get(model_name)
         if served is not None and served.novelty is not None:
             return served.novelty
         return getattr(self.model, "novelty", None)
@@ -148,8 +148,8 @@ class AdapterRouting:
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             self.model.eval()
-        self.served[name] = Served(name, path, bridge, _processor(path, default_processor),
-                                   _novelty(path, next(self.model.parameters()).device))
+        self.served[name] = Served(name, path, bridge, adapter_processor(path, default_processor),
+                                   load_novelty(path, next(self.model.parameters()).device))
 
     def remove(self, name: str) -> None:
         """Stop serving `name` and free its LoRA (no request may be using it)."""
@@ -160,21 +160,15 @@ class AdapterRouting:
         self.model.delete_adapter(name)
 
     def _read_bridge(self, name: str, path: str) -> dict[str, torch.Tensor]:
-        from safetensors.torch import load_file
-
-        file = os.path.join(path, BRIDGE_WEIGHTS)
-        if not os.path.isfile(file):
-            return {}
+        """The fine-tune's bridge, checked against the base (`read_bridge`); it may hold only
+        parameters the fine-tunes do not share (never the LLM or the vision tower)."""
+        bridge = read_bridge(_bare(self.model), path, f"base model of --adapter {name}") or {}
         params = dict(_bare(self.model).named_parameters())
-        state = load_file(file)
-        shared = [k for k in state if k.startswith(SHARED)]
+        shared = [k for k in bridge if k.startswith(SHARED) or k not in params]
         if shared:
-            raise VLMError(f"--adapter {name}: {file} holds weights the fine-tunes share ({shared[0]}...); serve it "
-                           "alone, or merge it with vlm export --merge-lora")
-        wrong = [k for k, v in state.items() if k not in params or v.shape != params[k].shape]
-        if wrong:
-            raise VLMError(f"--adapter {name}: {file} does not fit this base model ({wrong[0]})")
-        return {k: v.to(params[k].device, params[k].dtype) for k, v in state.items()}
+            raise VLMError(f"--adapter {name}: {path} trained weights the fine-tunes share ({shared[0]}...); serve "
+                           "it alone, or merge it with vlm export --merge-lora")
+        return bridge
 
 
 @contextlib.contextmanager
@@ -201,16 +195,3 @@ def _per_row(model, names: list[str]) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _processor(path: str, default):
-    if not os.path.isfile(os.path.join(path, "processor_config.json")):
-        return default
-    from ..processing import VLMProcessor
-
-    return VLMProcessor.from_pretrained(path)
-
-
-def _novelty(path: str, device) -> NoveltyDetector | None:
-    detector = NoveltyDetector.load(path)
-    return detector.to(device) if detector is not None else None

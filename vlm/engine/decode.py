@@ -232,8 +232,9 @@ class RunningBatch:
         greedy = torch.argmax(logits, dim=-1).tolist()
         chosen = []
         for i, seq in enumerate(self.seqs):
-            simple = seq.sampler.simple or (seq.settings.greedy and len(seq.tokens) >= seq.settings.min_new_tokens)
-            chosen.append(greedy[i] if simple else seq.choose(logits[i]))
+            # Greedy with no stop token left to bar: the batch's argmax is this row's token.
+            argmax = seq.settings.greedy and len(seq.tokens) >= seq.settings.min_new_tokens
+            chosen.append(greedy[i] if argmax else seq.choose(logits[i]))
         return chosen
 
     def remove(self, rows: list[int]) -> list[Sequence]:

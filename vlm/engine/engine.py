@@ -176,7 +176,7 @@ class InferenceEngine:
 
     def processor_for(self, name: str | None):
         """The processor whose prompt format `name` was trained with (the engine's own for None)."""
-        served = self.routing.served.get(name) if name is not None else None
+        served = self.routing.served.get(name)
         return served.processor if served is not None else self.processor
 
     def _check_generates(self) -> None:

@@ -46,11 +46,6 @@ class Sampler:
         scores = self.warpers(_NO_IDS, logits[None])
         return int(torch.multinomial(torch.softmax(scores[0], dim=-1), 1, generator=self.generator))
 
-    @property
-    def simple(self) -> bool:
-        """Greedy with nothing to bar: the batch's argmax is this row's token."""
-        return self.generator is None and not self.settings.min_new_tokens
-
 
 def find_stop(text: str, stops: tuple[str, ...], start: int = 0) -> int | None:
     """Where the first stop string in `text[start:]` begins (a stop string may start before
