@@ -57,38 +57,31 @@ class _PairKeys:
         self.texts = texts
 
 
-def write_chunks(worker, batch) -> dict[str, np.ndarray]:
-    """Rows of each chunk in `batch` (columns `shard`, `items`), written as that chunk's shard."""
-    counts: dict[str, list] = {"shard": [], "rows": [], "errors": []}
-    for name, payload in zip(batch["shard"], batch["items"]):
-        rows = worker.rows([Item(**fields) for fields in json.loads(payload)])
-        write_shard(worker.out, str(name), rows, worker.shard_format, worker.fields)
-        counts["shard"].append(str(name))
-        counts["rows"].append(len(rows))
-        counts["errors"].append(sum("error" in r for r in rows))
-    return {k: np.array(v) for k, v in counts.items()}
-
-
-class ShardCaptioner(Captioner):
-    """A `Captioner` actor that writes each chunk of work as one shard of `out`."""
+class _WritesShards:
+    """Makes a Ray Data callable write each chunk of work it is given as one shard of `out`."""
 
     def __init__(self, out: str, shard_format: str, **kwargs):
         super().__init__(**kwargs)
         self.out, self.shard_format = out, shard_format
 
     def __call__(self, batch) -> dict[str, np.ndarray]:
-        return write_chunks(self, batch)
+        """Rows of each chunk in `batch` (columns `shard`, `items`), written as that chunk's shard."""
+        counts: dict[str, list] = {"shard": [], "rows": [], "errors": []}
+        for name, payload in zip(batch["shard"], batch["items"]):
+            rows = self.rows([Item(**fields) for fields in json.loads(payload)])
+            write_shard(self.out, str(name), rows, self.shard_format, self.fields)
+            counts["shard"].append(str(name))
+            counts["rows"].append(len(rows))
+            counts["errors"].append(sum("error" in r for r in rows))
+        return {k: np.array(v) for k, v in counts.items()}
 
 
-class ShardScorer(Scorer):
+class ShardCaptioner(_WritesShards, Captioner):
+    """A `Captioner` actor that writes each chunk of images as one shard of `out`."""
+
+
+class ShardScorer(_WritesShards, Scorer):
     """A `Scorer` actor that writes each chunk of (image, text) pairs as one shard of `out`."""
-
-    def __init__(self, out: str, shard_format: str, **kwargs):
-        super().__init__(**kwargs)
-        self.out, self.shard_format = out, shard_format
-
-    def __call__(self, batch) -> dict[str, np.ndarray]:
-        return write_chunks(self, batch)
 
 
 @dataclasses.dataclass
