@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 from vlm.engine import InferenceEngine, ModelNotFound
 from vlm.errors import VLMError
 
-from .body import parse_json, read_body, require_json
+from .body import json_body
 from .openai_schema import ApiError
 
 
@@ -42,8 +42,7 @@ def add_adapter_routes(app: FastAPI, engine: InferenceEngine, settings) -> None:
     async def fields(request: Request, *names: str) -> list[str]:
         if settings.api_key is None:
             raise ApiError(403, "loading and unloading adapters needs the server's --api-key", code="forbidden")
-        require_json(request)
-        data = await parse_json(await read_body(request, settings.max_body_bytes, settings.body_timeout_s))
+        data = await json_body(request, settings.max_body_bytes, settings.body_timeout_s)
         values = [data.get(name) if isinstance(data, dict) else None for name in names]
         for name, value in zip(names, values):
             if not isinstance(value, str) or not value.strip():

@@ -39,7 +39,7 @@ from vlm.engine import Request as EngineRequest
 from vlm.context import fit_context
 from vlm.errors import VLMError
 
-from .body import BODY_TIMEOUT_S, parse_json, read_body, require_json
+from .body import BODY_TIMEOUT_S, json_body
 from .metrics import CONTENT_TYPE_LATEST, ServeMetrics, StatusCounter, not_ready
 from .adapter_routes import add_adapter_routes, engine_model, served_models
 from .conversation import Turn, prompt_tokens, render_prompt
@@ -102,8 +102,7 @@ def create_api(engine: InferenceEngine, settings: ApiSettings, metrics: ServeMet
 
     @app.post("/chat/completions")
     async def chat_completions(request: Request):
-        require_json(request)
-        data = await parse_json(await read_body(request, settings.max_body_bytes, settings.body_timeout_s))
+        data = await json_body(request, settings.max_body_bytes, settings.body_timeout_s)
         body = await run_in_threadpool(parse_request, data)
         model = engine_model(engine, settings.model_name, body.model)
         if not engine.generates:

@@ -60,6 +60,13 @@ def _too_large(limit: int) -> ApiError:
                     code="request_too_large")
 
 
+async def json_body(request: Request, limit: int, timeout_s: float = BODY_TIMEOUT_S) -> Any:
+    """The request's JSON body: `require_json`, then `read_body` within `limit` bytes and
+    `timeout_s`, then `parse_json`."""
+    require_json(request)
+    return await parse_json(await read_body(request, limit, timeout_s))
+
+
 async def parse_json(data: bytes) -> Any:
     """The body's JSON value, parsed in a worker thread after a cheap bound on its size in objects."""
     containers = data.count(b"{") + data.count(b"[")  # an upper bound: brackets inside strings count too

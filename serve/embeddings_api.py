@@ -21,7 +21,7 @@ from vlm.engine import InferenceEngine
 from vlm.errors import VLMError
 
 from .adapter_routes import engine_model
-from .body import parse_json, read_body, require_json
+from .body import json_body
 from .image_urls import open_image
 from .openai_schema import ApiError, Message, validate
 from .uploads import RequestImages
@@ -78,8 +78,7 @@ def add_embedding_routes(app: FastAPI, engine: InferenceEngine, settings) -> Non
 
     @app.post("/embeddings")
     async def embeddings(request: Request):
-        require_json(request)
-        data = await parse_json(await read_body(request, settings.max_body_bytes, settings.body_timeout_s))
+        data = await json_body(request, settings.max_body_bytes, settings.body_timeout_s)
         body = parse_embedding_request(data)
         model = engine_model(engine, settings.model_name, body.model)
         rows, tokens = await run_in_threadpool(embed, body, model)
