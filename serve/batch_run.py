@@ -83,6 +83,20 @@ class Summary:
         return (f"{self.verb} {self.done}, errors {self.errors}, skipped {self.skipped} (already done) "
                 f"in {self.seconds:.1f}s ({rate:.2f} {self.unit}/s)")
 
+    def progress_bar(self, total: int | None, desc: str, disable: bool):
+        """A tqdm bar counting this run's units (fed by `record`)."""
+        from tqdm import tqdm
+
+        unit = self.unit[:-1] if self.unit.endswith("s") else self.unit
+        return tqdm(total=total, unit=unit, desc=desc, disable=disable or None, dynamic_ncols=True, smoothing=0.1)
+
+    def record(self, bar, rows: int, errors: int) -> None:
+        """Count `rows` finished rows, `errors` of them error rows, here and on `bar`."""
+        self.errors += errors
+        self.done += rows - errors
+        bar.update(rows)
+        bar.set_postfix(errors=self.errors, refresh=False)
+
 
 def exit_status(summary: Summary, max_error_rate: float) -> int:
     """0 for a run whose failures stay within `max_error_rate`, 1 otherwise or when nothing was found."""
@@ -275,20 +289,13 @@ def run_batches(args: argparse.Namespace, fmt: str, command: str, summary: Summa
 
 
 def _run_pending(args, job: BatchJob, pending, writer, summary: Summary, done, desc: str) -> None:
-    from tqdm import tqdm
-
     from .pipeline import batch_loader, count_pending
 
     total = None if args.no_progress else count_pending(args.inputs, done, job.builder.key, pending.world, job.expand)
-    bar = tqdm(total=total, unit=summary.unit[:-1] if summary.unit.endswith("s") else summary.unit, desc=desc,
-               disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
+    bar = summary.progress_bar(total, desc, args.no_progress)
     try:
         for batch in batch_loader(pending, job.builder, worker_count(args.num_workers)):
             rows = job.write(writer, job.rows(batch), batch)
-            errors = sum("error" in r for r in rows)
-            summary.errors += errors
-            summary.done += len(rows) - errors
-            bar.update(len(rows))
-            bar.set_postfix(errors=summary.errors, refresh=False)
+            summary.record(bar, len(rows), sum("error" in r for r in rows))
     finally:
         bar.close()

@@ -182,7 +182,6 @@ def ray_session(ray, address: str):
 def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary: Summary) -> None:
     """Run `chunks` through a pool of actors, counting rows as the shards land (progress bar)."""
     from ray.data import DataContext
-    from tqdm import tqdm
 
     context = DataContext.get_current()
     context.enable_progress_bars = False  # ours counts images, not blocks
@@ -194,14 +193,10 @@ def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
         job.actor, batch_size=1, fn_constructor_kwargs=job.kwargs, compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=num_cpus, num_gpus=num_gpus or None)
-    bar = tqdm(total=sum(c["size"] for c in chunks), unit=summary.unit[:-1] if summary.unit.endswith("s") else summary.unit,
-               desc=f"ray x{actors}", disable=args.no_progress or None, dynamic_ncols=True, smoothing=0.1)
+    bar = summary.progress_bar(sum(c["size"] for c in chunks), f"ray x{actors}", args.no_progress)
     try:
         for row in ds.iter_rows():
-            summary.errors += int(row["errors"])
-            summary.done += int(row["rows"]) - int(row["errors"])
-            bar.update(int(row["rows"]))
-            bar.set_postfix(errors=summary.errors, refresh=False)
+            summary.record(bar, int(row["rows"]), int(row["errors"]))
     except ray.exceptions.RayActorError as e:
         if not e.actor_init_failed:
             raise
