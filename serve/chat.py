@@ -154,11 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     from .api import make_app
     from .app import build_app, offline_theme
 
-    from vlm.load_policy import load_from_args
-
-    loaded = load_from_args(args)
+    loaded, engine = start_engine(args, args.concurrency, args.max_queue)
     settings = settings_for(args, loaded)
-    engine = start_engine(args, loaded, args.concurrency, args.max_queue)
     images = image_limits(args, args.max_file_size * 1024 * 1024)
     frontend = make_frontend(engine, args, images)
     demo = build_app(frontend, settings)

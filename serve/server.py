@@ -112,8 +112,26 @@ def adapter_flag(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-def start_engine(args: argparse.Namespace, loaded, max_batch_size: int, max_waiting: int):
-    """The inference engine for `loaded`, with every `--adapter` fine-tune added."""
+def start_engine(args: argparse.Namespace, max_batch_size: int, max_waiting: int):
+    """Load the model and start its inference engine, with every `--adapter` fine-tune added;
+    returns (the loaded model, the engine).
+
+    Both happen in a thread that then ends. On CPU each thread that runs parallel torch work
+    keeps an OpenMP thread team; while another team lives beside the engine thread's, libgomp
+    stops the engine's workers from spinning between operations (more threads than cores), so
+    every small operation pays a wake-up: with two LoRA fine-tunes that slowed decoding by a
+    third (bench/serve.py --adapters 2). A team goes with its thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def load():
+        loaded = load_from_args(args)
+        return loaded, _engine(args, loaded, max_batch_size, max_waiting)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="vlm-load") as pool:
+        return pool.submit(load).result()
+
+
+def _engine(args: argparse.Namespace, loaded, max_batch_size: int, max_waiting: int):
     from vlm.engine import InferenceEngine
 
     engine = InferenceEngine(loaded.model, loaded.processor, max_batch_size=max_batch_size, max_waiting=max_waiting,
@@ -221,8 +239,7 @@ def main(argv: list[str] | None = None) -> int:
             raise VLMError(f"--{flag.replace('_', '-')} must be at least 1; got {getattr(args, flag)}")
     sock = bind(args.host, args.port)  # fail on a taken port before the (slow) model load
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    loaded = load_from_args(args)
-    engine = start_engine(args, loaded, args.max_batch_size, args.max_queue)
+    loaded, engine = start_engine(args, args.max_batch_size, args.max_queue)
     settings = api_settings(args)
     print(f"vlm serve: {settings.model_name} on {loaded.description}; "
           f"API at http://{args.host}:{args.port}/v1", flush=True)

@@ -6,9 +6,8 @@ brings its peft adapter (LoRA on the LLM), its bridge (the Q-Former, query token
 it trained, `bridge.safetensors`), its prompt format (its processor) and its novelty statistics.
 The base is held once: LoRA weights are small, and a fine-tune's bridge is swapped into the
 model's own modules only while its images are encoded (`bridge`), under the engine's model lock.
-Rows of different fine-tunes and of the base decode together in one batch through peft's
-mixed-adapter batches (the adapter name `"__base__"` skips the LoRA for that row), the mechanism
-behind peft's own `forward(..., adapter_names=...)`.
+Rows of different fine-tunes and of the base decode together in one batch, each row through its
+own LoRA (`lora_rows.py`; the adapter name `"__base__"` skips the LoRA for that row).
 
 A LoRA fine-tuned on images (captions, VQA) also changes how the LLM answers plain text: the
 demo's, trained on one-word answers, once answered "france" to "What is the capital of France?".
@@ -30,9 +29,9 @@ from ..errors import VLMError
 from ..files import ADAPTER_CONFIG
 from ..loading import adapter_processor, is_peft, load_novelty, read_bridge
 from ..novelty import NoveltyDetector
+from .lora_rows import BASE, LoraRows
 from .request import Request
 
-BASE = "__base__"  # peft's adapter name for "no adapter" in a mixed batch
 SHARED = ("language_model.", "vision_model.")  # what every fine-tune shares: a bridge holds neither
 
 
@@ -69,15 +68,12 @@ class AdapterRouting:
         self.adapter_for_text = adapter_for_text
         self.served: dict[str, Served] = {}
         self.retiring: set[str] = set()  # removed, but still decoding the requests they had
+        if is_peft(model):
+            LoraRows.of(model).refresh()  # a LoRA that cannot be batched per row fails here, at start
 
     def available(self) -> list[str]:
         """The fine-tunes new requests may name."""
         return [name for name in self.served if name not in self.retiring]
-
-    @property
-    def routes(self) -> bool:
-        """True when some requests run another adapter (or none) than the model's active one."""
-        return is_peft(self.model) and (bool(self.served) or (self.adapter is not None and not self.adapter_for_text))
 
     def lora(self, model_name: str | None) -> str | None:
         """The peft adapter of a served model name (None: the default model's own, if any)."""
@@ -95,17 +91,11 @@ class AdapterRouting:
     @contextlib.contextmanager
     def rows(self, names: list[str | None]) -> Iterator[None]:
         """Forward passes in this context run each batch row with its adapter (`names[row]`)."""
-        if not self.routes or all(n == self.model.active_adapter for n in names):
+        if not is_peft(self.model):
             yield
-        elif all(n == BASE for n in names):
-            with self.model.disable_adapter():
-                yield
-        elif len(set(names)) == 1:  # one fine-tune for every row: make it the active one (no per-row work)
-            self.model.set_adapter(names[0])
+            return
+        with LoraRows.of(self.model).use(names):
             yield
-        else:
-            with _per_row(self.model, list(names)):
-                yield
 
     @contextlib.contextmanager
     def bridge(self, model_name: str | None) -> Iterator[None]:
@@ -141,13 +131,19 @@ class AdapterRouting:
         if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             raise VLMError(f"--adapter {name}={path}: not a LoRA output of vlm train (no {ADAPTER_CONFIG})")
         bridge = self._read_bridge(name, path)
-        from peft import PeftModel
+        from peft import PeftConfig, PeftModel
+
+        config = PeftConfig.from_pretrained(path)
+        if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
+            raise VLMError(f"--adapter {name}={path}: DoRA and LoRA bias are not served unmerged; "
+                           "merge it with vlm export --merge-lora")
 
         if is_peft(self.model):
             self.model.load_adapter(path, adapter_name=name)
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             self.model.eval()
+        LoraRows.of(self.model).refresh()
         self.served[name] = Served(name, path, bridge, adapter_processor(path, default_processor),
                                    load_novelty(path, next(self.model.parameters()).device))
 
@@ -158,6 +154,7 @@ class AdapterRouting:
         if name == self.model.active_adapter and len(self.model.peft_config) > 1:
             self.model.set_adapter(next(n for n in self.model.peft_config if n != name))
         self.model.delete_adapter(name)
+        LoraRows.of(self.model).refresh()
 
     def _read_bridge(self, name: str, path: str) -> dict[str, torch.Tensor]:
         """The fine-tune's bridge, checked against the base (`read_bridge`); it may hold only
@@ -170,28 +167,3 @@ class AdapterRouting:
                            "it alone, or merge it with vlm export --merge-lora")
         return bridge
 
-
-@contextlib.contextmanager
-def _per_row(model, names: list[str]) -> Iterator[None]:
-    """Each LoRA layer runs row `i` of the batch with adapter `names[i]` (peft's mixed-adapter
-    batch, as `forward(adapter_names=...)` does). Unlike peft's own hook, the names are stretched
-    to the rows a layer sees: some LLMs (OPT) flatten `(batch, tokens)` into one dimension before
-    their MLP, where each batch row's tokens are contiguous."""
-    from peft.tuners.lora import LoraLayer
-
-    stretched = {len(names): names}
-
-    def inject(module, args, kwargs):
-        rows = (args[0] if args else kwargs["x"]).shape[0]
-        if rows not in stretched:
-            stretched[rows] = [n for n in names for _ in range(rows // len(names))]
-        kwargs["adapter_names"] = stretched[rows]
-        return args, kwargs
-
-    handles = [m.register_forward_pre_hook(inject, with_kwargs=True) for m in model.modules()
-               if isinstance(m, LoraLayer)]
-    try:
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()

@@ -180,20 +180,27 @@ class RunningBatch:
         return False
 
     def _join(self, seq: Sequence, cache: DynamicCache, length: int, pending: int) -> None:
+        """Add `seq` to the batch, next to the rows of its adapter (`lora_rows.py` runs each
+        adapter's rows as one block)."""
         mask = torch.ones(1, length, dtype=torch.long, device=self.device)
         token = torch.tensor([pending], device=self.device)
         if self.cache is None:
             self.seqs, self.cache, self.mask, self.pending = [seq], cache, mask, token
             return
+        at = 1 + max((i for i, other in enumerate(self.seqs) if other.adapter == seq.adapter), default=len(self.seqs) - 1)
         width = max(self.mask.shape[1], length)
-        states = [(torch.cat([_pad_left(old.keys, width), _pad_left(new.keys, width)]),
-                   torch.cat([_pad_left(old.values, width), _pad_left(new.values, width)]))
+
+        def insert(rows: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+            return torch.cat([rows[:at], row, rows[at:]])
+
+        states = [(insert(_pad_left(old.keys, width), _pad_left(new.keys, width)),
+                   insert(_pad_left(old.values, width), _pad_left(new.values, width)))
                   for old, new in zip(self.cache.layers, cache.layers)]
-        joined_mask = torch.cat([F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0))])
-        joined_pending = torch.cat([self.pending, token])
+        joined_mask = insert(F.pad(self.mask, (width - self.mask.shape[1], 0)), F.pad(mask, (width - length, 0)))
+        joined_pending = insert(self.pending, token)
         self._assign(states)  # every new tensor exists: nothing below allocates
         self.mask, self.pending = joined_mask, joined_pending
-        self.seqs.append(seq)
+        self.seqs.insert(at, seq)
 
     def _assign(self, states: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
         for layer, (keys, values) in zip(self.cache.layers, states):
