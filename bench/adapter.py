@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     if not hasattr(unmerged, "merge_and_unload"):
         raise SystemExit(f"{args.model or 'the demo'} holds no unmerged LoRA adapter")
     merged = copy.deepcopy(unmerged).merge_and_unload()
+    # The bench's random pictures are unlike the demo's training images: with novelty statistics the
+    # unmerged side would answer its canned sentence (merging drops the statistics), so neither has them.
+    unmerged.novelty = merged.novelty = None
     engines = {"unmerged": InferenceEngine(unmerged, processor), "merged": InferenceEngine(merged, processor)}
     batch = requests(processor, args.requests, args.new_tokens)
     for engine in engines.values():  # warm-up: first-call allocations, not the adapter, would show

@@ -430,7 +430,7 @@ def bench_streams(ctx: Context, bench_id: str, quantization: str | None) -> dict
 
 
 def bench_adapters(ctx: Context, bench_id: str) -> dict:
-    """16 requests split over two LoRA fine-tunes on one base (peft's mixed-adapter rows, `vlm serve
+    """16 requests split over two LoRA fine-tunes on one base (each row through its own LoRA, `vlm serve
     --adapter`) against the same 16 on the plain base, which costs what a merged model costs."""
     from peft import LoraConfig, get_peft_model
 

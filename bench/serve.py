@@ -10,10 +10,10 @@ latency of each mode, plus the machine's load average before the run.
 
 `--adapters 2`: several fine-tunes on one base instead. Two LoRA outputs of `vlm train` (one
 step each on the checkpoint) are served by one `vlm serve --adapter ...`, and the concurrent
-requests split over them (decoded together: peft's mixed-adapter rows); the reference is the same
+requests split over them (decoded together, each row through its own LoRA); the reference is the same
 number of concurrent requests on one of them merged into its base (`vlm export --merge-lora`).
 
-    python bench/serve.py [--requests 8] [--max-tokens 32] [--repeats 2]
+    python bench/serve.py [--requests 8] [--max-tokens 32] [--repeats 3]
     python bench/serve.py --adapters 2 --requests 16
 """
 
@@ -69,7 +69,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=2, help="rounds of (sequential, concurrent); the best of each")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of (sequential, concurrent); the best of each")
     p.add_argument("--cached", action="store_true", help="the same images every round (cache hits after the first)")
     p.add_argument("--adapters", type=int, default=0, help="N fine-tunes on one base against one merged model")
     args = p.parse_args()
