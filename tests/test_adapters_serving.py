@@ -157,8 +157,9 @@ def test_adapter_routes_need_the_api_key(setup, tmp_path):
 
 
 def test_a_fine_tune_that_does_not_fit_is_refused(setup, tmp_path):
-    """A bridge holding weights every fine-tune shares, a bridge of another shape, or a name already
-    served is a VLMError naming the adapter; the fine-tunes already served keep answering."""
+    """A bridge holding weights every fine-tune shares, a bridge of another shape, a LoRA that cannot
+    run per row (DoRA, embedding LoRA) or a name already served is a VLMError naming the adapter; the
+    fine-tunes already served keep answering."""
     import shutil
 
     from safetensors.torch import load_file, save_file
@@ -184,6 +185,16 @@ def test_a_fine_tune_that_does_not_fit_is_refused(setup, tmp_path):
             save_file(state, folder / "bridge.safetensors")
             with pytest.raises(VLMError, match=messages[what]):
                 engine.add_adapter(what, str(folder))
+        for what, change, message in (
+                ("dora", {"use_dora": True}, "--adapter dora=.*DoRA and LoRA bias are not served unmerged"),
+                ("embedding", {"target_modules": ["embed_tokens", "q_proj"]}, "'embedding' on .*embed_tokens")):
+            folder = tmp_path / what
+            shutil.copytree(setup["colours"], folder)
+            config = json.loads((folder / "adapter_config.json").read_text())
+            (folder / "adapter_config.json").write_text(json.dumps({**config, **change}))
+            with pytest.raises(VLMError, match=message):
+                engine.add_adapter(what, str(folder))
+            assert what not in engine.routing.model.peft_config  # nothing of it stays loaded
         with pytest.raises(VLMError, match="--adapter colours: that name is taken"):
             engine.add_adapter("colours", str(setup["numbers"]))
         assert engine.models() == ["colours"]

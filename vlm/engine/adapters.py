@@ -143,7 +143,12 @@ class AdapterRouting:
         else:
             self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name)
             self.model.eval()
-        LoraRows.of(self.model).refresh()
+        try:
+            LoraRows.of(self.model).refresh()
+        except VLMError:  # a LoRA the rows cannot run (embedding LoRA): take it out again
+            self.model.delete_adapter(name)
+            LoraRows.of(self.model).refresh()
+            raise
         self.served[name] = Served(name, path, bridge, adapter_processor(path, default_processor),
                                    load_novelty(path, next(self.model.parameters()).device))
 

@@ -2,15 +2,16 @@
 
 peft can run a batch whose rows use different adapters (`forward(adapter_names=...)`), but each
 LoRA layer then gathers and scatters every adapter's rows by boolean masks, and turning adapters on
-or off between batches (`set_adapter`, `disable_adapter`) walks every module of the model: on a
-decode step of 16 rows split over two fine-tunes that made the step about 1.5x as slow as the
-merged model's (bench/serve.py --adapters 2, see RESULTS.md). Here the batch's rows come in runs
+or off between batches (`set_adapter`, `disable_adapter`) walks every module of the model: rows
+split over two fine-tunes decoded at half the merged model's speed (bench/serve.py --adapters 2,
+figures in README.md). Here the batch's rows come in runs
 of one adapter (the running batch keeps each fine-tune's rows together), and each LoRA layer adds
 every run's low-rank update to the base layer's output in place, on views of that run's rows: two
 matmuls per run, no copy, and no work at all for rows of the base.
 
 While a batch runs, peft's own LoRA is off in every layer (the flag `disable_adapter()` sets) and
-forward hooks add the rows' LoRA instead; outside a batch the model is a plain peft model again.
+forward hooks add the rows' LoRA instead (for inference: no LoRA dropout); outside a batch the
+model is a plain peft model again.
 Only plain LoRA on Linear layers is served this way (no DoRA or other variants, no LoRA bias, no
 embedding LoRA); `vlm export --merge-lora` serves the others.
 """
