@@ -90,3 +90,43 @@ def test_adapters_it_cannot_batch_are_refused_by_name():
     model = two_adapters("llama", use_dora=True)
     with pytest.raises(VLMError, match=r"'a0' on .*q_proj.*DoRA.*vlm export --merge-lora"):
         LoraRows.of(model).refresh()
+
+
+@torch.inference_mode()
+def test_running_batch_keeps_each_adapters_rows_together(blip2_opt_dir):
+    """Rows join next to their adapter's rows (their KV cache inserted mid-batch), and each row
+    decodes what it decodes alone."""
+    from vlm import load_pretrained
+    from vlm.engine.adapters import AdapterRouting
+    from vlm.engine.decode import RunningBatch, Sequence
+    from vlm.engine.encode import Encoded
+    from vlm.engine.request import GenerationSettings, Request, Stream
+
+    model, processor = load_pretrained(str(blip2_opt_dir), device="cpu")
+    torch.manual_seed(0)
+    lora = dict(target_modules=r".*language_model.*\.(q_proj|v_proj|fc1)", init_lora_weights=False)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, **lora), adapter_name="a0")
+    model.add_adapter("a1", LoraConfig(r=8, lora_alpha=16, **lora))
+    model.eval()
+    routing, tokenizer = AdapterRouting(model), processor.tokenizer
+    prompts = [[5, 9, 14], [7, 3, 11, 2], [12, 8], [4, 6, 10, 13, 5], [9, 9]]
+    adapters = ["a0", "a1", BASE, "a0", "a1"]
+
+    def sequence(i: int) -> Sequence:
+        stream = Stream(Request("q", settings=GenerationSettings(max_new_tokens=6, min_new_tokens=6)))
+        return Sequence(stream, Encoded(prompts[i], None), [], tokenizer, max_length=64, adapter=adapters[i])
+
+    def decode(indices: list[int]) -> tuple[list[str], dict[int, list[int]]]:
+        batch, seqs = RunningBatch(model, routing), {i: sequence(i) for i in indices}
+        for seq in seqs.values():
+            assert not batch.prefill(seq)
+        order = [seq.adapter for seq in batch.seqs]
+        for _ in range(5):
+            batch.step()
+        return order, {i: seq.tokens for i, seq in seqs.items()}
+
+    order, together = decode(list(range(len(prompts))))
+    assert order == ["a0", "a0", "a1", "a1", BASE]
+    for i in range(len(prompts)):
+        assert together[i] == decode([i])[1][i], adapters[i]
+    assert len({tuple(tokens) for tokens in together.values()}) > 1
