@@ -101,8 +101,8 @@ class BatchGenerator:
         return [r if isinstance(r, Completion) else Completion("", "error", error=r) for r in results]
 
     def _generate(self, requests: list[Request]) -> list[Completion]:
-        """One `generate` call per adapter route (beam search expands the rows, which a per-row
-        adapter list would not follow; batches mixing routes are rare offline)."""
+        """One `generate` call per adapter route (batches mixing routes are rare offline; the
+        per-row LoRA of `lora_rows.py` would also follow beam search's expanded rows)."""
         names = [self.routing.name(r) for r in requests]
         out: list = [None] * len(requests)
         for name in dict.fromkeys(names):
