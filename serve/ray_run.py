@@ -17,9 +17,11 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -142,10 +144,10 @@ def _run_locked(ray, args: argparse.Namespace, command: str) -> int:
     chunks, skipped = plan(args, job, done)
     summary = job.summary
     summary.skipped = skipped
-    with ray_session(ray, args.ray):
+    with ray_session(ray, args.ray), sticky_interrupt() as interrupted:  # after ray.init: ours is the handler
         start = time.perf_counter()
         if chunks:
-            execute(ray, args, job, chunks, summary)
+            execute(ray, args, job, chunks, summary, interrupted)
         summary.seconds = time.perf_counter() - start
     _, removed = settle(args.out, job.actor.fields)
     if removed:  # see ray_shards: only a worker outliving an earlier, interrupted driver makes these
@@ -160,6 +162,29 @@ def quiet() -> bool:
     """Whether the `vlm` command keeps library chatter off stderr here (no --verbose): the actors
     and Ray's own driver-side logging follow it."""
     return logging.getLogger("transformers").level >= logging.ERROR
+
+
+@contextlib.contextmanager
+def sticky_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: when the signal lands
+    inside Ray's own code the exception can be lost there (one CI run went on to the end and
+    exited 0), so the run checks the event as rows arrive and once more when it ends."""
+    interrupted = threading.Event()
+    if threading.current_thread() is not threading.main_thread():  # Python use from a thread: no signals
+        yield interrupted
+        return
+
+    def handler(signum, frame):
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield interrupted
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted.is_set():
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -179,8 +204,10 @@ def ray_session(ray, address: str):
         ray.shutdown()
 
 
-def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary: Summary) -> None:
-    """Run `chunks` through a pool of actors, counting rows as the shards land (progress bar)."""
+def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary: Summary,
+            interrupted: threading.Event) -> None:
+    """Run `chunks` through a pool of actors, counting rows as the shards land (progress bar),
+    until they are all done or `interrupted` is set."""
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -196,6 +223,8 @@ def execute(ray, args: argparse.Namespace, job: Job, chunks: list[dict], summary
     bar = summary.progress_bar(sum(c["size"] for c in chunks), f"ray x{actors}", args.no_progress)
     try:
         for row in ds.iter_rows():
+            if interrupted.is_set():
+                raise KeyboardInterrupt
             summary.record(bar, int(row["rows"]), int(row["errors"]))
     except ray.exceptions.RayActorError as e:
         if not e.actor_init_failed:

@@ -296,3 +296,23 @@ def test_python_api_map_batches(corpus, one_machine, blip2_opt_dir, retrieval_di
     assert out[4]["error"].startswith(out[4]["image"] + ": ") and out[4]["caption"] is None
     assert out[2]["question"] == "what is it?" and isinstance(out[2]["answer"], str) and out[2]["caption"] is None
     assert [(r["text"], type(r["itc"])) for r in scores] == [(TEXTS[0], float), (TEXTS[1], float), ("a dog", float)]
+
+
+def test_a_ctrl_c_that_something_swallows_still_interrupts_the_run():
+    """A real SIGINT whose KeyboardInterrupt is caught and dropped (as code inside Ray can) is
+    raised again when the run's block ends; the handler before it is back afterwards."""
+    from vlm.serve.ray_run import sticky_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with sticky_interrupt() as interrupted:
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1)
+            except KeyboardInterrupt:
+                pass  # swallowed
+            assert interrupted.is_set()
+    assert signal.getsignal(signal.SIGINT) is before
+    with sticky_interrupt() as interrupted:  # no Ctrl-C: nothing raised
+        pass
+    assert not interrupted.is_set()
