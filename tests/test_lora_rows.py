@@ -130,3 +130,22 @@ def test_running_batch_keeps_each_adapters_rows_together(blip2_opt_dir):
     for i in range(len(prompts)):
         assert together[i] == decode([i])[1][i], adapters[i]
     assert len({tuple(tokens) for tokens in together.values()}) > 1
+
+
+@torch.inference_mode()
+def test_a_layer_that_regroups_the_rows_gets_the_lora_of_a_one_adapter_batch_and_refuses_a_mixed_one():
+    """A layer whose input rows are not whole batch rows (an MoE's experts see a subset of the
+    tokens): one adapter for every row still reaches every token; a mixed batch is a VLMError,
+    never a wrong row."""
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)),
+                           LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), adapter_name="a0")
+    model.add_adapter("a1", LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    x = torch.randn(5, 8)  # 5 tokens for a batch of 2
+    rows = LoraRows.of(model)
+    with rows.use(["a1", "a1"]):
+        ours = model(x)
+    model.set_adapter("a1")
+    torch.testing.assert_close(ours, model(x), rtol=0, atol=1e-6)
+    with pytest.raises(VLMError, match="sees 5 rows for a batch of 2"), rows.use(["a0", "a1"]):
+        model(x)

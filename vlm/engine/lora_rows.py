@@ -70,6 +70,7 @@ class LoraRows:
         self._adapters: tuple = ()  # the peft adapters `layers` were read for
         self._rows = 0  # batch rows in the running forward pass
         self._runs: list[tuple[str, int, int]] = []  # (adapter, first row, row after the last): no BASE runs
+        self._all_one = False  # one run covers every row
 
     def refresh(self) -> None:
         """Read the adapters' weights from peft's layers again (after adapters are loaded or
@@ -102,6 +103,7 @@ class LoraRows:
             if adapter != BASE:
                 self._runs.append((adapter, start, stop))
             start = stop
+        self._all_one = self._runs == [(names[0], 0, len(names))]  # every row one adapter: no row mapping
         for layer in layers:
             layer._disable_adapters = True  # peft's switch that disable_adapter() flips, one layer at a time
         try:
@@ -118,12 +120,16 @@ class LoraRows:
         x = args[0] if args else kwargs["x"]
         x = x.reshape(-1, x.shape[-1])
         flat = output.view(-1, output.shape[-1])
-        tokens = x.shape[0] // self._rows  # some LLMs (OPT's MLP) flatten (rows, tokens): a row's are contiguous
+        # Some LLMs (OPT's MLP) flatten (rows, tokens) before a layer: a row's tokens stay contiguous.
+        tokens, odd = divmod(x.shape[0], self._rows)
+        if odd and not self._all_one:  # tokens regrouped (an MoE's experts): rows cannot be told apart
+            raise VLMError(f"LoRA on {type(layer).__name__} sees {x.shape[0]} rows for a batch of {self._rows}: "
+                           "rows of different fine-tunes cannot be told apart in this model")
         for adapter, start, stop in self._runs:
             if adapter not in weights:
                 continue
             A, B, scaling = weights[adapter]
-            rows = slice(start * tokens, stop * tokens)
+            rows = slice(None) if self._all_one else slice(start * tokens, stop * tokens)
             low = F.linear(x[rows].to(A.dtype), A)
             if flat.dtype == B.dtype:
                 flat[rows].addmm_(low, B, alpha=scaling)
