@@ -186,8 +186,9 @@ def test_a_fine_tune_that_does_not_fit_is_refused(setup, tmp_path):
             with pytest.raises(VLMError, match=messages[what]):
                 engine.add_adapter(what, str(folder))
         for what, change, message in (
-                ("dora", {"use_dora": True}, "--adapter dora=.*DoRA and LoRA bias are not served unmerged"),
-                ("embedding", {"target_modules": ["embed_tokens", "q_proj"]}, "'embedding' on .*embed_tokens")):
+                ("dora", {"use_dora": True}, r"--adapter dora=.*'dora' on .*_proj: .*no DoRA.*served unmerged"),
+                ("embedding", {"target_modules": ["embed_tokens", "q_proj"]},
+                 r"--adapter embedding=.*'embedding' on .*embed_tokens")):
             folder = tmp_path / what
             shutil.copytree(setup["colours"], folder)
             config = json.loads((folder / "adapter_config.json").read_text())

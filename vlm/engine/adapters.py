@@ -131,12 +131,7 @@ class AdapterRouting:
         if not os.path.isfile(os.path.join(path, ADAPTER_CONFIG)):
             raise VLMError(f"--adapter {name}={path}: not a LoRA output of vlm train (no {ADAPTER_CONFIG})")
         bridge = self._read_bridge(name, path)
-        from peft import PeftConfig, PeftModel
-
-        config = PeftConfig.from_pretrained(path)
-        if getattr(config, "use_dora", False) or getattr(config, "lora_bias", False):
-            raise VLMError(f"--adapter {name}={path}: DoRA and LoRA bias are not served unmerged; "
-                           "merge it with vlm export --merge-lora")
+        from peft import PeftModel
 
         if is_peft(self.model):
             self.model.load_adapter(path, adapter_name=name)
@@ -145,10 +140,10 @@ class AdapterRouting:
             self.model.eval()
         try:
             LoraRows.of(self.model).refresh()
-        except VLMError:  # a LoRA the rows cannot run (embedding LoRA): take it out again
+        except VLMError as e:  # a LoRA the rows cannot run (DoRA, LoRA bias, embedding LoRA): take it out again
             self.model.delete_adapter(name)
             LoraRows.of(self.model).refresh()
-            raise
+            raise VLMError(f"--adapter {name}={path}: {e}") from None
         self.served[name] = Served(name, path, bridge, adapter_processor(path, default_processor),
                                    load_novelty(path, next(self.model.parameters()).device))
 
